@@ -1,0 +1,103 @@
+/**
+ * The narrow interface every on-disk extent kind implements (flat, hosted sparse, COWD, zero).
+ * All positions and lengths are bytes relative to the start of the extent.
+ */
+import type { FileHandle } from 'node:fs/promises'
+import { RedoError } from '../errors'
+
+/** What an extent holds at a position: its own data, zeros that mask the parent, or nothing. */
+export type State = 'data' | 'zero' | 'none' | 'bad'
+
+export interface Run {
+  start: number
+  length: number
+  state: 'data' | 'zero' | 'bad'
+}
+
+/** Reads bytes of the layers below, used to fill the rest of a grain on copy-on-write. */
+export type ReadBelow = (buf: Buffer, off: number, pos: number, len: number) => Promise<void>
+
+export interface Extent {
+  readonly kind: 'flat' | 'sparse' | 'cowd' | 'zero' | 'stream'
+  /** Backing file, undefined for ZERO extents. */
+  readonly path?: string
+  readonly size: number
+  /** Allocation unit in bytes (the whole extent for flat files). */
+  readonly grainBytes: number
+  /** Problems found while opening (a GTE past EOF, a short flat file...): reads there fail with EIO. */
+  readonly problems: string[]
+  readonly writable: boolean
+  /** State at `pos` and for how many bytes (at most `len`) it stays the same. */
+  lookup (pos: number, len: number): { state: State, length: number }
+  /** Every allocated run, sorted and merged. Memory is proportional to allocation. */
+  runs (): Run[]
+  /** Read [pos, pos+len); where the extent holds nothing the bytes are zeros. */
+  read (buf: Buffer, off: number, pos: number, len: number): Promise<void>
+  /** Write [pos, pos+len), allocating grains; `below` fills the rest of a new grain. */
+  write (buf: Buffer, off: number, pos: number, len: number, below: ReadBelow): Promise<void>
+  /** Mark the extent open for writing on disk (uncleanShutdown) before the first change. */
+  beginWrite (): Promise<void>
+  /** Make every acknowledged write durable (data, then metadata). */
+  flush (): Promise<void>
+  /** Flush and mark the extent cleanly closed (uncleanShutdown = 0). */
+  endWrite (): Promise<void>
+  close (): Promise<void>
+  /** Bytes of data the extent holds on disk. */
+  allocatedBytes (): number
+  /** Structural check (VMDK.md §3.5): a list of problems, empty when clean. */
+  check (): Promise<string[]>
+}
+
+/** pread exactly len bytes or fail with EIO naming the file (short files are damage, not zeros). */
+export async function readExact (fh: FileHandle, path: string, buf: Buffer, off: number, len: number, pos: number): Promise<void> {
+  let done = 0
+  while (done < len) {
+    const { bytesRead } = await fh.read(buf, off + done, len - done, pos + done)
+    if (bytesRead === 0) throw new RedoError('EIO', `${path}: short read at byte ${pos + done} (file ends before the data it should hold)`, path)
+    done += bytesRead
+  }
+}
+
+export async function writeExact (fh: FileHandle, buf: Buffer, off: number, len: number, pos: number): Promise<void> {
+  let done = 0
+  while (done < len) {
+    const { bytesWritten } = await fh.write(buf, off + done, len - done, pos + done)
+    done += bytesWritten
+  }
+}
+
+/** A tiny FIFO mutex: allocation and metadata flushes must not interleave. */
+export class Mutex {
+  private tail: Promise<void> = Promise.resolve()
+
+  async run<T> (fn: () => Promise<T>): Promise<T> {
+    const prev = this.tail
+    let release!: () => void
+    this.tail = new Promise<void>(resolve => { release = resolve })
+    await prev
+    try {
+      return await fn()
+    } finally {
+      release()
+    }
+  }
+}
+
+/** Zero-filled extent (`RW n ZERO`). */
+export class ZeroExtent implements Extent {
+  readonly kind = 'zero' as const
+  readonly problems: string[] = []
+  readonly writable = false
+  readonly grainBytes: number
+  constructor (readonly size: number) { this.grainBytes = size }
+  lookup (_pos: number, len: number): { state: State, length: number } { return { state: 'zero', length: len } }
+  runs (): Run[] { return this.size > 0 ? [{ start: 0, length: this.size, state: 'zero' }] : [] }
+  async read (buf: Buffer, off: number, _pos: number, len: number): Promise<void> { buf.fill(0, off, off + len) }
+  async write (): Promise<void> { throw new RedoError('EROFS', 'a ZERO extent cannot be written') }
+  async beginWrite (): Promise<void> {}
+  async flush (): Promise<void> {}
+  async endWrite (): Promise<void> {}
+  async close (): Promise<void> {}
+  allocatedBytes (): number { return 0 }
+  async check (): Promise<string[]> { return [] }
+}

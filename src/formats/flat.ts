@@ -1,0 +1,89 @@
+/** Flat extents (FLAT, VMFS, raw images): the extent is a byte range of a file. */
+import { open, type FileHandle } from 'node:fs/promises'
+import { RedoError } from '../errors'
+import { SECTOR } from '../units'
+import { readExact, writeExact, type Extent, type Run, type State } from './extent'
+
+export class FlatExtent implements Extent {
+  readonly kind = 'flat' as const
+  readonly problems: string[] = []
+  readonly grainBytes: number
+  private dirty = false
+
+  private constructor (
+    readonly path: string,
+    private readonly fh: FileHandle,
+    readonly size: number,
+    private readonly base: number,
+    readonly writable: boolean,
+    private fileSize: number,
+    private blocks: number
+  ) {
+    this.grainBytes = size
+    if (fileSize < base + size) {
+      this.problems.push(`${path}: flat extent is ${fileSize} bytes, shorter than the ${base + size} its descriptor line says`)
+    }
+  }
+
+  static async open (path: string, sectors: number, offsetSectors: number, writable: boolean): Promise<FlatExtent> {
+    const fh = await open(path, writable ? 'r+' : 'r')
+    try {
+      const st = await fh.stat()
+      return new FlatExtent(path, fh, sectors * SECTOR, offsetSectors * SECTOR, writable, st.size, st.blocks * 512)
+    } catch (e) {
+      await fh.close()
+      throw e
+    }
+  }
+
+  lookup (pos: number, len: number): { state: State, length: number } {
+    const end = this.fileSize - this.base
+    if (pos >= end) return { state: 'bad', length: len }
+    return { state: 'data', length: Math.min(len, end - pos) }
+  }
+
+  runs (): Run[] {
+    const good = Math.max(0, Math.min(this.size, this.fileSize - this.base))
+    const out: Run[] = []
+    if (good > 0) out.push({ start: 0, length: good, state: 'data' })
+    if (good < this.size) out.push({ start: good, length: this.size - good, state: 'bad' })
+    return out
+  }
+
+  async read (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    if (this.base + pos + len > this.fileSize) {
+      throw new RedoError('EIO', `${this.path}: read at byte ${pos} past the end of the flat extent file (${this.fileSize} bytes)`, this.path)
+    }
+    await readExact(this.fh, this.path, buf, off, len, this.base + pos)
+  }
+
+  async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    if (!this.writable) throw new RedoError('EROFS', `${this.path}: opened read-only`, this.path)
+    await writeExact(this.fh, buf, off, len, this.base + pos)
+    this.dirty = true
+    if (this.base + pos + len > this.fileSize) this.fileSize = this.base + pos + len
+  }
+
+  async beginWrite (): Promise<void> {}
+  async flush (): Promise<void> {
+    if (!this.dirty) return
+    this.dirty = false
+    await this.fh.datasync()
+  }
+
+  async endWrite (): Promise<void> { await this.flush() }
+  async close (): Promise<void> { await this.fh.close() }
+
+  allocatedBytes (): number {
+    return Math.min(this.blocks, this.size)
+  }
+
+  async check (): Promise<string[]> {
+    const st = await this.fh.stat()
+    this.fileSize = st.size
+    this.blocks = st.blocks * 512
+    return st.size < this.base + this.size
+      ? [`${this.path}: flat extent is ${st.size} bytes, shorter than the ${this.base + this.size} its descriptor line says`]
+      : []
+  }
+}

@@ -1,0 +1,723 @@
+/**
+ * Hosted sparse extents ("KDMV": monolithicSparse, twoGbMaxExtentSparse pieces, streamOptimized).
+ * Layout and rules: VMDK.md §3 and §9. Grain tables are kept in memory only where they hold
+ * something, so memory follows allocation, not capacity.
+ */
+import { open, type FileHandle } from 'node:fs/promises'
+import { inflateSync } from 'node:zlib'
+import { RedoError } from '../errors'
+import { log } from '../log'
+import { SECTOR, ceilDiv, roundUp } from '../units'
+import { Mutex, readExact, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
+
+export const KDMV_MAGIC = 0x564d444b
+const GD_AT_END = 0xffffffffffffffffn
+const FLAG_NEWLINE = 0x1
+const FLAG_REDUNDANT = 0x2
+const FLAG_ZERO_GTE = 0x4
+const FLAG_COMPRESSED = 0x10000
+const FLAG_MARKERS = 0x20000
+const KNOWN_INCOMPAT = FLAG_COMPRESSED | FLAG_MARKERS
+/** In-memory marker for a grain table entry found damaged at open (never a valid GTE). */
+const BAD = 0xffffffff
+/** Largest chunk read at once while loading grain tables. */
+const GT_READ_CHUNK = 8 << 20
+
+export interface SparseHeader {
+  version: number
+  flags: number
+  capacity: number // sectors
+  grainSize: number // sectors
+  descriptorOffset: number
+  descriptorSize: number
+  numGTEsPerGT: number
+  rgdOffset: number
+  gdOffset: number
+  overHead: number
+  uncleanShutdown: number
+  compressAlgorithm: number
+}
+
+function u64 (buf: Buffer, off: number, what: string, path: string): number {
+  const v = buf.readBigUInt64LE(off)
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new RedoError('EINVAL', `${path}: header field ${what} is out of range (${v})`, path)
+  return Number(v)
+}
+
+export function parseSparseHeader (buf: Buffer, path: string): SparseHeader & { gdAtEnd: boolean } {
+  if (buf.length < 512) throw new RedoError('EINVAL', `${path}: truncated sparse header (${buf.length} bytes, need 512)`, path)
+  if (buf.readUInt32LE(0) !== KDMV_MAGIC) throw new RedoError('EINVAL', `${path}: bad magic, not a hosted sparse extent`, path)
+  const gdRaw = buf.readBigUInt64LE(56)
+  return {
+    version: buf.readUInt32LE(4),
+    flags: buf.readUInt32LE(8),
+    capacity: u64(buf, 12, 'capacity', path),
+    grainSize: u64(buf, 20, 'grainSize', path),
+    descriptorOffset: u64(buf, 28, 'descriptorOffset', path),
+    descriptorSize: u64(buf, 36, 'descriptorSize', path),
+    numGTEsPerGT: buf.readUInt32LE(44),
+    rgdOffset: u64(buf, 48, 'rgdOffset', path),
+    gdOffset: gdRaw === GD_AT_END ? 0 : u64(buf, 56, 'gdOffset', path),
+    gdAtEnd: gdRaw === GD_AT_END,
+    overHead: u64(buf, 64, 'overHead', path),
+    uncleanShutdown: buf[72],
+    compressAlgorithm: buf.readUInt16LE(77)
+  }
+}
+
+export function encodeSparseHeader (h: SparseHeader): Buffer {
+  const b = Buffer.alloc(512)
+  b.writeUInt32LE(KDMV_MAGIC, 0)
+  b.writeUInt32LE(h.version, 4)
+  b.writeUInt32LE(h.flags, 8)
+  b.writeBigUInt64LE(BigInt(h.capacity), 12)
+  b.writeBigUInt64LE(BigInt(h.grainSize), 20)
+  b.writeBigUInt64LE(BigInt(h.descriptorOffset), 28)
+  b.writeBigUInt64LE(BigInt(h.descriptorSize), 36)
+  b.writeUInt32LE(h.numGTEsPerGT, 44)
+  b.writeBigUInt64LE(BigInt(h.rgdOffset), 48)
+  b.writeBigUInt64LE(BigInt(h.gdOffset), 56)
+  b.writeBigUInt64LE(BigInt(h.overHead), 64)
+  b[72] = h.uncleanShutdown
+  b[73] = 0x0a; b[74] = 0x20; b[75] = 0x0d; b[76] = 0x0a
+  b.writeUInt16LE(h.compressAlgorithm, 77)
+  return b
+}
+
+function validateHeader (h: SparseHeader, path: string): void {
+  const bad = (what: string): never => { throw new RedoError('EINVAL', `${path}: corrupt sparse header: ${what}`, path) }
+  if (h.version < 1 || h.version > 3) bad(`unsupported version ${h.version}`)
+  if ((h.flags & 0xffff0000 & ~KNOWN_INCOMPAT) !== 0) bad(`unknown incompatible flags 0x${(h.flags >>> 0).toString(16)}`)
+  if (h.grainSize < 1 || h.grainSize > 0x200000 || (h.grainSize & (h.grainSize - 1)) !== 0) bad(`grain size ${h.grainSize} sectors is not a power of two up to 2^21`)
+  if (h.numGTEsPerGT < 1 || h.numGTEsPerGT > 4096 || (h.numGTEsPerGT & (h.numGTEsPerGT - 1)) !== 0) bad(`${h.numGTEsPerGT} entries per grain table`)
+  if (h.capacity <= 0) bad(`capacity ${h.capacity}`)
+  if (h.capacity > 2 ** 40) bad(`capacity ${h.capacity} sectors is beyond what 32-bit grain tables address`)
+  if ((h.flags & FLAG_COMPRESSED) !== 0 && h.compressAlgorithm !== 1) bad(`compression algorithm ${h.compressAlgorithm}`)
+}
+
+export interface SparseLayout {
+  header: SparseHeader
+  numGTs: number
+  gdSectors: number
+  gtSectors: number
+}
+
+/** Layout of a new extent, as qemu and VMware lay it out (VMDK.md §3.4). */
+export function sparseLayout (sectors: number, descriptorSectors: number): SparseLayout {
+  const grainSize = 128
+  const numGTEsPerGT = 512
+  const grains = ceilDiv(sectors, grainSize)
+  const numGTs = ceilDiv(grains, numGTEsPerGT)
+  const gtSectors = ceilDiv(numGTEsPerGT * 4, SECTOR)
+  const gdSectors = ceilDiv(numGTs * 4, SECTOR)
+  const descriptorOffset = descriptorSectors > 0 ? 1 : 0
+  const rgdOffset = descriptorSectors > 0 ? descriptorOffset + descriptorSectors : 1
+  const gdOffset = rgdOffset + gdSectors + numGTs * gtSectors
+  const overHead = roundUp(gdOffset + gdSectors + numGTs * gtSectors, grainSize)
+  return {
+    header: {
+      version: 1, flags: FLAG_NEWLINE | FLAG_REDUNDANT, capacity: sectors, grainSize,
+      descriptorOffset, descriptorSize: descriptorSectors, numGTEsPerGT, rgdOffset, gdOffset, overHead,
+      uncleanShutdown: 0, compressAlgorithm: 0
+    },
+    numGTs, gdSectors, gtSectors
+  }
+}
+
+/**
+ * Write a complete empty sparse extent at `path` (which must not be in use): header, optional
+ * embedded descriptor, redundant and primary directories with preallocated zeroed tables.
+ */
+export async function createSparseFile (path: string, sectors: number, descriptor?: string): Promise<void> {
+  if (sectors > 2 ** 32) throw new RedoError('EINVAL', `${path}: a hosted sparse extent cannot exceed 2 TiB (use a split disk)`, path)
+  const descSectors = descriptor !== undefined ? Math.max(20, ceilDiv(Buffer.byteLength(descriptor) + 1, SECTOR)) : 0
+  const { header, numGTs, gdSectors, gtSectors } = sparseLayout(sectors, descSectors)
+  const fh = await open(path, 'wx')
+  try {
+    await writeExact(fh, encodeSparseHeader(header), 0, 512, 0)
+    if (descriptor !== undefined) {
+      const area = Buffer.alloc(descSectors * SECTOR)
+      area.write(descriptor, 0, 'utf8')
+      await writeExact(fh, area, 0, area.length, header.descriptorOffset * SECTOR)
+    }
+    for (const dirOff of [header.rgdOffset, header.gdOffset]) {
+      const gd = Buffer.alloc(gdSectors * SECTOR)
+      for (let i = 0; i < numGTs; i++) gd.writeUInt32LE(dirOff + gdSectors + i * gtSectors, i * 4)
+      await writeExact(fh, gd, 0, gd.length, dirOff * SECTOR)
+    }
+    // the grain tables stay zero: a hole up to overHead
+    await fh.truncate(header.overHead * SECTOR)
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+}
+
+export class SparseExtent implements Extent {
+  readonly kind: 'sparse' | 'stream'
+  readonly problems: string[] = []
+  readonly grainBytes: number
+  readonly size: number
+  readonly header: SparseHeader
+  private readonly gd: Uint32Array
+  private readonly rgd: Uint32Array | null
+  /** Grain tables that hold at least one entry; undefined elsewhere. */
+  private readonly gts: Array<Uint32Array | undefined>
+  private readonly numGTs: number
+  private readonly gtBytes: number
+  private fileSize: number
+  private nextAlloc: number
+  private readonly dirtyGTs = new Set<number>()
+  private dataDirty = false
+  private allocated = 0
+  private readonly mutex = new Mutex()
+  private streamCache = new Map<number, Buffer>()
+
+  private constructor (
+    readonly path: string,
+    private readonly fh: FileHandle,
+    header: SparseHeader,
+    fileSize: number,
+    gd: Uint32Array,
+    rgd: Uint32Array | null,
+    readonly writable: boolean
+  ) {
+    this.header = header
+    this.kind = (header.flags & FLAG_COMPRESSED) !== 0 ? 'stream' : 'sparse'
+    this.grainBytes = header.grainSize * SECTOR
+    this.size = header.capacity * SECTOR
+    this.gd = gd
+    this.rgd = rgd
+    this.numGTs = gd.length
+    this.gts = new Array(gd.length)
+    this.gtBytes = header.numGTEsPerGT * 4
+    this.fileSize = fileSize
+    this.nextAlloc = roundUp(Math.max(fileSize, header.overHead * SECTOR), this.grainBytes)
+  }
+
+  /** Open the extent file `path`, or reuse `fh` when the descriptor already opened it. */
+  static async open (path: string, writable: boolean, fh?: FileHandle): Promise<SparseExtent> {
+    const own = fh === undefined
+    const handle = fh ?? await open(path, writable ? 'r+' : 'r')
+    try {
+      const st = await handle.stat()
+      const hbuf = Buffer.alloc(512)
+      const { bytesRead } = await handle.read(hbuf, 0, 512, 0)
+      let h = parseSparseHeader(hbuf.subarray(0, bytesRead), path)
+      if (h.gdAtEnd) {
+        // true stream layout: the footer (a header copy with the real gdOffset) sits at EOF-1024
+        if (st.size < 1536) throw new RedoError('EINVAL', `${path}: stream file too short for its footer`, path)
+        const fbuf = Buffer.alloc(512)
+        await readExact(handle, path, fbuf, 0, 512, st.size - 1024)
+        const footer = parseSparseHeader(fbuf, path)
+        if (footer.gdAtEnd) throw new RedoError('EINVAL', `${path}: stream footer has no grain directory offset`, path)
+        h = { ...h, gdOffset: footer.gdOffset, rgdOffset: footer.rgdOffset }
+      }
+      validateHeader(h, path)
+      const compressed = (h.flags & FLAG_COMPRESSED) !== 0
+      if (compressed && writable) writable = false
+      if (h.version === 3 && !compressed) writable = false // VMware ties v3 to CBT; qemu opens it read-only too
+      const grains = ceilDiv(h.capacity, h.grainSize)
+      const numGTs = ceilDiv(grains, h.numGTEsPerGT)
+      if (numGTs > 1 << 25) throw new RedoError('EINVAL', `${path}: grain directory of ${numGTs} entries is too large`, path)
+      const gdBytes = numGTs * 4
+      if (h.gdOffset === 0 || h.gdOffset * SECTOR + gdBytes > st.size) {
+        throw new RedoError('EINVAL', `${path}: grain directory at sector ${h.gdOffset} lies outside the file (${st.size} bytes)`, path)
+      }
+      const gdBuf = Buffer.alloc(gdBytes)
+      await readExact(handle, path, gdBuf, 0, gdBytes, h.gdOffset * SECTOR)
+      const gd = new Uint32Array(numGTs)
+      for (let i = 0; i < numGTs; i++) gd[i] = gdBuf.readUInt32LE(i * 4)
+      let rgd: Uint32Array | null = null
+      if ((h.flags & FLAG_REDUNDANT) !== 0 && h.rgdOffset !== 0 && h.rgdOffset * SECTOR + gdBytes <= st.size) {
+        const rBuf = Buffer.alloc(gdBytes)
+        await readExact(handle, path, rBuf, 0, gdBytes, h.rgdOffset * SECTOR)
+        rgd = new Uint32Array(numGTs)
+        for (let i = 0; i < numGTs; i++) rgd[i] = rBuf.readUInt32LE(i * 4)
+      }
+      const ext = new SparseExtent(path, handle, h, st.size, gd, rgd, writable)
+      await ext.loadTables(handle)
+      if (ext.writable && h.uncleanShutdown !== 0) await ext.recover()
+      return ext
+    } catch (e) {
+      if (own) await handle.close()
+      throw e
+    }
+  }
+
+  /** Read every grain table (in large chunks) and keep the non-empty ones. */
+  private async loadTables (fh: FileHandle): Promise<void> {
+    const gtBytes = this.gtBytes
+    const order: number[] = []
+    for (let i = 0; i < this.numGTs; i++) {
+      const s = this.gd[i]
+      if (s === 0) continue
+      if (s * SECTOR + gtBytes > this.fileSize) {
+        this.problems.push(`${this.path}: grain directory entry ${i} points to sector ${s}, past the end of the file`)
+        const t = new Uint32Array(this.header.numGTEsPerGT).fill(BAD)
+        this.gts[i] = t
+        continue
+      }
+      order.push(i)
+    }
+    order.sort((a, b) => this.gd[a] - this.gd[b])
+    const limitGte = Math.ceil(this.fileSize / SECTOR)
+    const zeroGteAllowed = (this.header.flags & FLAG_ZERO_GTE) !== 0
+    const gb = this.grainBytes
+    let k = 0
+    while (k < order.length) {
+      // group tables lying back to back on disk into one read
+      let j = k + 1
+      const first = this.gd[order[k]] * SECTOR
+      while (j < order.length && this.gd[order[j]] * SECTOR === first + (j - k) * gtBytes && (j - k + 1) * gtBytes <= GT_READ_CHUNK) j++
+      const buf = Buffer.alloc((j - k) * gtBytes)
+      await readExact(fh, this.path, buf, 0, buf.length, first)
+      for (let m = k; m < j; m++) {
+        const gdi = order[m]
+        const view = new Uint32Array(buf.buffer, buf.byteOffset + (m - k) * gtBytes, this.header.numGTEsPerGT)
+        let any = false
+        for (let t = 0; t < view.length; t++) if (view[t] !== 0) { any = true; break }
+        if (!any) continue
+        const gt = Uint32Array.from(view)
+        for (let t = 0; t < gt.length; t++) {
+          const e = gt[t]
+          if (e === 0) continue
+          const grain = gdi * this.header.numGTEsPerGT + t
+          if (grain * gb >= this.size) { gt[t] = 0; continue } // entries past the capacity mean nothing
+          if (e === 1) { if (!zeroGteAllowed) log.formats('%s: GTE 1 without the zeroed-grain flag, read as zeros', this.path); continue }
+          const need = this.kind === 'stream' ? 1 : ceilDiv(Math.min(gb, this.size - grain * gb), SECTOR)
+          if (e === BAD || e + need > limitGte) {
+            this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, past the end of the file (${this.fileSize} bytes)`)
+            gt[t] = BAD
+            continue
+          }
+          this.allocated += Math.min(gb, this.size - grain * gb)
+        }
+        this.gts[gdi] = gt
+      }
+      k = j
+    }
+  }
+
+  private entry (grain: number): number {
+    const per = this.header.numGTEsPerGT
+    const gt = this.gts[Math.floor(grain / per)]
+    return gt === undefined ? 0 : gt[grain % per]
+  }
+
+  private static stateOf (e: number): State {
+    return e === 0 ? 'none' : e === 1 ? 'zero' : e === BAD ? 'bad' : 'data'
+  }
+
+  lookup (pos: number, len: number): { state: State, length: number } {
+    const gb = this.grainBytes
+    let grain = Math.floor(pos / gb)
+    const state = SparseExtent.stateOf(this.entry(grain))
+    let length = Math.min(len, (grain + 1) * gb - pos)
+    while (length < len) {
+      grain++
+      if (SparseExtent.stateOf(this.entry(grain)) !== state) break
+      length = Math.min(len, (grain + 1) * gb - pos)
+    }
+    return { state, length }
+  }
+
+  runs (): Run[] {
+    const out: Run[] = []
+    const per = this.header.numGTEsPerGT
+    const gb = this.grainBytes
+    for (let gdi = 0; gdi < this.numGTs; gdi++) {
+      const gt = this.gts[gdi]
+      if (gt === undefined) continue
+      for (let t = 0; t < per; t++) {
+        const e = gt[t]
+        if (e === 0) continue
+        const state = e === 1 ? 'zero' : e === BAD ? 'bad' : 'data'
+        const start = (gdi * per + t) * gb
+        if (start >= this.size) break
+        const length = Math.min(gb, this.size - start)
+        const last = out[out.length - 1]
+        if (last !== undefined && last.state === state && last.start + last.length === start) last.length += length
+        else out.push({ start, length, state })
+      }
+    }
+    return out
+  }
+
+  async read (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    if (this.kind === 'stream') return await this.readStream(buf, off, pos, len)
+    const gb = this.grainBytes
+    const end = pos + len
+    // coalesce runs of grains that are contiguous in the file into single reads
+    let runFile = -1
+    let runBuf = 0
+    let runLen = 0
+    const reads: Array<Promise<void>> = []
+    const flush = (): void => {
+      if (runLen > 0) reads.push(readExact(this.fh, this.path, buf, runBuf, runLen, runFile))
+      runLen = 0
+    }
+    let p = pos
+    while (p < end) {
+      const grain = Math.floor(p / gb)
+      const inGrain = p - grain * gb
+      const n = Math.min(end - p, gb - inGrain)
+      const e = this.entry(grain)
+      const bo = off + (p - pos)
+      if (e === 0 || e === 1) {
+        flush()
+        buf.fill(0, bo, bo + n)
+      } else if (e === BAD) {
+        flush()
+        throw new RedoError('EIO', `${this.path}: grain ${grain} is damaged (its table entry points past the end of the file)`, this.path)
+      } else {
+        const fo = e * SECTOR + inGrain
+        if (runLen > 0 && runFile + runLen === fo) runLen += n
+        else { flush(); runFile = fo; runBuf = bo; runLen = n }
+      }
+      p += n
+    }
+    flush()
+    await Promise.all(reads)
+  }
+
+  private async readStream (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    const gb = this.grainBytes
+    let p = pos
+    const end = pos + len
+    while (p < end) {
+      const grain = Math.floor(p / gb)
+      const inGrain = p - grain * gb
+      const n = Math.min(end - p, gb - inGrain)
+      const e = this.entry(grain)
+      const bo = off + (p - pos)
+      if (e === 0 || e === 1) buf.fill(0, bo, bo + n)
+      else if (e === BAD) throw new RedoError('EIO', `${this.path}: grain ${grain} is damaged (its table entry points past the end of the file)`, this.path)
+      else {
+        const data = await this.streamGrain(grain, e)
+        const avail = Math.max(0, Math.min(n, data.length - inGrain))
+        if (avail > 0) data.copy(buf, bo, inGrain, inGrain + avail)
+        if (avail < n) buf.fill(0, bo + avail, bo + n)
+      }
+      p += n
+    }
+  }
+
+  private async streamGrain (grain: number, sector: number): Promise<Buffer> {
+    const hit = this.streamCache.get(grain)
+    if (hit !== undefined) return hit
+    const at = sector * SECTOR
+    const hasMarker = (this.header.flags & FLAG_MARKERS) !== 0
+    const head = hasMarker ? 12 : 4
+    let chunk = Buffer.alloc(Math.min(this.grainBytes + 1024, this.fileSize - at))
+    await readExact(this.fh, this.path, chunk, 0, chunk.length, at)
+    const size = hasMarker ? chunk.readUInt32LE(8) : chunk.readUInt32LE(0)
+    if (hasMarker) {
+      const lba = Number(chunk.readBigUInt64LE(0))
+      if (lba !== grain * this.header.grainSize) throw new RedoError('EIO', `${this.path}: compressed grain at sector ${sector} says LBA ${lba}, expected ${grain * this.header.grainSize}`, this.path)
+    }
+    if (at + head + size > this.fileSize) throw new RedoError('EIO', `${this.path}: compressed grain at sector ${sector} runs past the end of the file`, this.path)
+    if (head + size > chunk.length) {
+      chunk = Buffer.alloc(head + size)
+      await readExact(this.fh, this.path, chunk, 0, chunk.length, at)
+    }
+    let data: Buffer
+    try {
+      data = inflateSync(chunk.subarray(head, head + size))
+    } catch (e) {
+      throw new RedoError('EIO', `${this.path}: compressed grain at sector ${sector} does not inflate: ${(e as Error).message}`, this.path)
+    }
+    if (this.streamCache.size >= 32) this.streamCache.delete(this.streamCache.keys().next().value as number)
+    this.streamCache.set(grain, data)
+    return data
+  }
+
+  async write (buf: Buffer, off: number, pos: number, len: number, below: ReadBelow): Promise<void> {
+    if (!this.writable) throw new RedoError('EROFS', `${this.path}: extent is read-only`, this.path)
+    const gb = this.grainBytes
+    // fast path: every grain allocated → write in place without the allocation lock
+    if (this.allAllocated(pos, len)) return await this.writeInPlace(buf, off, pos, len)
+    await this.mutex.run(async () => {
+      const end = pos + len
+      let p = pos
+      // a batch of consecutive new grains written with one pwrite
+      let batch: Buffer[] = []
+      let batchGrains: number[] = []
+      const flushBatch = async (): Promise<void> => {
+        if (batch.length === 0) return
+        const at = this.nextAlloc
+        if (Math.floor(at / SECTOR) + batch.length * this.header.grainSize > 0xfffffff0) {
+          throw new RedoError('ENOSPC', `${this.path}: the sparse extent cannot grow past 2 TiB`, this.path)
+        }
+        const data = batch.length === 1 ? batch[0] : Buffer.concat(batch)
+        this.nextAlloc += data.length
+        // on failure the space is leaked (never referenced) and the next batch starts after it
+        await writeExact(this.fh, data, 0, data.length, at)
+        if (at + data.length > this.fileSize) this.fileSize = at + data.length
+        const per = this.header.numGTEsPerGT
+        batchGrains.forEach((grain, i) => {
+          const gdi = Math.floor(grain / per)
+          let gt = this.gts[gdi]
+          if (gt === undefined) { gt = new Uint32Array(per); this.gts[gdi] = gt }
+          gt[grain % per] = (at + i * gb) / SECTOR
+          this.dirtyGTs.add(gdi)
+          this.allocated += Math.min(gb, this.size - grain * gb)
+        })
+        batch = []
+        batchGrains = []
+      }
+      while (p < end) {
+        const grain = Math.floor(p / gb)
+        const gStart = grain * gb
+        const inGrain = p - gStart
+        const n = Math.min(end - p, gb - inGrain)
+        const e = this.entry(grain)
+        const bo = off + (p - pos)
+        if (e > 1 && e !== BAD) {
+          await flushBatch()
+          await writeExact(this.fh, buf, bo, n, e * SECTOR + inGrain)
+          this.dataDirty = true
+        } else {
+          if (e === BAD) throw new RedoError('EIO', `${this.path}: grain ${grain} is damaged; not writing over it`, this.path)
+          if (this.gd[Math.floor(grain / this.header.numGTEsPerGT)] === 0) {
+            throw new RedoError('ENOTSUP', `${this.path}: grain directory entry for grain ${grain} is missing (tables not preallocated)`, this.path)
+          }
+          if (batchGrains.length > 0 && batchGrains[batchGrains.length - 1] !== grain - 1) await flushBatch()
+          let g: Buffer
+          const valid = Math.min(gb, this.size - gStart)
+          if (n === gb) {
+            g = buf.subarray(bo, bo + n)
+          } else {
+            g = Buffer.alloc(gb)
+            if (e === 0) {
+              if (inGrain > 0) await below(g, 0, gStart, inGrain)
+              const tail = inGrain + n
+              if (tail < valid) await below(g, tail, gStart + tail, valid - tail)
+            }
+            buf.copy(g, inGrain, bo, bo + n)
+          }
+          batch.push(g)
+          batchGrains.push(grain)
+          if (batch.length >= 64) await flushBatch()
+        }
+        p += n
+      }
+      await flushBatch()
+    })
+  }
+
+  private allAllocated (pos: number, len: number): boolean {
+    const gb = this.grainBytes
+    const last = Math.floor((pos + len - 1) / gb)
+    for (let g = Math.floor(pos / gb); g <= last; g++) {
+      const e = this.entry(g)
+      if (e <= 1 || e === BAD) return false
+    }
+    return true
+  }
+
+  private async writeInPlace (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    const gb = this.grainBytes
+    const end = pos + len
+    let p = pos
+    const writes: Array<Promise<void>> = []
+    let runFile = -1
+    let runBuf = 0
+    let runLen = 0
+    while (p < end) {
+      const grain = Math.floor(p / gb)
+      const inGrain = p - grain * gb
+      const n = Math.min(end - p, gb - inGrain)
+      const fo = this.entry(grain) * SECTOR + inGrain
+      const bo = off + (p - pos)
+      if (runLen > 0 && runFile + runLen === fo) runLen += n
+      else {
+        if (runLen > 0) writes.push(writeExact(this.fh, buf, runBuf, runLen, runFile))
+        runFile = fo; runBuf = bo; runLen = n
+      }
+      p += n
+    }
+    if (runLen > 0) writes.push(writeExact(this.fh, buf, runBuf, runLen, runFile))
+    this.dataDirty = true
+    await Promise.all(writes)
+  }
+
+  async beginWrite (): Promise<void> {
+    if (!this.writable) throw new RedoError('EROFS', `${this.path}: extent is read-only`, this.path)
+    if (this.header.uncleanShutdown !== 0) return
+    await this.writeHeader(1)
+  }
+
+  private async writeHeader (unclean: number): Promise<void> {
+    const h = { ...this.header, uncleanShutdown: unclean }
+    const raw = Buffer.alloc(512)
+    await readExact(this.fh, this.path, raw, 0, 512, 0)
+    raw[72] = unclean // change only that byte: keep whatever else the header holds
+    await writeExact(this.fh, raw, 0, 512, 0)
+    await this.fh.datasync()
+    this.header.uncleanShutdown = h.uncleanShutdown
+  }
+
+  /** Data first, then grain tables (primary, then redundant), each step made durable (VMDK.md §9.1). */
+  async flush (): Promise<void> {
+    if (!this.writable) return
+    await this.mutex.run(async () => {
+      if (this.dirtyGTs.size === 0 && !this.dataDirty) return
+      const tables = [...this.dirtyGTs].map(gdi => ({ gdi, bytes: Buffer.from((this.gts[gdi] as Uint32Array).slice().buffer) }))
+      this.dirtyGTs.clear()
+      this.dataDirty = false
+      try {
+        await this.fh.datasync()
+        if (tables.length === 0) return
+        for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.gd[t.gdi] * SECTOR)
+        if (this.rgd !== null) {
+          await this.fh.datasync()
+          for (const t of tables) if (this.rgd[t.gdi] !== 0) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.rgd[t.gdi] * SECTOR)
+        }
+        await this.fh.datasync()
+      } catch (e) {
+        for (const t of tables) this.dirtyGTs.add(t.gdi)
+        this.dataDirty = true
+        throw e
+      }
+    })
+  }
+
+  async endWrite (): Promise<void> {
+    if (!this.writable) return
+    await this.flush()
+    if (this.header.uncleanShutdown !== 0) await this.writeHeader(0)
+  }
+
+  async close (): Promise<void> {
+    await this.fh.close()
+  }
+
+  allocatedBytes (): number {
+    return this.allocated
+  }
+
+  /**
+   * After an unclean shutdown: make primary and redundant tables agree (VMDK.md §9.3): prefer
+   * the primary where it points at a whole grain inside the file, else the redundant, else 0.
+   */
+  private async recover (): Promise<void> {
+    if (this.rgd === null) return
+    const limit = Math.ceil(this.fileSize / SECTOR)
+    const per = this.header.numGTEsPerGT
+    const gsec = this.header.grainSize
+    let repaired = 0
+    for (let gdi = 0; gdi < this.numGTs; gdi++) {
+      if (this.gd[gdi] === 0 || this.rgd[gdi] === 0) continue
+      const rb = Buffer.alloc(this.gtBytes)
+      if (this.rgd[gdi] * SECTOR + this.gtBytes > this.fileSize) continue
+      await readExact(this.fh, this.path, rb, 0, rb.length, this.rgd[gdi] * SECTOR)
+      const gt = this.gts[gdi]
+      let changed = false
+      const fixed = gt ?? new Uint32Array(per)
+      for (let t = 0; t < per; t++) {
+        const p = gt === undefined ? 0 : gt[t]
+        const r = rb.readUInt32LE(t * 4)
+        if (p === r) continue
+        const ok = (v: number): boolean => v > 1 && v !== BAD && v + gsec <= limit
+        const v = ok(p) ? p : ok(r) ? r : 0
+        if (p === BAD) this.problems.splice(0, this.problems.length, ...this.problems.filter(s => !s.includes(`grain table ${gdi} entry ${t} `)))
+        fixed[t] = v
+        changed = true
+      }
+      if (changed) {
+        this.gts[gdi] = fixed
+        this.dirtyGTs.add(gdi)
+        repaired++
+      }
+    }
+    // a primary entry past EOF with no good redundant copy: drop it (the data never reached the disk)
+    for (let gdi = 0; gdi < this.numGTs; gdi++) {
+      const gt = this.gts[gdi]
+      if (gt === undefined) continue
+      for (let t = 0; t < per; t++) {
+        if (gt[t] === BAD) { gt[t] = 0; this.dirtyGTs.add(gdi); repaired++ }
+      }
+    }
+    this.problems.length = 0
+    if (repaired > 0) {
+      log.formats('%s: unclean shutdown, repaired %d grain tables', this.path, repaired)
+      this.allocated = this.runs().reduce((s, r) => s + (r.state === 'data' ? r.length : 0), 0)
+      await this.flush()
+    }
+  }
+
+  async check (): Promise<string[]> {
+    const problems = [...this.problems]
+    const h = this.header
+    if ((h.flags & FLAG_NEWLINE) !== 0) {
+      const raw = Buffer.alloc(512)
+      await readExact(this.fh, this.path, raw, 0, 512, 0)
+      if (raw[73] !== 0x0a || raw[74] !== 0x20 || raw[75] !== 0x0d || raw[76] !== 0x0a) {
+        problems.push(`${this.path}: newline detector bytes are damaged (file went through a text-mode transfer?)`)
+      }
+    }
+    if (h.uncleanShutdown !== 0 && !this.writable) problems.push(`${this.path}: uncleanShutdown is set (the file was not closed cleanly)`)
+    if (this.rgd !== null) {
+      for (let gdi = 0; gdi < this.numGTs; gdi++) {
+        const a = this.gd[gdi]
+        const b = this.rgd[gdi]
+        if ((a === 0) !== (b === 0) || (a !== 0 && a === b)) {
+          problems.push(`${this.path}: grain directory entry ${gdi}: primary ${a} and redundant ${b} disagree`)
+          continue
+        }
+        if (a === 0 || b * SECTOR + this.gtBytes > this.fileSize) continue
+        const rb = Buffer.alloc(this.gtBytes)
+        await readExact(this.fh, this.path, rb, 0, rb.length, b * SECTOR)
+        const pb = Buffer.alloc(this.gtBytes)
+        if (a * SECTOR + this.gtBytes <= this.fileSize) await readExact(this.fh, this.path, pb, 0, pb.length, a * SECTOR)
+        if (!rb.equals(pb)) problems.push(`${this.path}: grain table ${gdi} differs from its redundant copy`)
+      }
+    }
+    // no two entries may share a grain, and none may point into the metadata area
+    if (this.kind === 'sparse') {
+      const seen = new Set<number>()
+      const per = h.numGTEsPerGT
+      for (let gdi = 0; gdi < this.numGTs; gdi++) {
+        const gt = this.gts[gdi]
+        if (gt === undefined) continue
+        for (let t = 0; t < per; t++) {
+          const e = gt[t]
+          if (e <= 1 || e === BAD) continue
+          if (e < h.overHead) problems.push(`${this.path}: grain table ${gdi} entry ${t} points into the metadata area (sector ${e})`)
+          if (seen.has(e)) problems.push(`${this.path}: sector ${e} is used by two grains`)
+          seen.add(e)
+        }
+      }
+    }
+    return problems
+  }
+
+  /** The embedded descriptor text, or undefined when the extent carries none. */
+  async readDescriptor (): Promise<string | undefined> {
+    const h = this.header
+    if (h.descriptorOffset === 0 || h.descriptorSize === 0) return undefined
+    const len = Math.min(h.descriptorSize * SECTOR, 1 << 20)
+    if (h.descriptorOffset * SECTOR + len > this.fileSize) {
+      throw new RedoError('EINVAL', `${this.path}: embedded descriptor lies past the end of the file`, this.path)
+    }
+    const b = Buffer.alloc(len)
+    await readExact(this.fh, this.path, b, 0, len, h.descriptorOffset * SECTOR)
+    const nul = b.indexOf(0)
+    return b.subarray(0, nul < 0 ? len : nul).toString('utf8')
+  }
+
+  /** Rewrite the embedded descriptor in place (NUL padded), durably. */
+  async writeDescriptor (text: string): Promise<void> {
+    const h = this.header
+    const area = Buffer.alloc(h.descriptorSize * SECTOR)
+    if (Buffer.byteLength(text) >= area.length) {
+      throw new RedoError('ENOSPC', `${this.path}: descriptor (${Buffer.byteLength(text)} bytes) does not fit its ${area.length}-byte area`, this.path)
+    }
+    area.write(text, 0, 'utf8')
+    await writeExact(this.fh, area, 0, area.length, h.descriptorOffset * SECTOR)
+    await this.fh.datasync()
+  }
+
+  get handle (): FileHandle { return this.fh }
+}
