@@ -101,3 +101,13 @@ export class ZeroExtent implements Extent {
   allocatedBytes (): number { return 0 }
   async check (): Promise<string[]> { return [] }
 }
+
+/**
+ * Wait for every promise, then throw the first failure. Unlike Promise.all this never returns
+ * while a positioned read or write still owns the caller's buffer.
+ */
+export async function settleAll (ps: Array<Promise<void>>): Promise<void> {
+  if (ps.length === 1) return await ps[0]
+  const rs = await Promise.allSettled(ps)
+  for (const r of rs) if (r.status === 'rejected') throw r.reason
+}

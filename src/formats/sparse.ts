@@ -8,7 +8,7 @@ import { inflateSync } from 'node:zlib'
 import { RedoError } from '../errors'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { Mutex, readExact, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { Mutex, readExact, settleAll, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
 
 export const KDMV_MAGIC = 0x564d444b
 const GD_AT_END = 0xffffffffffffffffn
@@ -369,6 +369,7 @@ export class SparseExtent implements Extent {
         buf.fill(0, bo, bo + n)
       } else if (e === BAD) {
         flush()
+        await settleAll(reads) // the caller's buffer must not be written after we return
         throw new RedoError('EIO', `${this.path}: grain ${grain} is damaged (its table entry points past the end of the file)`, this.path)
       } else {
         const fo = e * SECTOR + inGrain
@@ -378,7 +379,7 @@ export class SparseExtent implements Extent {
       p += n
     }
     flush()
-    await Promise.all(reads)
+    await settleAll(reads)
   }
 
   private async readStream (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
@@ -539,7 +540,7 @@ export class SparseExtent implements Extent {
     }
     if (runLen > 0) writes.push(writeExact(this.fh, buf, runBuf, runLen, runFile))
     this.dataDirty = true
-    await Promise.all(writes)
+    await settleAll(writes)
   }
 
   async beginWrite (): Promise<void> {

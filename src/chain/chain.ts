@@ -1,0 +1,255 @@
+/**
+ * A chain of layers (base first) and its generations; the jobs that change its shape (addredo,
+ * commit, discard) live in jobs.ts. Knows nothing about FUSE or VMs.
+ */
+import { realpath, stat } from 'node:fs/promises'
+import { basename, dirname, resolve } from 'node:path'
+import { RedoError, toRedoError } from '../errors'
+import { cidHex } from '../formats/descriptor'
+import { Layer, resolveContained } from '../formats/layer'
+import { log } from '../log'
+import { Index, mapOf, overlay, type MapEntry } from './view'
+import { readJournal, type CommitJournal } from './journal'
+import { parentCandidates } from './peek'
+
+export interface ChainOptions {
+  writable?: boolean
+  /** Accept parentCID mismatches (SPEC `--ignore-cid`). */
+  ignoreCid?: boolean
+  /** Store root: parents and extents must resolve inside it. */
+  root?: string
+  /** Open even when files have damaged grains (reads there fail with EIO); used by `check`. */
+  lenient?: boolean
+  /** Internal: do not finish interrupted commits (used while finishing one). */
+  noRecovery?: boolean
+}
+
+const MAX_DEPTH = 255
+
+export interface View {
+  readonly generation: number
+  readonly live: boolean
+  readonly size: number
+  /** Read up to len bytes at pos; returns the count (short only at the capacity). */
+  read: (buf: Buffer, off: number, pos: number, len: number) => Promise<number>
+  write: (buf: Buffer, off: number, pos: number, len: number) => Promise<void>
+  allocatedBytes: () => number
+  map: () => MapEntry[]
+}
+
+export class Chain {
+  private indexes = new Map<number, Index>()
+  /** Journals found at open whose commit is still to be finished (read-only opens). */
+  readonly pendingJournals: CommitJournal[]
+
+  constructor (public layers: Layer[], readonly opts: ChainOptions, pending: CommitJournal[] = []) {
+    this.pendingJournals = pending
+  }
+
+  /**
+   * Open the chain whose top is `top`, following parentFileNameHint down to the base. A commit
+   * interrupted by a crash is finished first when the chain is opened writable.
+   */
+  static async open (top: string, opts: ChainOptions = {}): Promise<Chain> {
+    for (let attempt = 0; ; attempt++) {
+      const { layers, journals } = await walk(resolve(top), opts)
+      if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
+        return new Chain(layers, opts, journals)
+      }
+      for (const l of layers) await l.close()
+      const { finishCommit } = await import('./jobs')
+      for (const j of journals) {
+        log.chain('finishing interrupted commit of %s into %s', j.child, j.parent)
+        await finishCommit(j, opts)
+        if (resolve(top) === j.child && j.above === null) top = j.parent
+      }
+    }
+  }
+
+  get generations (): number { return this.layers.length }
+  get top (): Layer { return this.layers[this.layers.length - 1] }
+  get size (): number { return this.layers[0].size }
+  /** Number of redo logs above the base. */
+  get redoCount (): number { return this.layers.length - 1 }
+
+  /** Index of generation k (layers 0..k), built on first use. */
+  index (k: number): Index {
+    let ix = this.indexes.get(k)
+    if (ix === undefined) {
+      const below = this.indexes.get(k - 1)
+      ix = Index.build(this.layers.slice(0, k + 1), below)
+      this.indexes.set(k, ix)
+    }
+    return ix
+  }
+
+  /** Drop cached indexes (after the chain changed shape). */
+  invalidate (): void {
+    this.indexes.clear()
+  }
+
+  /** Read generation g. Past the capacity the count is short. */
+  async read (g: number, buf: Buffer, off: number, pos: number, len: number): Promise<number> {
+    const size = this.size
+    if (pos >= size || len <= 0) return 0
+    const n = Math.min(len, size - pos)
+    const N = this.layers.length - 1
+    if (g < N) await this.index(g).read(this.layers, buf, off, pos, n)
+    else await this.readLive(buf, off, pos, n)
+    return n
+  }
+
+  private async readLive (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    const top = this.top
+    const N = this.layers.length - 1
+    const jobs: Array<Promise<void>> = []
+    let failure: RedoError | undefined
+    for (let p = pos; p < pos + len;) {
+      const { state, length } = top.lookup(p, pos + len - p)
+      const bo = off + p - pos
+      if (state === 'data') jobs.push(top.read(buf, bo, p, length))
+      else if (state === 'zero') buf.fill(0, bo, bo + length)
+      else if (state === 'none') {
+        if (N > 0) jobs.push(this.index(N - 1).read(this.layers, buf, bo, p, length))
+        else buf.fill(0, bo, bo + length)
+      } else { failure = new RedoError('EIO', `${top.path}: damaged grain at byte ${p} of the disk`, top.path); break }
+      p += length
+    }
+    const rs = await Promise.allSettled(jobs)
+    if (failure !== undefined) throw failure
+    for (const r of rs) if (r.status === 'rejected') throw r.reason
+  }
+
+  /** Write into the top layer (the live generation). */
+  async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    if (pos + len > this.size) throw new RedoError('ENOSPC', `write of ${len} bytes at ${pos} goes past the capacity (${this.size} bytes)`)
+    if (!this.top.writable) throw new RedoError('EROFS', `${this.top.path}: the top of the chain is read-only`, this.top.path)
+    const N = this.layers.length - 1
+    const below = async (b: Buffer, o: number, p: number, l: number): Promise<void> => {
+      if (N > 0) await this.index(N - 1).read(this.layers, b, o, p, l)
+      else b.fill(0, o, o + l)
+    }
+    await this.top.write(buf, off, pos, len, below)
+  }
+
+  view (g: number): View {
+    const N = this.layers.length - 1
+    if (!Number.isInteger(g) || g < 0 || g > N) throw new RedoError('ENOENT', `generation ${g} does not exist (the chain has generations 0..${N})`)
+    const live = g === N
+    return {
+      generation: g,
+      live,
+      size: this.size,
+      read: async (buf, off, pos, len) => await this.read(g, buf, off, pos, len),
+      write: async (buf, off, pos, len) => {
+        if (!live) throw new RedoError('EROFS', `generation ${g} is frozen`)
+        await this.write(buf, off, pos, len)
+      },
+      allocatedBytes: () => this.allocatedBytes(g),
+      map: () => this.map(g)
+    }
+  }
+
+  allocatedBytes (g: number): number {
+    let n = 0
+    for (let i = 0; i <= g; i++) n += this.layers[i].allocatedBytes()
+    return Math.min(n, this.size)
+  }
+
+  map (g: number): MapEntry[] {
+    const N = this.layers.length - 1
+    const segs = g < N ? this.index(g).segments : overlay(N > 0 ? this.index(N - 1).segments : [], this.top.runs(), N)
+    return mapOf(segs, this.size)
+  }
+
+  async flush (): Promise<void> {
+    await this.top.flush()
+  }
+
+  async close (): Promise<void> {
+    let first: unknown
+    for (const l of [...this.layers].reverse()) {
+      try { await l.close() } catch (e) { first ??= e }
+    }
+    if (first !== undefined) throw first
+  }
+
+  /** Structural problems of every file and every link. */
+  async check (): Promise<string[]> {
+    const out: string[] = []
+    for (const l of this.layers) out.push(...await l.check())
+    for (let i = 1; i < this.layers.length; i++) out.push(...linkProblems(this.layers[i], this.layers[i - 1]))
+    return [...new Set(out)]
+  }
+}
+
+function linkProblems (child: Layer, parent: Layer): string[] {
+  const out: string[] = []
+  if (child.size !== parent.size) {
+    out.push(`${child.path}: capacity ${child.size} bytes differs from its parent ${parent.path} (${parent.size} bytes)`)
+  }
+  if (child.hasCids && parent.hasCids && child.parentCID !== parent.cid) {
+    out.push(`${child.path}: parentCID ${cidHex(child.parentCID)} does not match CID ${cidHex(parent.cid)} of its parent ${parent.path}`)
+  }
+  return out
+}
+
+async function walk (top: string, opts: ChainOptions): Promise<{ layers: Layer[], journals: CommitJournal[] }> {
+  const layers: Layer[] = []
+  const journals: CommitJournal[] = []
+  const seen = new Map<string, string>()
+  try {
+    let path = top
+    let child: Layer | undefined
+    for (;;) {
+      const real = await realpath(path).catch(() => path)
+      if (seen.has(real)) {
+        throw new RedoError('ELOOP', `${child?.path ?? path}: parent loop: ${path} is already in the chain (${[...seen.values()].map(p => basename(p)).join(' -> ')} -> ${basename(path)})`, child?.path ?? path)
+      }
+      if (layers.length > MAX_DEPTH) throw new RedoError('ELOOP', `${top}: chain deeper than ${MAX_DEPTH} layers`, top)
+      seen.set(real, path)
+      let layer: Layer
+      try {
+        layer = await Layer.open(path, { writable: opts.writable, root: opts.root })
+      } catch (e) {
+        const err = toRedoError(e, path)
+        // ESX 2.x: the parent of a bare REDO file is a raw flat disk without descriptor
+        if (child?.legacyParent !== undefined && err.code === 'EINVAL' && /not a VMDK file/.test(err.message)) {
+          layer = await Layer.openRaw(path, { writable: opts.writable })
+        } else throw err
+      }
+      layers.push(layer)
+      if (opts.lenient !== true && layer.problems.length > 0) {
+        const p = layer.problems
+        throw new RedoError('EIO', p[0] + (p.length > 1 ? ` (and ${p.length - 1} more problems; run redofs check)` : ''), layer.path)
+      }
+      const j = await readJournal(path)
+      if (j !== undefined) journals.push(j)
+      if (child !== undefined) {
+        const journaled = journals.some(x => resolve(x.child) === resolve(child!.path) && resolve(x.parent) === resolve(path))
+        for (const problem of linkProblems(child, layer)) {
+          const isCid = problem.includes('parentCID')
+          if (isCid && (journaled || opts.ignoreCid === true)) continue
+          throw new RedoError('EINVAL', problem, child.path)
+        }
+      }
+      if (!layer.hasParent) break
+      const hint = layer.parentHint as string
+      const candidates = parentCandidates(layer.path, hint)
+      let found: string | undefined
+      for (const c of candidates) {
+        if (await stat(c).then(() => true, () => false)) { found = c; break }
+      }
+      if (found === undefined) {
+        throw new RedoError('ENOENT', `${layer.path}: parent ${candidates[0]} not found (parentFileNameHint "${hint}")`, layer.path)
+      }
+      path = await resolveContained(dirname(layer.path), found, opts.root, 'parentFileNameHint', layer.path)
+      child = layer
+    }
+    layers.reverse()
+    return { layers, journals }
+  } catch (e) {
+    for (const l of layers) await l.close().catch(() => {})
+    throw e
+  }
+}

@@ -1,0 +1,207 @@
+/**
+ * Jobs that change a chain's shape: addredo, commit, discard. Commit writes a journal first so
+ * that a crash at any step is finished at the next open (finishCommit), never left half done.
+ */
+import { statfs, stat } from 'node:fs/promises'
+import { dirname, resolve } from 'node:path'
+import { RedoError } from '../errors'
+import { createSparseLayer } from '../formats/create'
+import { newCid } from '../formats/descriptor'
+import { Layer, parentHintFor } from '../formats/layer'
+import { log } from '../log'
+import type { Chain, ChainOptions } from './chain'
+import { Index } from './view'
+import { removeJournal, writeJournal, type CommitJournal } from './journal'
+import { diskNameOf, nextRedoPath } from './names'
+import { childrenOf } from './peek'
+
+export interface Progress {
+  done: number
+  total: number
+}
+
+export interface JobControl {
+  onProgress?: (p: Progress) => void
+  /** Awaited between chunks: lets a caller pause a running commit. */
+  gate?: () => Promise<void>
+  /** Checked between chunks; a cancelled commit stops before re-linking (the chain stays valid). */
+  cancelled?: () => boolean
+}
+
+const COPY_CHUNK = 1 << 20
+
+/** Flush the top, freeze it, and add an empty monolithicSparse redo log above it. Returns its path. */
+export async function addRedo (chain: Chain): Promise<string> {
+  const top = chain.top
+  await top.flush()
+  await top.endSession()
+  const dir = dirname(top.path)
+  const path = await nextRedoPath(dir, diskNameOf(top.path))
+  await ensureSpace(dir, 2 << 20, 'addredo')
+  await createSparseLayer(path, top.size, { hint: parentHintFor(dir, top.path), cid: top.cid })
+  const layer = await Layer.open(path, { writable: chain.opts.writable, root: chain.opts.root })
+  chain.layers.push(layer)
+  log.chain('addredo: %s (parent CID %s)', path, top.descriptor.get('CID'))
+  return path
+}
+
+async function ensureSpace (dir: string, bytes: number, what: string): Promise<void> {
+  const s = await statfs(dir)
+  const free = s.bavail * s.bsize
+  if (free < bytes) throw new RedoError('ENOSPC', `${what}: ${dir} has ${free} bytes free, ${bytes} needed`, dir)
+}
+
+/** Upper bound of the bytes a commit of `child` into `parent` adds to the parent's files. */
+function commitSpace (child: Layer, parent: Layer): number {
+  if (parent.extents.every(e => e.kind === 'flat')) return 0
+  // every grain of the child may land in a new grain of the parent (plus rounding at both ends)
+  let n = 0
+  const gb = Math.max(...parent.extents.map(e => e.grainBytes))
+  for (const r of child.runs()) n += Math.ceil(r.length / gb) * gb + gb
+  return n
+}
+
+/**
+ * Merge the redo log `level` levels below the top into its parent (level 0 = the top one).
+ * Generations above it renumber; their content does not change.
+ */
+export async function commit (chain: Chain, level: number, opts: { force?: boolean } & JobControl = {}): Promise<void> {
+  const N = chain.redoCount
+  if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to commit`)
+  if (!Number.isInteger(level) || level < 0 || level > N - 1) {
+    throw new RedoError('EINVAL', `level ${level} is out of range: the chain has ${N} redo log${N === 1 ? '' : 's'} (levels 0..${N - 1})`)
+  }
+  const i = N - level
+  const child = chain.layers[i]
+  const parent = chain.layers[i - 1]
+  const above = i < N ? chain.layers[i + 1] : undefined
+  if (!parent.writable) throw new RedoError('EROFS', `${parent.path}: parent is read-only; cannot commit into it`, parent.path)
+  const others = (await childrenOf(parent.path, chain.opts.root)).filter(p => resolve(p) !== resolve(child.path))
+  if (others.length > 0 && opts.force !== true) {
+    throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
+  }
+  await ensureSpace(dirname(parent.path), commitSpace(child, parent) + (1 << 20), `commit into ${parent.path}`)
+  await child.flush()
+  const j: CommitJournal = {
+    op: 'commit',
+    parent: resolve(parent.path),
+    child: resolve(child.path),
+    above: above !== undefined ? resolve(above.path) : null,
+    parentCID: newCid(parent.cid),
+    started: new Date().toISOString()
+  }
+  await writeJournal(j)
+  const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
+  await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts)
+  if (opts.cancelled?.() === true) {
+    // The parent holds extra grains that the child still masks: every generation reads as before.
+    await removeJournal(parent.path)
+    throw new RedoError('ECANCELED', `commit of ${child.path} cancelled; the chain is unchanged`)
+  }
+  await relinkAndDrop(j, parent, child, above)
+  chain.layers.splice(i, 1)
+  chain.invalidate()
+  log.chain('commit: %s merged into %s', child.path, parent.path)
+}
+
+/** Copy every run the child holds into the parent through the parent's write path. */
+async function copyInto (child: Layer, parent: Layer, parentCID: number, layers: Layer[], belowIndex: Index | undefined, opts: JobControl): Promise<void> {
+  await parent.beginSession(parentCID)
+  const runs = child.runs()
+  const total = runs.reduce((s, r) => s + r.length, 0)
+  let done = 0
+  const buf = Buffer.alloc(COPY_CHUNK)
+  const zeros = Buffer.alloc(COPY_CHUNK)
+  const below = async (b: Buffer, o: number, p: number, l: number): Promise<void> => {
+    if (belowIndex !== undefined) await belowIndex.read(layers, b, o, p, l)
+    else b.fill(0, o, o + l)
+  }
+  for (const r of runs) {
+    if (r.state === 'bad') throw new RedoError('EIO', `${child.path}: damaged grains at byte ${r.start}; commit refused`, child.path)
+    for (let p = r.start; p < r.start + r.length; p += COPY_CHUNK) {
+      if (opts.gate !== undefined) await opts.gate()
+      if (opts.cancelled?.() === true) return
+      const n = Math.min(COPY_CHUNK, r.start + r.length - p)
+      if (r.state === 'data') {
+        await child.read(buf, 0, p, n)
+        await parent.write(buf, 0, p, n, below)
+      } else {
+        await parent.write(zeros, 0, p, n, below)
+      }
+      done += n
+      opts.onProgress?.({ done, total })
+    }
+  }
+  await parent.flush()
+  await parent.endSession()
+}
+
+/** Re-link the layer above to the parent, then delete the merged child, then the journal. */
+async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | undefined, above: Layer | undefined): Promise<void> {
+  if (j.above !== null) {
+    let a = above
+    let own = false
+    if (a === undefined) {
+      if (!await exists(j.above)) throw new RedoError('ENOENT', `${j.above}: the layer above an interrupted commit is missing`, j.above)
+      a = await Layer.open(j.above, { writable: true })
+      own = true
+    }
+    try {
+      const hint = parentHintFor(dirname(a.path), parent.path)
+      if (a.parentHint !== hint || a.parentCID !== parent.cid) await a.setParent(hint, parent.cid)
+    } finally {
+      if (own) await a.close()
+    }
+  }
+  if (child !== undefined) await child.destroy()
+  else if (await exists(j.child)) {
+    const c = await Layer.open(j.child, {})
+    await c.destroy()
+  }
+  await removeJournal(parent.path)
+}
+
+async function exists (p: string): Promise<boolean> {
+  return await stat(p).then(() => true, () => false)
+}
+
+/** Finish a commit that a crash interrupted (all steps are idempotent). */
+export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promise<void> {
+  const { Chain } = await import('./chain')
+  if (await exists(j.child)) {
+    // open the parent's own chain for the COW source below it, and the child alone
+    const pchain = await Chain.open(j.parent, { ...opts, writable: true, ignoreCid: true, noRecovery: true })
+    const child = await Layer.open(j.child, { root: opts.root })
+    try {
+      const parent = pchain.top
+      const below = pchain.redoCount > 0 ? pchain.index(pchain.redoCount - 1) : undefined
+      await copyInto(child, parent, j.parentCID, pchain.layers, below, {})
+      await relinkAndDrop(j, parent, child, undefined)
+    } finally {
+      await child.close().catch(() => {})
+      await pchain.close()
+    }
+  } else {
+    const parent = await Layer.open(j.parent, { writable: true, root: opts.root })
+    try {
+      await relinkAndDrop(j, parent, undefined, undefined)
+    } finally {
+      await parent.close()
+    }
+  }
+}
+
+/** Delete the top redo log, or every redo log above generation `to`. */
+export async function discard (chain: Chain, to?: number): Promise<void> {
+  const N = chain.redoCount
+  if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to discard`)
+  const g = to ?? N - 1
+  if (!Number.isInteger(g) || g < 0 || g >= N) throw new RedoError('EINVAL', `to=${g} is out of range (generations 0..${N - 1} can be kept)`)
+  // top first: every intermediate state is a valid, shorter chain
+  while (chain.layers.length - 1 > g) {
+    const l = chain.layers[chain.layers.length - 1]
+    await l.destroy()
+    chain.layers.pop()
+  }
+  chain.invalidate()
+}

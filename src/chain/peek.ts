@@ -1,0 +1,102 @@
+/**
+ * Cheap look at a VMDK file's descriptor without opening its extents: used to find the other
+ * children of a layer (linked clones) and the chain tops of a directory.
+ */
+import { open, readdir, realpath } from 'node:fs/promises'
+import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
+import { COWD_MAGIC } from '../formats/cowd'
+import { Descriptor } from '../formats/descriptor'
+import { KDMV_MAGIC, parseSparseHeader } from '../formats/sparse'
+import { SECTOR } from '../units'
+
+export interface Peek {
+  path: string
+  descriptor?: Descriptor
+  /** Parent file this one names, resolved like the chain does (may not exist). */
+  parent?: string
+  /** Set for files that are extents of another descriptor, never chain members themselves. */
+  extentOnly: boolean
+}
+
+/** Parent candidates for a hint: relative to the child first, then the bare name beside it. */
+export function parentCandidates (childPath: string, hint: string): string[] {
+  const dir = dirname(childPath)
+  const norm = hint.replace(/\\/g, '/')
+  const out = [resolve(dir, norm)]
+  if (isAbsolute(norm) || /^[A-Za-z]:\//.test(norm)) out.push(join(dir, basename(norm)))
+  return [...new Set(out)]
+}
+
+export async function peek (path: string): Promise<Peek | undefined> {
+  let fh
+  try { fh = await open(path, 'r') } catch { return undefined }
+  try {
+    const st = await fh.stat()
+    if (!st.isFile() || st.size < 4) return undefined
+    const head = Buffer.alloc(Math.min(st.size, 4096))
+    await fh.read(head, 0, head.length, 0)
+    const magic = head.readUInt32LE(0)
+    let text: string | undefined
+    if (magic === KDMV_MAGIC) {
+      if (head.length < 512) return undefined
+      const h = parseSparseHeader(head.subarray(0, 512), path)
+      if (h.descriptorOffset === 0 || h.descriptorSize === 0) return { path, extentOnly: true }
+      const b = Buffer.alloc(Math.min(h.descriptorSize * SECTOR, 1 << 20))
+      await fh.read(b, 0, b.length, h.descriptorOffset * SECTOR)
+      text = b.toString('utf8')
+    } else if (magic === COWD_MAGIC) {
+      return { path, extentOnly: true }
+    } else {
+      if (st.size > 1 << 20) return { path, extentOnly: true }
+      const t = head.toString('latin1')
+      if (!/^\s*(#|version\s*=)/i.test(t)) return { path, extentOnly: true }
+      const b = Buffer.alloc(st.size)
+      await fh.read(b, 0, st.size, 0)
+      text = b.toString('utf8')
+    }
+    const descriptor = Descriptor.parse(text, path)
+    const hint = descriptor.hasParent ? descriptor.parentFileNameHint : undefined
+    return { path, descriptor, parent: hint !== undefined ? parentCandidates(path, hint)[0] : undefined, extentOnly: false }
+  } catch {
+    return undefined
+  } finally {
+    await fh.close()
+  }
+}
+
+/** Every descriptor-bearing .vmdk in `dirs`. */
+export async function peekDirs (dirs: string[]): Promise<Peek[]> {
+  const out: Peek[] = []
+  for (const d of dirs) {
+    let names: string[]
+    try { names = await readdir(d) } catch { continue }
+    for (const n of names.sort()) {
+      if (!/\.vmdk$/i.test(n) || n.startsWith('.')) continue
+      const p = await peek(join(d, n))
+      if (p !== undefined && !p.extentOnly) out.push(p)
+    }
+  }
+  return out
+}
+
+/** The VM directories of a store root (and the root itself). */
+export async function storeDirs (root: string): Promise<string[]> {
+  const out = [root]
+  try {
+    for (const e of await readdir(root, { withFileTypes: true })) if (e.isDirectory() && !e.name.startsWith('.')) out.push(join(root, e.name))
+  } catch {}
+  return out
+}
+
+/** Files (descriptors) anywhere in the store that name `parent` as their parent. */
+export async function childrenOf (parent: string, root: string | undefined): Promise<string[]> {
+  const dirs = root !== undefined ? await storeDirs(root) : [dirname(parent)]
+  const target = await realpath(parent).catch(() => resolve(parent))
+  const out: string[] = []
+  for (const p of await peekDirs(dirs)) {
+    if (p.parent === undefined) continue
+    const r = await realpath(p.parent).catch(() => p.parent as string)
+    if (r === target) out.push(p.path)
+  }
+  return out
+}

@@ -1,0 +1,37 @@
+import type { Argv } from 'yargs'
+import { relative } from 'node:path'
+import { cidHex } from '../../formats/descriptor'
+import { formatSize } from '../../units'
+import { action, openDisk, type GlobalArgs } from '../common'
+
+export const command = 'info <disk>'
+export const describe = 'show the chain: one line per generation (file, format, capacity, allocated, CID links)'
+export const builder = (y: Argv): Argv => y
+  .positional('disk', { type: 'string', describe: 'a .vmdk chain top, or <store>/<vm>/<disk>' })
+  .option('json', { type: 'boolean', default: false })
+
+export const handler = action(async (a: GlobalArgs & { disk: string, json: boolean }) => {
+  const chain = await openDisk(a.disk, a)
+  try {
+    const layers = chain.layers.map((l, g) => ({
+      generation: g,
+      file: l.path,
+      format: l.createType,
+      capacity: l.size,
+      allocated: l.allocatedBytes(),
+      cid: l.hasCids ? cidHex(l.cid) : null,
+      parentCID: l.hasParent && l.hasCids ? cidHex(l.parentCID) : null,
+      live: g === chain.redoCount
+    }))
+    if (a.json) {
+      process.stdout.write(JSON.stringify({ layers }, null, 2) + '\n')
+      return
+    }
+    for (const l of layers) {
+      const link = l.generation === 0 ? 'base' : `parent ${l.parentCID ?? '-'}${chain.layers[l.generation - 1].hasCids && l.parentCID !== null && l.parentCID !== layers[l.generation - 1].cid ? ' (MISMATCH)' : ''}`
+      process.stdout.write(`${l.live ? '*' : ' '}${String(l.generation).padStart(3)}  ${relative(process.cwd(), l.file) || l.file}  ${l.format}  ${formatSize(l.capacity)}  allocated ${formatSize(l.allocated)}  CID ${l.cid ?? '-'}  ${link}\n`)
+    }
+  } finally {
+    await chain.close()
+  }
+})

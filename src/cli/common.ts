@@ -1,0 +1,68 @@
+/** Shared bits of the CLI commands: option shapes, the store root, error output, progress. */
+import { dirname, resolve } from 'node:path'
+import { Chain, type ChainOptions } from '../chain/chain'
+import { isRedoError, toRedoError } from '../errors'
+import { log } from '../log'
+import { resolveDiskTop } from '../store/tops'
+import { formatSize } from '../units'
+
+export interface GlobalArgs {
+  ignoreCid?: boolean
+  store?: string
+}
+
+/** The containment root: --store, else the grandparent of the top file (<store>/<vm>/<file>). */
+export function storeRoot (top: string, args: GlobalArgs): string {
+  return resolve(args.store ?? dirname(dirname(resolve(top))))
+}
+
+export async function openDisk (arg: string, args: GlobalArgs, extra: ChainOptions = {}): Promise<Chain> {
+  const top = await resolveDiskTop(arg)
+  return await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), ...extra })
+}
+
+/** Run a command body: errors become one line on stderr and exit status 1. */
+export function action<A> (fn: (args: A) => Promise<number | undefined | void>): (args: A) => Promise<void> {
+  return async (args: A) => {
+    try {
+      const code = await fn(args)
+      process.exitCode = typeof code === 'number' ? code : 0
+    } catch (e) {
+      const err = toRedoError(e)
+      process.stderr.write(`redofs: ${err.message.split('\n')[0]}\n`)
+      if (process.env.DEBUG !== undefined && process.env.DEBUG !== '') process.stderr.write(`${(e as Error).stack ?? ''}\n`)
+      else if (!isRedoError(e)) log.cli('%O', e)
+      process.exitCode = 1
+    }
+  }
+}
+
+/** A progress bar on a terminal (stderr), silent otherwise. */
+export function progressBar (label: string): { update: (done: number, total: number) => void, end: () => void } {
+  const tty = process.stderr.isTTY === true
+  let last = 0
+  const started = Date.now()
+  return {
+    update (done, total) {
+      if (!tty) return
+      const now = Date.now()
+      if (now - last < 100 && done < total) return
+      last = now
+      const frac = total > 0 ? done / total : 1
+      const width = 30
+      const fill = Math.round(frac * width)
+      const secs = (now - started) / 1000
+      const rate = secs > 0 ? done / secs : 0
+      const eta = rate > 0 ? (total - done) / rate : 0
+      process.stderr.write(`\r${label} [${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${(frac * 100).toFixed(0).padStart(3)}% ${formatSize(done)}/${formatSize(total)} ${formatSize(Math.round(rate))}/s ETA ${eta.toFixed(0)}s `)
+    },
+    end () { if (tty) process.stderr.write('\n') }
+  }
+}
+
+/** Split "file.vmdk@G" into the file and the generation (a number or a label). */
+export function splitGeneration (arg: string): { file: string, gen?: number | string } {
+  const m = /^(.*\.vmdk)@([^/@]+)$/i.exec(arg)
+  if (m === null) return { file: arg }
+  return { file: m[1], gen: /^\d+$/.test(m[2]) ? Number(m[2]) : m[2] }
+}

@@ -1,0 +1,404 @@
+/**
+ * A layer: one descriptor (stand-alone or embedded in a KDMV file) and its extents, seen as one
+ * byte range. This is what chain/ stacks; it knows nothing about parents beyond their names.
+ */
+import { open, rename, realpath, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { basename, dirname, isAbsolute, relative, resolve, sep } from 'node:path'
+import { RedoError, toRedoError } from '../errors'
+import { log } from '../log'
+import { SECTOR } from '../units'
+import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
+import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
+import { ZeroExtent, settleAll, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { FlatExtent } from './flat'
+import { KDMV_MAGIC, SparseExtent } from './sparse'
+
+export interface LayerOptions {
+  writable?: boolean
+  /** Store root: extent files and parents must resolve inside it. */
+  root?: string
+}
+
+type DescriptorHome = { kind: 'file' } | { kind: 'embedded', extent: SparseExtent } | { kind: 'none' }
+
+const MAX_DESCRIPTOR_FILE = 1 << 20
+
+/** Resolve `name` (from a descriptor in `dir`) and refuse paths that leave the store root. */
+export async function resolveContained (dir: string, name: string, root: string | undefined, what: string, from: string): Promise<string> {
+  const p = resolve(dir, name)
+  if (root === undefined) return p
+  const r = resolve(root)
+  const inside = (x: string): boolean => x === r || x.startsWith(r + sep)
+  let real = p
+  try { real = await realpath(p) } catch { /* missing files are reported by the caller */ }
+  let realRoot = r
+  try { realRoot = await realpath(r) } catch {}
+  if (!inside(p) || !(real === realRoot || real.startsWith(realRoot + sep) || inside(real))) {
+    throw new RedoError('EACCES', `${from}: ${what} "${name}" resolves to ${p}, outside the store ${r}`, from)
+  }
+  return p
+}
+
+export class Layer {
+  /** Extent start offsets in bytes, plus the total at the end. */
+  private readonly starts: number[]
+  private sessionStarted: Promise<void> | null = null
+  private closed = false
+
+  private constructor (
+    readonly path: string,
+    public descriptor: Descriptor,
+    private readonly home: DescriptorHome,
+    readonly extents: Extent[],
+    readonly writable: boolean,
+    /** ESX 2.x REDO: parent named by the COWD header instead of a descriptor. */
+    readonly legacyParent?: string
+  ) {
+    this.starts = [0]
+    for (const e of extents) this.starts.push(this.starts[this.starts.length - 1] + e.size)
+  }
+
+  static async open (path: string, opts: LayerOptions = {}): Promise<Layer> {
+    const writable = opts.writable === true
+    let fh: FileHandle
+    try {
+      fh = await open(path, writable ? 'r+' : 'r')
+    } catch (e) {
+      const err = toRedoError(e, path)
+      if (err.code === 'ENOENT') throw new RedoError('ENOENT', `${path}: no such file`, path)
+      throw err
+    }
+    let keep = false
+    try {
+      const st = await fh.stat()
+      if (!st.isFile()) throw new RedoError('EINVAL', `${path}: not a regular file`, path)
+      const head = Buffer.alloc(Math.min(st.size, 2048))
+      await fh.read(head, 0, head.length, 0)
+      if (head.length >= 4 && head.readUInt32LE(0) === KDMV_MAGIC) {
+        const ext = await SparseExtent.open(path, writable, fh)
+        keep = true
+        try {
+          const text = await ext.readDescriptor()
+          if (text === undefined) throw new RedoError('EINVAL', `${path}: sparse extent without an embedded descriptor (open its descriptor file instead)`, path)
+          const desc = Descriptor.parse(text, path)
+          // A monolithic file is its own extent, whatever name its (possibly renamed) descriptor says.
+          const lines = desc.extents
+          if (lines.length !== 1 || lines[0].type !== 'SPARSE') throw new RedoError('EINVAL', `${path}: embedded descriptor must list exactly one SPARSE extent`, path)
+          if (lines[0].sectors * SECTOR !== ext.size) {
+            throw new RedoError('EINVAL', `${path}: descriptor says ${lines[0].sectors} sectors, sparse header says ${ext.size / SECTOR}`, path)
+          }
+          return new Layer(path, desc, { kind: 'embedded', extent: ext }, [ext], ext.writable)
+        } catch (e) {
+          await ext.close()
+          throw e
+        }
+      }
+      if (head.length >= 4 && head.readUInt32LE(0) === COWD_MAGIC) {
+        await fh.close()
+        keep = true
+        return await Layer.openLegacyRedo(path, opts)
+      }
+      if (!looksLikeDescriptor(head)) {
+        if (head.length < 4) throw new RedoError('EINVAL', `${path}: file too short to be a VMDK (${st.size} bytes)`, path)
+        throw new RedoError('EINVAL', `${path}: not a VMDK file (unknown magic ${head.subarray(0, 4).toString('hex')})`, path)
+      }
+      if (st.size > MAX_DESCRIPTOR_FILE) throw new RedoError('EINVAL', `${path}: descriptor file is ${st.size} bytes, too large`, path)
+      const text = Buffer.alloc(st.size)
+      await fh.read(text, 0, st.size, 0)
+      const desc = Descriptor.parse(text.toString('utf8'), path)
+      await fh.close()
+      keep = true
+      const extents = await openExtents(path, desc, writable, opts.root)
+      return new Layer(path, desc, { kind: 'file' }, extents, writable && extents.every(e => e.writable || e.kind === 'zero'))
+    } finally {
+      if (!keep) await fh.close().catch(() => {})
+    }
+  }
+
+  /** A bare COWD file (ESX 2.x `disk.vmdk.REDO`): its parent is named in the COWD header. */
+  private static async openLegacyRedo (path: string, _opts: LayerOptions): Promise<Layer> {
+    const fh = await open(path, 'r')
+    let h
+    try {
+      const b = Buffer.alloc(COWD_HEADER_BYTES)
+      const { bytesRead } = await fh.read(b, 0, b.length, 0)
+      h = parseCowdHeader(b.subarray(0, bytesRead), path)
+    } finally {
+      await fh.close()
+    }
+    if (h.parentFileName === '') throw new RedoError('EINVAL', `${path}: bare COWD file names no parent; it needs a descriptor`, path)
+    const ext = await CowdExtent.open(path)
+    const desc = Descriptor.create({
+      createType: 'vmfsSparse', cid: NO_PARENT_CID, parentCID: NO_PARENT_CID,
+      extents: [{ access: 'RW', sectors: h.numSectors, type: 'VMFSSPARSE', file: basename(path) }]
+    })
+    // ESX 2.x names the parent "vmhba:disk.vmdk" or a path; the file name is what we can use
+    const parent = h.parentFileName.replace(/^.*:/, '')
+    return new Layer(path, desc, { kind: 'none' }, [ext], false, parent)
+  }
+
+  /** A raw file with no descriptor, as the flat base of an ESX 2.x REDO log. */
+  static async openRaw (path: string, opts: LayerOptions = {}): Promise<Layer> {
+    const st = await stat(path)
+    const sectors = Math.floor(st.size / SECTOR)
+    const ext = await FlatExtent.open(path, sectors, 0, opts.writable === true)
+    const desc = Descriptor.create({ createType: 'monolithicFlat', cid: NO_PARENT_CID, extents: [{ access: 'RW', sectors, type: 'FLAT', file: basename(path), offset: 0 }] })
+    return new Layer(path, desc, { kind: 'none' }, [ext], opts.writable === true)
+  }
+
+  get size (): number { return this.starts[this.starts.length - 1] }
+  get cid (): number { return this.descriptor.cid }
+  get parentCID (): number { return this.descriptor.parentCID }
+  get createType (): string { return this.descriptor.createType ?? 'unknown' }
+  get hasParent (): boolean { return this.legacyParent !== undefined || this.descriptor.hasParent }
+  get parentHint (): string | undefined { return this.legacyParent ?? this.descriptor.parentFileNameHint }
+  get hasCids (): boolean { return this.home.kind !== 'none' }
+  get problems (): string[] { return this.extents.flatMap(e => e.problems) }
+
+  /** Every file that belongs to this layer: the descriptor first, then extents. */
+  get files (): string[] {
+    const out = [this.path]
+    for (const e of this.extents) if (e.path !== undefined && !out.includes(e.path)) out.push(e.path)
+    return out
+  }
+
+  allocatedBytes (): number {
+    return this.extents.reduce((s, e) => s + e.allocatedBytes(), 0)
+  }
+
+  /** Index of the extent holding byte `pos`. */
+  private extentAt (pos: number): number {
+    let lo = 0
+    let hi = this.extents.length - 1
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1
+      if (this.starts[mid] <= pos) lo = mid
+      else hi = mid - 1
+    }
+    return lo
+  }
+
+  lookup (pos: number, len: number): { state: State, length: number } {
+    const i = this.extentAt(pos)
+    const rel = pos - this.starts[i]
+    const r = this.extents[i].lookup(rel, Math.min(len, this.extents[i].size - rel))
+    let length = r.length
+    // keep going into the next extents while the state stays the same
+    let j = i + 1
+    while (length === this.starts[j] - pos && pos + length < this.size && length < len && j < this.extents.length) {
+      const n = this.extents[j].lookup(0, Math.min(len - length, this.extents[j].size))
+      if (n.state !== r.state) break
+      length += n.length
+      j++
+    }
+    return { state: r.state, length }
+  }
+
+  runs (): Run[] {
+    const out: Run[] = []
+    this.extents.forEach((e, i) => {
+      for (const r of e.runs()) {
+        const start = r.start + this.starts[i]
+        const last = out[out.length - 1]
+        if (last !== undefined && last.state === r.state && last.start + last.length === start) last.length += r.length
+        else out.push({ start, length: r.length, state: r.state })
+      }
+    })
+    return out
+  }
+
+  /** Split [pos, pos+len) at extent boundaries and run fn on each piece. */
+  private async perExtent (pos: number, len: number, fn: (e: Extent, rel: number, bufOff: number, n: number, abs: number) => Promise<void>): Promise<void> {
+    const jobs: Array<Promise<void>> = []
+    let p = pos
+    const end = pos + len
+    while (p < end) {
+      const i = this.extentAt(p)
+      const rel = p - this.starts[i]
+      const n = Math.min(end - p, this.extents[i].size - rel)
+      jobs.push(fn(this.extents[i], rel, p - pos, n, p))
+      p += n
+    }
+    await settleAll(jobs)
+  }
+
+  async read (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    if (pos + len > this.size) throw new RedoError('EINVAL', `${this.path}: read past the end of the layer`, this.path)
+    await this.perExtent(pos, len, async (e, rel, bo, n) => await e.read(buf, off + bo, rel, n))
+  }
+
+  async write (buf: Buffer, off: number, pos: number, len: number, below: ReadBelow): Promise<void> {
+    if (!this.writable) throw new RedoError('EROFS', `${this.path}: layer is read-only`, this.path)
+    if (pos + len > this.size) throw new RedoError('ENOSPC', `${this.path}: write past the capacity`, this.path)
+    await this.beginSession()
+    await this.perExtent(pos, len, async (e, rel, bo, n, abs) => {
+      const base = abs - rel
+      await e.write(buf, off + bo, rel, n, async (b, o, p, l) => await below(b, o, base + p, l))
+    })
+  }
+
+  /**
+   * First change of a write session: mark extents unclean and persist a new CID before any data
+   * (VMDK.md §2.8 rule 2, §9.1 rules 5 and 6). Runs once per session.
+   */
+  async beginSession (cid?: number): Promise<void> {
+    if (this.sessionStarted === null) {
+      this.sessionStarted = (async () => {
+        for (const e of this.extents) if (e.kind !== 'zero') await e.beginWrite()
+        if (this.hasCids) {
+          const d = this.descriptor.clone()
+          d.cid = cid ?? newCid(this.descriptor.cid)
+          await this.saveDescriptor(d)
+        }
+        log.formats('%s: write session started, CID %s', this.path, this.descriptor.get('CID'))
+      })()
+      this.sessionStarted.catch(() => { this.sessionStarted = null })
+    }
+    await this.sessionStarted
+  }
+
+  get inSession (): boolean { return this.sessionStarted !== null }
+
+  /** Persist a changed descriptor: in place when embedded, write-new-then-rename when stand-alone. */
+  async saveDescriptor (d: Descriptor): Promise<void> {
+    const text = d.toString()
+    if (this.home.kind === 'embedded') await this.home.extent.writeDescriptor(text)
+    else if (this.home.kind === 'file') await writeFileDurable(this.path, text)
+    else throw new RedoError('ENOTSUP', `${this.path}: this layer has no descriptor to update`, this.path)
+    this.descriptor = d
+  }
+
+  async setParent (hint: string, parentCID: number): Promise<void> {
+    const d = this.descriptor.clone()
+    d.parentFileNameHint = hint
+    d.parentCID = parentCID
+    await this.saveDescriptor(d)
+  }
+
+  async flush (): Promise<void> {
+    await settleAll(this.extents.map(async e => await e.flush()))
+  }
+
+  /** Flush and mark clean; the next write starts a new session (and a new CID). */
+  async endSession (): Promise<void> {
+    if (this.sessionStarted === null) return
+    await this.sessionStarted.catch(() => {})
+    for (const e of this.extents) await e.endWrite()
+    this.sessionStarted = null
+  }
+
+  async close (): Promise<void> {
+    if (this.closed) return
+    try {
+      await this.endSession()
+    } finally {
+      this.closed = true
+      const seen = new Set<Extent>()
+      for (const e of this.extents) if (!seen.has(e)) { seen.add(e); await e.close().catch(() => {}) }
+    }
+  }
+
+  /** Structural problems of every extent plus the descriptor's own consistency. */
+  async check (): Promise<string[]> {
+    const out: string[] = []
+    for (const e of this.extents) out.push(...await e.check())
+    const lines = this.descriptor.extents
+    lines.forEach((l, i) => {
+      const e = this.extents[i]
+      if (e !== undefined && e.size !== l.sectors * SECTOR) out.push(`${this.path}: extent ${i} is ${e.size / SECTOR} sectors, the descriptor says ${l.sectors}`)
+    })
+    return out
+  }
+
+  /** Close and delete every file of the layer: descriptor first, then extents (VMDK.md §9.1 rule 7). */
+  async destroy (): Promise<void> {
+    await this.closeWithoutFlush()
+    for (const f of this.files) {
+      try { await unlink(f) } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e }
+    }
+    await syncDir(dirname(this.path))
+  }
+
+  private async closeWithoutFlush (): Promise<void> {
+    if (this.closed) return
+    this.closed = true
+    for (const e of new Set(this.extents)) await e.close().catch(() => {})
+  }
+}
+
+function looksLikeDescriptor (head: Buffer): boolean {
+  const text = head.subarray(0, Math.min(head.length, 1024)).toString('latin1')
+  if (/[\x00-\x08\x0e-\x1f]/.test(text.replace(/\0+$/, ''))) return false
+  return /^\s*(#|version\s*=)/i.test(text)
+}
+
+async function openExtents (path: string, desc: Descriptor, writable: boolean, root?: string): Promise<Extent[]> {
+  const dir = dirname(path)
+  const out: Extent[] = []
+  try {
+    for (const line of desc.extents) {
+      const size = line.sectors * SECTOR
+      if (line.type === 'ZERO' || line.access === 'NOACCESS') { out.push(new ZeroExtent(size)); continue }
+      if (line.file === undefined) throw new RedoError('EINVAL', `${path}: ${line.type} extent line names no file`, path)
+      const file = await resolveContained(dir, line.file, root, 'extent', path)
+      const w = writable && line.access === 'RW'
+      try {
+        const st = await stat(file)
+        if (!st.isFile() && !st.isBlockDevice()) throw new RedoError('EINVAL', `${path}: extent ${file} is not a regular file`, path)
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new RedoError('ENOENT', `${path}: extent file ${file} is missing`, path)
+        throw e
+      }
+      switch (line.type) {
+        case 'FLAT':
+        case 'VMFS':
+          out.push(await FlatExtent.open(file, line.sectors, line.offset ?? 0, w))
+          break
+        case 'SPARSE':
+        case 'VMFSSPARSE': {
+          const fh = await open(file, 'r')
+          const m = Buffer.alloc(4)
+          try { await fh.read(m, 0, 4, 0) } finally { await fh.close() }
+          const magic = m.readUInt32LE(0)
+          if (magic === KDMV_MAGIC) out.push(await SparseExtent.open(file, w))
+          else if (magic === COWD_MAGIC) out.push(await CowdExtent.open(file))
+          else throw new RedoError('EINVAL', `${file}: bad magic ${m.toString('hex')} for a ${line.type} extent of ${path}`, file)
+          const e = out[out.length - 1]
+          if (e.size !== size) throw new RedoError('EINVAL', `${file}: extent holds ${e.size / SECTOR} sectors, but ${path} says ${line.sectors}`, file)
+          break
+        }
+        default:
+          throw new RedoError('ENOTSUP', `${path}: ${line.type} extents are not supported`, path)
+      }
+    }
+    return out
+  } catch (e) {
+    for (const x of out) await x.close().catch(() => {})
+    throw e
+  }
+}
+
+/** Write a small file so that a crash leaves either the old or the new content. */
+export async function writeFileDurable (path: string, text: string | Buffer): Promise<void> {
+  const tmp = `${path}.redofs-tmp`
+  const fh = await open(tmp, 'w')
+  try {
+    await fh.writeFile(text)
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+  await rename(tmp, path)
+  await syncDir(dirname(path))
+}
+
+export async function syncDir (dir: string): Promise<void> {
+  const fh = await open(dir, 'r')
+  try { await fh.sync() } catch { /* some filesystems refuse fsync on directories */ } finally { await fh.close() }
+}
+
+/** The hint a child in `childDir` should store for `parentPath`: relative when possible. */
+export function parentHintFor (childDir: string, parentPath: string): string {
+  const rel = relative(childDir, parentPath)
+  return isAbsolute(rel) ? parentPath : rel
+}

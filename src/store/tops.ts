@@ -1,0 +1,38 @@
+/** Finding chain tops in a VM directory: descriptors that no other descriptor names as parent. */
+import { realpath, stat } from 'node:fs/promises'
+import { basename, dirname, resolve } from 'node:path'
+import { RedoError } from '../errors'
+import { diskNameOf } from '../chain/names'
+import { peekDirs, type Peek } from '../chain/peek'
+
+/** Chain tops among the descriptors in `dir` (parents found anywhere in `dirs`). */
+export async function chainTops (dir: string, allDirs: string[] = [dir]): Promise<Peek[]> {
+  const all = await peekDirs([...new Set([dir, ...allDirs])])
+  const parents = new Set<string>()
+  for (const p of all) if (p.parent !== undefined) parents.add(await realpath(p.parent).catch(() => resolve(p.parent as string)))
+  const out: Peek[] = []
+  for (const p of all) {
+    if (resolve(dirname(p.path)) !== resolve(dir)) continue
+    const r = await realpath(p.path).catch(() => resolve(p.path))
+    if (!parents.has(r)) out.push(p)
+  }
+  return out
+}
+
+/**
+ * The top file of disk `<dir>/<disk>`: a .vmdk path is taken as it is; a bare disk name is looked
+ * up among the chain tops of its directory.
+ */
+export async function resolveDiskTop (arg: string): Promise<string> {
+  if (/\.vmdk$|\.REDO$/i.test(arg)) {
+    await stat(arg).catch(() => { throw new RedoError('ENOENT', `${arg}: no such file`, arg) })
+    return resolve(arg)
+  }
+  const dir = dirname(resolve(arg))
+  const disk = basename(arg)
+  const tops = (await chainTops(dir)).filter(p => diskNameOf(p.path) === disk)
+  if (tops.length === 0) throw new RedoError('ENOENT', `${arg}: no disk "${disk}" in ${dir}`, arg)
+  // several tops of one disk name (a linked clone, a stray file): the newest redo number wins
+  tops.sort((a, b) => basename(a.path).localeCompare(basename(b.path)))
+  return tops[tops.length - 1].path
+}
