@@ -26,6 +26,8 @@ export interface JobControl {
   gate?: () => Promise<void>
   /** Checked between chunks; a cancelled commit stops before re-linking (the chain stays valid). */
   cancelled?: () => boolean
+  /** Wraps the moment the chain changes shape, so a caller can hold I/O off for it. */
+  switchOver?: (fn: () => Promise<void>) => Promise<void>
 }
 
 const COPY_CHUNK = 1 << 20
@@ -98,9 +100,12 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     await removeJournal(parent.path)
     throw new RedoError('ECANCELED', `commit of ${child.path} cancelled; the chain is unchanged`)
   }
-  await relinkAndDrop(j, parent, child, above)
-  chain.layers.splice(i, 1)
-  chain.invalidate()
+  const swap = opts.switchOver ?? (async (fn: () => Promise<void>) => await fn())
+  await swap(async () => {
+    await relinkAndDrop(j, parent, child, above)
+    chain.layers.splice(i, 1)
+    chain.invalidate()
+  })
   log.chain('commit: %s merged into %s', child.path, parent.path)
 }
 

@@ -9,8 +9,11 @@ import * as discard from './commands/discard'
 import * as exportCmd from './commands/export'
 import * as importCmd from './commands/import'
 import * as info from './commands/info'
+import * as mount from './commands/mount'
+import * as umount from './commands/umount'
+import * as demo from './commands/demo'
 
-export const commands = [create, importCmd, info, check, exportCmd, addredo, commit, discard]
+export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, demo]
 
 export async function main (argv: string[]): Promise<void> {
   let y = yargs(argv)

@@ -1,0 +1,31 @@
+import type { Argv } from 'yargs'
+import { execFile } from 'node:child_process'
+import { promisify } from 'node:util'
+import { RedoError } from '../../errors'
+import { isMounted, readServed } from '../serve'
+import { action } from '../common'
+
+export const command = 'umount <mnt>'
+export const describe = 'unmount cleanly: the server flushes everything, powers disks off and exits'
+export const builder = (y: Argv): Argv => y
+  .positional('mnt', { type: 'string' })
+  .option('timeout', { type: 'number', default: 600, describe: 'seconds to wait for the server to finish' })
+
+const alive = (pid: number): boolean => { try { process.kill(pid, 0); return true } catch { return false } }
+
+export const handler = action(async (a: { mnt: string, timeout: number }) => {
+  const served = await readServed(a.mnt)
+  if (served !== undefined && alive(served.pid)) {
+    process.kill(served.pid, 'SIGTERM')
+    const until = Date.now() + a.timeout * 1000
+    while (alive(served.pid)) {
+      if (Date.now() > until) throw new RedoError('EBUSY', `${a.mnt}: server pid ${served.pid} did not finish within ${a.timeout}s`)
+      await new Promise(resolve => setTimeout(resolve, 100))
+    }
+    return
+  }
+  if (!isMounted(a.mnt)) throw new RedoError('EINVAL', `${a.mnt}: not mounted`)
+  await promisify(execFile)('fusermount', ['-u', a.mnt]).catch((e: Error & { stderr?: string }) => {
+    throw new RedoError('EBUSY', `${a.mnt}: ${(e.stderr ?? e.message).trim()}`)
+  })
+})

@@ -1,0 +1,80 @@
+/**
+ * Serving a store in the foreground: mount, announce, and on SIGINT/SIGTERM, `redofs umount`
+ * or an external fusermount -u, unmount and power everything off cleanly.
+ */
+import { mkdir, readFile, unlink, writeFile } from 'node:fs/promises'
+import { readFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { RedoMount, type MountOptions } from '../fs/mount'
+import { log } from '../log'
+import { Store, type StoreOptions } from '../store/store'
+
+const REGISTRY = join(tmpdir(), 'redofs-mounts')
+
+export const registryFile = (mnt: string): string => join(REGISTRY, encodeURIComponent(resolve(mnt)) + '.json')
+
+export interface Served {
+  pid: number
+  store: string
+  mnt: string
+}
+
+/** Is `mnt` a mountpoint right now? Reads mountinfo; never touches the path itself. */
+export function isMounted (mnt: string): boolean {
+  const target = resolve(mnt).replace(/ /g, '\\040')
+  try {
+    return readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some(l => l.split(' ')[4] === target)
+  } catch {
+    return false
+  }
+}
+
+export async function serve (storeDir: string, mnt: string, sopts: StoreOptions, mopts: MountOptions, announce: (m: string) => void): Promise<void> {
+  const store = await Store.open(storeDir, sopts)
+  const m = new RedoMount(store, resolve(mnt), mopts)
+  try {
+    await mkdir(resolve(mnt), { recursive: true })
+    await m.mount()
+  } catch (e) {
+    await store.close().catch(() => {})
+    throw e
+  }
+  await mkdir(REGISTRY, { recursive: true })
+  await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, store: store.root, mnt: resolve(mnt) } satisfies Served))
+  let stopping: Promise<void> | null = null
+  const stop = async (why: string): Promise<void> => {
+    if (stopping !== null) return await stopping
+    stopping = (async () => {
+      log.fs('stopping (%s)', why)
+      clearInterval(watch)
+      await m.unmount()
+      await store.close()
+      await unlink(registryFile(mnt)).catch(() => {})
+    })()
+    return await stopping
+  }
+  const watch = setInterval(() => {
+    if (!isMounted(mnt)) void stop('unmounted from outside').then(() => process.exit(0), () => process.exit(1))
+  }, 1000)
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.on(sig, () => {
+      void stop(sig).then(() => process.exit(0), e => {
+        process.stderr.write(`redofs: unmount: ${(e as Error).message}\n`)
+        process.exit(1)
+      })
+    })
+  }
+  for (const vm of store.vms.values()) {
+    for (const err of vm.errors) process.stderr.write(`redofs: left out: ${err.message}\n`)
+  }
+  announce(`mounted ${store.root} at ${resolve(mnt)}`)
+}
+
+export async function readServed (mnt: string): Promise<Served | undefined> {
+  try {
+    return JSON.parse(await readFile(registryFile(mnt), 'utf8')) as Served
+  } catch {
+    return undefined
+  }
+}

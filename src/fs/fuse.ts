@@ -1,0 +1,46 @@
+/**
+ * fuse-native, tamed: extra -o options fuse-native cannot pass (big_writes, direct_io,
+ * atomic_o_trunc), callbacks that fire exactly once with a valid errno, and no auto-timeout.
+ * See native-notes/ for why each option is there.
+ */
+import Fuse = require('fuse-native')
+import { errnoOf } from '../errors'
+import { log } from '../log'
+
+export class TunedFuse extends Fuse {
+  constructor (mnt: string, ops: Fuse.Ops, opts: Fuse.FuseOpts, private readonly extra: string[]) {
+    super(mnt, ops, opts)
+  }
+
+  protected override _fuseOptions (): string {
+    const base = super._fuseOptions()
+    const extra = this.extra.join(',')
+    if (extra === '') return base
+    return base === '' ? `-o${extra}` : `${base},${extra}`
+  }
+}
+
+/** Reply through cb exactly once: the value's code, or the errno of what was thrown. */
+export function once<T extends unknown[]> (op: string, cb: (code: number, ...rest: T) => void, work: () => Promise<[number, ...T] | number>): void {
+  let done = false
+  const reply = (code: number, ...rest: T): void => {
+    if (done) return
+    done = true
+    cb(code, ...rest)
+  }
+  let p: Promise<[number, ...T] | number>
+  try {
+    p = work()
+  } catch (e) {
+    log.fs('%s failed: %s', op, (e as Error).message)
+    reply(errnoOf(e), ...([] as unknown as T))
+    return
+  }
+  p.then(r => {
+    if (typeof r === 'number') reply(r, ...([] as unknown as T))
+    else reply(...r)
+  }, e => {
+    log.fs('%s failed: %s', op, (e as Error).message)
+    reply(errnoOf(e), ...([] as unknown as T))
+  })
+}

@@ -1,0 +1,233 @@
+/**
+ * The FUSE adapter: maps paths to store objects (tree.ts), FUSE calls to disk calls, errors to
+ * errnos, and control-file writes to store commands. No format or chain logic lives here.
+ */
+import { statfs as statfsAsync } from 'node:fs/promises'
+import type Fuse from 'fuse-native'
+import { RedoError, errnoOf } from '../errors'
+import { log } from '../log'
+import { USAGE } from '../store/args'
+import type { Disk, Generation } from '../store/disk'
+import type { Store } from '../store/store'
+import { TunedFuse, once } from './fuse'
+import { resolvePath, type Node } from './tree'
+
+const S_IFDIR = 0o040000
+const S_IFREG = 0o100000
+const O_ACCMODE = 3
+const EISDIR = -21
+const ENOENT = -2
+const EPERM = -1
+const EROFS = -30
+const EACCES = -13
+const EINVAL = -22
+
+type Handle =
+  | { kind: 'image', disk: Disk, gen: Generation | 'live', write: boolean }
+  | { kind: 'text', data: Buffer }
+  | { kind: 'command', node: Extract<Node, { kind: 'command' }> }
+
+export interface MountOptions {
+  allowOther?: boolean
+  debug?: boolean
+}
+
+export class RedoMount {
+  private fuse: TunedFuse | null = null
+  private handles = new Map<number, Handle>()
+  private nextFh = 1
+  private readonly uid = process.getuid?.() ?? 0
+  private readonly gid = process.getgid?.() ?? 0
+  private readonly mountedAt = new Date()
+
+  constructor (readonly store: Store, readonly mnt: string, readonly opts: MountOptions = {}) {}
+
+  async mount (): Promise<void> {
+    const extra = ['big_writes', 'direct_io', 'atomic_o_trunc']
+    const fuse = new TunedFuse(this.mnt, this.ops(), {
+      timeout: false,
+      autoUnmount: true,
+      allowOther: this.opts.allowOther === true,
+      defaultPermissions: this.opts.allowOther === true,
+      fsname: 'redofs',
+      subtype: 'redofs',
+      debug: this.opts.debug === true
+    }, extra)
+    await new Promise<void>((resolve, reject) => fuse.mount(err => err !== null && err !== undefined ? reject(err) : resolve()))
+    this.fuse = fuse
+    // the mount callback fires before INIT is answered: let it through before anyone uses it
+    await new Promise(resolve => setImmediate(resolve))
+  }
+
+  async unmount (): Promise<void> {
+    const f = this.fuse
+    if (f === null) return
+    this.fuse = null
+    await new Promise<void>(resolve => f.unmount(err => {
+      if (err !== null && err !== undefined) log.fs('unmount: %s', err.message)
+      resolve()
+    }))
+  }
+
+  private newHandle (h: Handle): number {
+    const fh = this.nextFh
+    this.nextFh = this.nextFh >= 0x7ffffff0 ? 1 : this.nextFh + 1
+    this.handles.set(fh, h)
+    return fh
+  }
+
+  private stat (node: Node): Fuse.Stat {
+    const base = { uid: this.uid, gid: this.gid, nlink: 1, atime: this.mountedAt, ctime: this.mountedAt, mtime: this.mountedAt, blksize: 65536 }
+    switch (node.kind) {
+      case 'dir':
+        return { ...base, mode: S_IFDIR | 0o755, size: 4096, nlink: 2 }
+      case 'image': {
+        const d = node.disk
+        const live = node.gen === 'live'
+        const g = live ? d.chain.redoCount : d.indexOf(node.gen as Generation)
+        const mtime = live ? d.liveMtime : (node.gen as Generation).frozenAt
+        return {
+          ...base,
+          mode: S_IFREG | (live && d.writable ? 0o644 : 0o444),
+          size: d.size,
+          blocks: Math.ceil(d.chain.allocatedBytes(Math.max(0, g)) / 512),
+          mtime,
+          ctime: mtime
+        }
+      }
+      case 'command':
+        return { ...base, mode: S_IFREG | 0o600, size: Buffer.byteLength(this.usage(node)) }
+      case 'info':
+        return { ...base, mode: S_IFREG | 0o444, size: Buffer.byteLength(node.text()), mtime: new Date(), ctime: new Date() }
+    }
+  }
+
+  private usage (node: Extract<Node, { kind: 'command' }>): string {
+    if (node.command === 'poweroff' && node.disk !== undefined) return `${node.disk.poweroff}\n# ${USAGE.poweroff}\n`
+    const u = USAGE[node.command] ?? node.command
+    return `usage: echo '[args]' > ${node.command}\n${u}\n`
+  }
+
+  private ops (): Fuse.Ops {
+    const lookup = (path: string): Node => {
+      const n = resolvePath(this.store, path)
+      if (n === undefined) throw new RedoError('ENOENT', `${path}: no such file`)
+      return n
+    }
+    return {
+      getattr: (path, cb) => once('getattr', cb, async () => [0, this.stat(lookup(path))]),
+      readdir: (path, cb) => once('readdir', cb, async () => {
+        const n = lookup(path)
+        if (n.kind !== 'dir') return -20 // ENOTDIR
+        return [0, n.names()]
+      }),
+      open: (path, flags, cb) => once('open', cb, async () => {
+        const n = lookup(path)
+        const acc = flags & O_ACCMODE
+        const wantsWrite = acc === 1 || acc === 2
+        switch (n.kind) {
+          case 'dir': return EISDIR
+          case 'image': {
+            if (wantsWrite && (n.gen !== 'live' || !n.disk.writable)) return EROFS
+            n.disk.opened(n.gen)
+            return [0, this.newHandle({ kind: 'image', disk: n.disk, gen: n.gen, write: wantsWrite })]
+          }
+          case 'info':
+            if (wantsWrite) return EACCES
+            return [0, this.newHandle({ kind: 'text', data: Buffer.from(n.text()) })]
+          case 'command':
+            return [0, this.newHandle({ kind: 'command', node: n })]
+        }
+      }),
+      create: (_path, _mode, cb) => cb(EPERM),
+      read: (_path, fh, buf, len, pos, cb) => once('read', cb, async () => {
+        const h = this.handles.get(fh)
+        if (h === undefined) return -9 // EBADF
+        if (h.kind === 'image') return await h.disk.read(h.gen, buf, 0, pos, len)
+        const data = h.kind === 'text' ? h.data : Buffer.from(this.usage(h.node))
+        if (pos >= data.length) return 0
+        return data.copy(buf, 0, pos, Math.min(data.length, pos + len))
+      }),
+      write: (_path, fh, buf, len, pos, cb) => once('write', cb, async () => {
+        const h = this.handles.get(fh)
+        if (h === undefined) return -9
+        if (h.kind === 'image') {
+          if (!h.write) return -9
+          if (pos >= h.disk.size) return -28 // ENOSPC: a block device does not grow
+          await h.disk.write(buf, 0, pos, len)
+          return len
+        }
+        if (h.kind !== 'command') return EACCES
+        const text = buf.toString('utf8', 0, len)
+        await this.runCommand(h.node, text)
+        return len
+      }),
+      release: (_path, fh, cb) => once('release', cb, async () => {
+        const h = this.handles.get(fh)
+        this.handles.delete(fh)
+        if (h?.kind === 'image') h.disk.released(h.gen)
+        return 0
+      }),
+      flush: (_path, _fh, cb) => cb(0),
+      fsync: (_path, _datasync, fh, cb) => once('fsync', cb, async () => {
+        const h = this.handles.get(fh)
+        if (h?.kind === 'image' && h.gen === 'live') await h.disk.fsync()
+        return 0
+      }),
+      truncate: (path, size, cb) => once('truncate', cb, async () => this.truncate(lookup(path), size)),
+      ftruncate: (path, _fh, size, cb) => once('ftruncate', cb, async () => this.truncate(lookup(path), size)),
+      statfs: (_path, cb) => once('statfs', cb, async () => {
+        const s = await statfsAsync(this.store.root)
+        // fuse-native passes 32-bit fields: grow the block size until the counts fit
+        let bsize = s.bsize
+        let scale = 1
+        while (s.blocks / scale > 0xffffffff) { scale *= 2; bsize *= 2 }
+        const f = (n: number): number => Math.floor(n / scale)
+        return [0, {
+          bsize, frsize: bsize, blocks: f(s.blocks), bfree: f(s.bfree), bavail: f(s.bavail),
+          files: Math.min(s.files, 0xffffffff), ffree: Math.min(s.ffree, 0xffffffff), favail: Math.min(s.ffree, 0xffffffff),
+          fsid: 0, flag: 0, namemax: 255
+        }]
+      }),
+      utimens: (_path, _a, _m, cb) => cb(0),
+      chmod: (_p, _m, cb) => cb(EPERM),
+      chown: (_p, _u, _g, cb) => cb(EPERM),
+      unlink: (_p, cb) => cb(EPERM),
+      rename: (_s, _d, cb) => cb(EPERM),
+      mkdir: (_p, _m, cb) => cb(EPERM),
+      rmdir: (_p, cb) => cb(EPERM),
+      symlink: (_s, _d, cb) => cb(EPERM),
+      link: (_s, _d, cb) => cb(EPERM),
+      mknod: (_p, _m, _d, cb) => cb(EPERM)
+    }
+  }
+
+  private truncate (n: Node, size: number): number {
+    if (n.kind === 'command') return 0 // `echo x > file` opens with O_TRUNC
+    if (n.kind !== 'image') return EACCES
+    if (n.gen !== 'live' || !n.disk.writable) return EROFS
+    return size === n.disk.size ? 0 : EPERM
+  }
+
+  private async runCommand (node: Extract<Node, { kind: 'command' }>, text: string): Promise<void> {
+    const lines = text.split('\n').map(l => l.trim()).filter(l => l !== '')
+    if (lines.length > 1) {
+      const msg = `${node.command}: one command per write (got ${lines.length} lines)`
+      if (node.disk !== undefined) node.disk.lastError = msg
+      else node.vm.lastError = msg
+      throw new RedoError('EINVAL', msg)
+    }
+    const line = lines[0] ?? ''
+    if (node.disk !== undefined) {
+      if (node.command === 'label') {
+        node.disk.lastError = 'label: not supported yet'
+        throw new RedoError('ENOTSUP', 'label: not supported yet')
+      }
+      await node.disk.command(node.command, line)
+    } else {
+      await this.store.vmCommand(node.vm.name, node.command, line)
+    }
+  }
+}
+
+export { errnoOf, EINVAL }

@@ -1,0 +1,325 @@
+/**
+ * A mounted disk: its chain, the identity of each frozen generation (so an open file keeps
+ * reading the same content when generations renumber), the control commands and their jobs.
+ */
+import { stat } from 'node:fs/promises'
+import { basename, dirname } from 'node:path'
+import type { Chain } from '../chain/chain'
+import { addRedo, commit, discard } from '../chain/jobs'
+import { RedoError, toRedoError } from '../errors'
+import { cidHex } from '../formats/descriptor'
+import { log } from '../log'
+import { parseArgs, type ArgValue } from './args'
+import { IoGate } from './gate'
+import type { DiskMode, Vmx } from './vmx'
+
+export interface DiskOptions {
+  readOnly: boolean
+  maxRedos: number
+  redoLimit?: number
+  redoLimitHard: boolean
+}
+
+/** Identity of a frozen generation; survives renumbering. */
+export class Generation {
+  constructor (public frozenAt: Date) {}
+}
+
+export interface JobState {
+  kind: 'addredo' | 'commit' | 'discard'
+  args: string
+  state: 'running' | 'done' | 'failed' | 'cancelled'
+  done: number
+  total: number
+  started: string
+  finished?: string
+  error?: string
+}
+
+export type PowerOff = 'keep' | 'commit' | 'discard'
+
+export class Disk {
+  readonly gate = new IoGate()
+  frozen: Generation[] = []
+  liveMtime = new Date()
+  job: JobState | null = null
+  lastJob: JobState | null = null
+  lastError = ''
+  poweroff: PowerOff = 'keep'
+  private opens = new Map<Generation | 'live', number>()
+  private running: Promise<void> | null = null
+  private flushTimer: NodeJS.Timeout | null = null
+  /** Called when the chain top file changes (to keep the .vmx pointing at it). */
+  onTopChanged: (() => Promise<void>) | null = null
+
+  constructor (
+    readonly vm: string,
+    readonly name: string,
+    public chain: Chain,
+    readonly mode: DiskMode,
+    readonly opts: DiskOptions,
+    readonly vmx?: { file: Vmx, device: string }
+  ) {}
+
+  static async create (vm: string, name: string, chain: Chain, mode: DiskMode, opts: DiskOptions, vmx?: { file: Vmx, device: string }): Promise<Disk> {
+    const d = new Disk(vm, name, chain, mode, opts, vmx)
+    // a generation froze when the layer above it was made: use that file's mtime as best known
+    for (let g = 0; g < chain.redoCount; g++) {
+      const st = await stat(chain.layers[g + 1].path).catch(() => undefined)
+      d.frozen.push(new Generation(st?.birthtime && st.birthtime.getTime() > 0 ? st.birthtime : st?.mtime ?? new Date()))
+    }
+    const st = await stat(chain.top.path).catch(() => undefined)
+    if (st !== undefined) d.liveMtime = st.mtime
+    return d
+  }
+
+  get writable (): boolean { return !this.opts.readOnly && this.chain.top.writable }
+  get size (): number { return this.chain.size }
+
+  // ---- open accounting -------------------------------------------------------------------
+
+  generationAt (g: number): Generation | undefined { return this.frozen[g] }
+  indexOf (gen: Generation): number { return this.frozen.indexOf(gen) }
+
+  opened (gen: Generation | 'live'): void { this.opens.set(gen, (this.opens.get(gen) ?? 0) + 1) }
+  released (gen: Generation | 'live'): void {
+    const n = (this.opens.get(gen) ?? 1) - 1
+    if (n <= 0) this.opens.delete(gen)
+    else this.opens.set(gen, n)
+  }
+
+  private refuseIfOpen (gens: Generation[], what: string): void {
+    for (const gen of gens) {
+      if ((this.opens.get(gen) ?? 0) > 0) {
+        throw new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is open; ${what} would remove it`)
+      }
+    }
+  }
+
+  // ---- I/O -------------------------------------------------------------------------------
+
+  async read (gen: Generation | 'live', buf: Buffer, off: number, pos: number, len: number): Promise<number> {
+    const live = gen === 'live'
+    return await this.gate.run(live, async () => {
+      const g = live ? this.chain.redoCount : this.indexOf(gen)
+      if (g < 0) throw new RedoError('EIO', `${this.vm}/${this.name}: this generation no longer exists`)
+      return await this.chain.read(g, buf, off, pos, len)
+    })
+  }
+
+  async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+    if (!this.writable) throw new RedoError('EROFS', `${this.vm}/${this.name}: disk is read-only`)
+    if (pos + len > this.size) throw new RedoError('ENOSPC', `${this.vm}/${this.name}: write past the capacity`)
+    await this.gate.run(true, async () => {
+      if (this.opts.redoLimit !== undefined && this.opts.redoLimitHard && this.chain.redoCount > 0 &&
+          this.chain.top.allocatedBytes() + len > this.opts.redoLimit && !this.coveredByTop(pos, len)) {
+        throw new RedoError('ENOSPC', `${this.vm}/${this.name}: redo log ${basename(this.chain.top.path)} reached --redo-limit`)
+      }
+      await this.chain.write(buf, off, pos, len)
+      this.liveMtime = new Date()
+    })
+    this.scheduleFlush()
+  }
+
+  private coveredByTop (pos: number, len: number): boolean {
+    const r = this.chain.top.lookup(pos, len)
+    return r.state === 'data' && r.length >= len
+  }
+
+  /** Metadata reaches the disk within a few seconds even without fsync. */
+  private scheduleFlush (): void {
+    if (this.flushTimer !== null) return
+    this.flushTimer = setTimeout(() => {
+      this.flushTimer = null
+      this.fsync().catch(e => log.store('%s/%s: background flush failed: %s', this.vm, this.name, (e as Error).message))
+    }, 3000)
+    this.flushTimer.unref()
+  }
+
+  async fsync (): Promise<void> {
+    await this.gate.run(true, async () => await this.chain.flush())
+  }
+
+  // ---- commands --------------------------------------------------------------------------
+
+  private fail (e: unknown): never {
+    const err = toRedoError(e)
+    this.lastError = err.message
+    throw err
+  }
+
+  /** Run a control command (one line of key=value words). Resolves when done or accepted. */
+  async command (kind: string, text: string): Promise<void> {
+    try {
+      await this.dispatch(kind, text)
+    } catch (e) {
+      this.fail(e)
+    }
+  }
+
+  private async dispatch (kind: string, text: string): Promise<void> {
+    switch (kind) {
+      case 'addredo': {
+        parseArgs(text, {}, 'addredo')
+        this.precheck('addredo')
+        return await this.runJob('addredo', text, async () => await this.doAddRedo())
+      }
+      case 'commit': {
+        const a = parseArgs(text, { level: 'level', freeze: 'bool', wait: 'bool', force: 'bool' }, 'commit')
+        const plan = this.planCommit(a)
+        const job = this.runJob('commit', text, async (st) => await this.doCommit(plan, st))
+        if (a.wait === false) { job.catch(() => {}); return }
+        return await job
+      }
+      case 'discard': {
+        const a = parseArgs(text, { to: 'gen' }, 'discard')
+        this.precheck('discard')
+        if (typeof a.to === 'string') throw new RedoError('EINVAL', `discard: unknown label "${a.to}"`)
+        const N = this.chain.redoCount
+        if (N === 0) throw new RedoError('EINVAL', `${this.vm}/${this.name}: the disk has no redo log to discard`)
+        const to = (a.to as number | undefined) ?? N - 1
+        if (to < 0 || to >= N) throw new RedoError('EINVAL', `discard: to=${to} is out of range (0..${N - 1})`)
+        this.refuseIfOpen(this.frozen.slice(to), 'discard')
+        return await this.runJob('discard', text, async () => await this.doDiscard(to))
+      }
+      case 'poweroff': {
+        const w = text.trim()
+        if (w !== 'keep' && w !== 'commit' && w !== 'discard') throw new RedoError('EINVAL', `poweroff: expected keep, commit or discard, got "${w}"`)
+        this.poweroff = w
+        return
+      }
+      default:
+        throw new RedoError('EINVAL', `unknown command ${kind}`)
+    }
+  }
+
+  precheck (kind: string): void {
+    if (this.opts.readOnly) throw new RedoError('EROFS', `${kind}: the store is mounted read-only`)
+    if (this.job !== null) throw new RedoError('EBUSY', `${this.vm}/${this.name}: a ${this.job.kind} job is running`)
+    if (kind === 'addredo' && this.chain.redoCount >= this.opts.maxRedos) {
+      throw new RedoError('EBUSY', `${this.vm}/${this.name}: already ${this.chain.redoCount} redo logs (--max-redos ${this.opts.maxRedos})`)
+    }
+  }
+
+  /** Validate a commit before accepting it (so wait=0 refusals still fail the write). */
+  planCommit (a: Record<string, ArgValue>): { levels: number[], freeze: boolean, force: boolean } {
+    this.precheck('commit')
+    const N = this.chain.redoCount
+    if (N === 0) throw new RedoError('EINVAL', `${this.vm}/${this.name}: the disk has no redo log to commit`)
+    const level = a.level ?? 0
+    const levels = level === 'all' ? Array.from({ length: N }, (_, k) => N - 1 - k) : [level as number]
+    for (const l of levels) {
+      if (l > N - 1) throw new RedoError('EINVAL', `commit: level=${l} is out of range: the disk has ${N} redo log${N === 1 ? '' : 's'} (levels 0..${N - 1})`)
+    }
+    // the generation just below the merged redo log disappears
+    const removed = level === 'all' ? this.frozen.slice() : [this.frozen[N - (level as number) - 1]]
+    this.refuseIfOpen(removed, 'commit')
+    const lvl0 = levels.some(l => l === 0)
+    return { levels, freeze: a.freeze !== false || lvl0, force: a.force === true }
+  }
+
+  private runJob (kind: JobState['kind'], args: string, body: (st: JobState) => Promise<void>): Promise<void> {
+    const st: JobState = { kind, args: args.trim(), state: 'running', done: 0, total: 0, started: new Date().toISOString() }
+    this.job = st
+    const p = (async () => {
+      try {
+        await body(st)
+        st.state = 'done'
+        this.lastError = ''
+      } catch (e) {
+        const err = toRedoError(e)
+        st.state = err.code === 'ECANCELED' ? 'cancelled' : 'failed'
+        st.error = err.message
+        this.lastError = err.message
+        throw err
+      } finally {
+        st.finished = new Date().toISOString()
+        this.job = null
+        this.lastJob = st
+        this.running = null
+      }
+    })()
+    this.running = p.catch(() => {})
+    return p
+  }
+
+  async idle (): Promise<void> {
+    while (this.running !== null) await this.running
+  }
+
+  private async topChanged (): Promise<void> {
+    this.liveMtime = new Date()
+    if (this.onTopChanged !== null) await this.onTopChanged()
+  }
+
+  async doAddRedo (): Promise<void> {
+    await this.gate.freezeLive(async () => {
+      await addRedo(this.chain)
+      this.frozen.push(new Generation(new Date()))
+    })
+    await this.topChanged()
+  }
+
+  private async doCommit (plan: { levels: number[], freeze: boolean, force: boolean }, st: JobState): Promise<void> {
+    const run = async (): Promise<void> => {
+      for (const level of plan.levels) {
+        const i = this.chain.redoCount - level
+        await commit(this.chain, level, {
+          force: plan.force,
+          onProgress: p => { st.done = p.done; st.total = p.total },
+          switchOver: async fn => await this.gate.freezeAll(async () => {
+            await fn()
+            this.frozen.splice(i - 1, 1)
+          })
+        })
+      }
+    }
+    if (plan.freeze) await this.gate.freezeLive(run)
+    else await run()
+    await this.topChanged()
+  }
+
+  async doDiscard (to: number): Promise<void> {
+    await this.gate.freezeAll(async () => {
+      await discard(this.chain, to)
+      this.frozen = this.frozen.slice(0, to)
+    })
+    await this.topChanged()
+  }
+
+  // ---- status ----------------------------------------------------------------------------
+
+  status (): Record<string, unknown> {
+    const c = this.chain
+    const warnings: string[] = []
+    if (this.opts.redoLimit !== undefined && c.redoCount > 0 && c.top.allocatedBytes() > this.opts.redoLimit) {
+      warnings.push(`redo log ${basename(c.top.path)} holds ${c.top.allocatedBytes()} bytes, past --redo-limit ${this.opts.redoLimit}`)
+    }
+    return {
+      vm: this.vm,
+      disk: this.name,
+      mode: this.mode,
+      device: this.vmx?.device ?? null,
+      dir: dirname(c.top.path),
+      top: basename(c.top.path),
+      capacity: c.size,
+      writable: this.writable,
+      redoLogs: c.redoCount,
+      generations: c.layers.map((l, g) => ({
+        generation: g,
+        file: l.path,
+        format: l.createType,
+        cid: l.hasCids ? cidHex(l.cid) : null,
+        parentCID: l.hasParent && l.hasCids ? cidHex(l.parentCID) : null,
+        allocated: l.allocatedBytes(),
+        live: g === c.redoCount,
+        frozenAt: g < c.redoCount ? this.frozen[g]?.frozenAt.toISOString() ?? null : null
+      })),
+      job: this.job,
+      lastJob: this.lastJob,
+      poweroff: this.poweroff,
+      error: this.lastError,
+      warnings
+    }
+  }
+}

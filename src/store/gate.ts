@@ -1,0 +1,70 @@
+/**
+ * Holding I/O off a disk while its chain changes: live I/O can be paused for a whole job
+ * (freeze), all I/O for the moment the layers switch. Paused I/O waits; it never fails.
+ */
+export class IoGate {
+  private liveHold: Promise<void> | null = null
+  private allHold: Promise<void> | null = null
+  private live = 0
+  private all = 0
+  private drained: Array<() => void> = []
+
+  async enter (isLive: boolean): Promise<void> {
+    for (;;) {
+      if (this.allHold !== null) { await this.allHold; continue }
+      if (isLive && this.liveHold !== null) { await this.liveHold; continue }
+      break
+    }
+    this.all++
+    if (isLive) this.live++
+  }
+
+  leave (isLive: boolean): void {
+    this.all--
+    if (isLive) this.live--
+    const ws = this.drained
+    this.drained = []
+    for (const w of ws) w()
+  }
+
+  async run<T> (isLive: boolean, fn: () => Promise<T>): Promise<T> {
+    await this.enter(isLive)
+    try {
+      return await fn()
+    } finally {
+      this.leave(isLive)
+    }
+  }
+
+  private async waitFor (cond: () => boolean): Promise<void> {
+    while (!cond()) await new Promise<void>(resolve => this.drained.push(resolve))
+  }
+
+  /** Run fn with live I/O held off (frozen generations keep being served). */
+  async freezeLive<T> (fn: () => Promise<T>): Promise<T> {
+    while (this.liveHold !== null) await this.liveHold
+    let release!: () => void
+    this.liveHold = new Promise<void>(resolve => { release = resolve })
+    try {
+      await this.waitFor(() => this.live === 0)
+      return await fn()
+    } finally {
+      this.liveHold = null
+      release()
+    }
+  }
+
+  /** Run fn with every read and write of the disk held off. */
+  async freezeAll<T> (fn: () => Promise<T>): Promise<T> {
+    while (this.allHold !== null) await this.allHold
+    let release!: () => void
+    this.allHold = new Promise<void>(resolve => { release = resolve })
+    try {
+      await this.waitFor(() => this.all === 0)
+      return await fn()
+    } finally {
+      this.allHold = null
+      release()
+    }
+  }
+}

@@ -1,0 +1,78 @@
+/**
+ * One user per store: a lock file created with O_EXCL (also atomic on NFSv3+) naming the
+ * holder. A lock left by a dead process on this host is taken over.
+ */
+import { open, readFile, rename, unlink } from 'node:fs/promises'
+import { hostname } from 'node:os'
+import { join } from 'node:path'
+import { RedoError } from '../errors'
+
+export interface LockInfo {
+  pid: number
+  host: string
+  since: string
+  what: string
+}
+
+export const lockPath = (root: string): string => join(root, '.redofs.lock')
+
+function alive (pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM'
+  }
+}
+
+export async function readLock (root: string): Promise<LockInfo | undefined> {
+  try {
+    return JSON.parse(await readFile(lockPath(root), 'utf8')) as LockInfo
+  } catch {
+    return undefined
+  }
+}
+
+export class StoreLock {
+  private constructor (readonly root: string, private readonly info: LockInfo) {}
+
+  static async acquire (root: string, what: string): Promise<StoreLock> {
+    const info: LockInfo = { pid: process.pid, host: hostname(), since: new Date().toISOString(), what }
+    const p = lockPath(root)
+    for (let attempt = 0; attempt < 3; attempt++) {
+      try {
+        const fh = await open(p, 'wx', 0o644)
+        try {
+          await fh.writeFile(JSON.stringify(info) + '\n')
+          await fh.sync()
+        } finally {
+          await fh.close()
+        }
+        return new StoreLock(root, info)
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
+      }
+      const holder = await readLock(root)
+      if (holder !== undefined && holder.host === info.host && !alive(holder.pid)) {
+        // stale: move it aside atomically so two takers cannot both succeed
+        const aside = `${p}.stale-${process.pid}`
+        try {
+          await rename(p, aside)
+          await unlink(aside)
+        } catch { /* another process took it over first; retry reads the new holder */ }
+        continue
+      }
+      if (holder === undefined) {
+        if (attempt < 2) { await new Promise(resolve => setTimeout(resolve, 50)); continue }
+        throw new RedoError('EBUSY', `${root}: store is locked (${p} exists but cannot be read)`, p)
+      }
+      throw new RedoError('EBUSY', `${root}: store is in use by ${holder.what} (pid ${holder.pid} on ${holder.host} since ${holder.since})`, p)
+    }
+    throw new RedoError('EBUSY', `${root}: could not take the store lock ${p}`, p)
+  }
+
+  async release (): Promise<void> {
+    const holder = await readLock(this.root)
+    if (holder?.pid === this.info.pid && holder.host === this.info.host) await unlink(lockPath(this.root)).catch(() => {})
+  }
+}

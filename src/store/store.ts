@@ -1,0 +1,316 @@
+/**
+ * The datastore: VM directories, their disks and modes, the store lock, and what happens at
+ * power on (mount) and power off (unmount). A disk that cannot be opened is left out with its
+ * error; everything else is served.
+ */
+import { readdir, stat } from 'node:fs/promises'
+import { basename, dirname, join, relative, resolve } from 'node:path'
+import { Chain } from '../chain/chain'
+import { commit, discard } from '../chain/jobs'
+import { diskNameOf } from '../chain/names'
+import { peekDirs } from '../chain/peek'
+import { RedoError, toRedoError } from '../errors'
+import { log } from '../log'
+import { parseArgs } from './args'
+import { Disk, type DiskOptions } from './disk'
+import { StoreLock } from './lock'
+import { chainTops } from './tops'
+import { Vmx, type DiskMode } from './vmx'
+
+export interface StoreOptions {
+  readOnly?: boolean
+  ignoreCid?: boolean
+  maxRedos?: number
+  redoLimit?: number
+  redoLimitHard?: boolean
+}
+
+export interface FileError {
+  file: string
+  message: string
+}
+
+/** ddb key marking a redo log that redofs added for a nonpersistent/undoable session. */
+export const SESSION_KEY = 'ddb.redofs.session'
+
+export class Vm {
+  disks = new Map<string, Disk>()
+  errors: FileError[] = []
+  lastError = ''
+  constructor (readonly name: string, readonly dir: string, readonly vmx?: Vmx) {}
+}
+
+export class Store {
+  readonly vms = new Map<string, Vm>()
+  readonly errors: FileError[] = []
+  private lock: StoreLock | null = null
+  readonly diskOpts: DiskOptions
+
+  private constructor (readonly root: string, readonly opts: StoreOptions) {
+    this.diskOpts = {
+      readOnly: opts.readOnly === true,
+      maxRedos: opts.maxRedos ?? 32,
+      redoLimit: opts.redoLimit,
+      redoLimitHard: opts.redoLimitHard === true
+    }
+  }
+
+  /** Lock the store, open every disk, and power the disks on (SPEC §4). */
+  static async open (root: string, opts: StoreOptions = {}): Promise<Store> {
+    const r = resolve(root)
+    const st = await stat(r).catch(() => undefined)
+    if (st === undefined || !st.isDirectory()) throw new RedoError('ENOTDIR', `${r}: store is not a directory`, r)
+    const s = new Store(r, opts)
+    if (opts.readOnly !== true) s.lock = await StoreLock.acquire(r, 'redofs mount')
+    try {
+      await s.scan()
+      if (opts.readOnly !== true) await s.powerOn()
+    } catch (e) {
+      await s.close().catch(() => {})
+      throw e
+    }
+    return s
+  }
+
+  private async scan (): Promise<void> {
+    const entries = await readdir(this.root, { withFileTypes: true })
+    for (const e of entries.sort((a, b) => a.name.localeCompare(b.name))) {
+      if (!e.isDirectory() || e.name.startsWith('.')) continue
+      await this.scanVm(e.name, join(this.root, e.name))
+    }
+  }
+
+  private async scanVm (name: string, dir: string): Promise<void> {
+    let vmx: Vmx | undefined
+    const files = await readdir(dir)
+    const vmxName = files.includes(`${name}.vmx`) ? `${name}.vmx` : files.find(f => /\.vmx$/i.test(f))
+    const vm = new Vm(name, dir, undefined)
+    if (vmxName !== undefined) {
+      try {
+        vmx = await Vmx.read(join(dir, vmxName))
+      } catch (e) {
+        vm.errors.push({ file: join(dir, vmxName), message: toRedoError(e).message })
+      }
+    }
+    const realVm = new Vm(name, dir, vmx)
+    realVm.errors.push(...vm.errors)
+    this.vms.set(name, realVm)
+    const wanted: Array<{ top: string, mode: DiskMode, device?: string }> = []
+    if (vmx !== undefined) {
+      for (const d of vmx.disks()) {
+        const top = await this.findTop(resolve(dir, d.fileName))
+        if (top === undefined) { realVm.errors.push({ file: resolve(dir, d.fileName), message: `${resolve(dir, d.fileName)}: disk named by ${vmx.path} (${d.device}) not found` }); continue }
+        wanted.push({ top, mode: d.mode, device: d.device })
+      }
+    } else {
+      for (const p of await chainTops(dir, [this.root, ...await subdirs(this.root)])) wanted.push({ top: p.path, mode: 'persistent' })
+    }
+    for (const w of wanted) {
+      const diskName = diskNameOf(w.top)
+      if (realVm.disks.has(diskName)) {
+        realVm.errors.push({ file: w.top, message: `${w.top}: a second chain top for disk "${diskName}" (left out)` })
+        continue
+      }
+      try {
+        const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root })
+        const disk = await Disk.create(name, diskName, chain, w.mode, this.diskOpts, vmx !== undefined && w.device !== undefined ? { file: vmx, device: w.device } : undefined)
+        disk.onTopChanged = async () => await this.syncVmx(disk)
+        realVm.disks.set(diskName, disk)
+        await this.syncVmx(disk)
+      } catch (e) {
+        const err = toRedoError(e, w.top)
+        log.store('left out %s: %s', w.top, err.message)
+        realVm.errors.push({ file: err.file ?? w.top, message: err.message })
+      }
+    }
+  }
+
+  /**
+   * The top of the chain that `file` belongs to: follow children in the directory while there is
+   * exactly one of the same disk name (a crash between addredo and the .vmx update heals here).
+   */
+  private async findTop (file: string): Promise<string | undefined> {
+    const dir = dirname(file)
+    const peeks = await peekDirs([dir])
+    let cur: string | undefined = (await stat(file).then(() => file, () => undefined))
+    if (cur === undefined) {
+      const tops = (await chainTops(dir)).filter(p => diskNameOf(p.path) === diskNameOf(file))
+      return tops.length === 1 ? tops[0].path : undefined
+    }
+    for (let depth = 0; depth < 256; depth++) {
+      const at: string = cur
+      const kids = peeks.filter(p => p.parent !== undefined && resolve(p.parent) === resolve(at))
+      if (kids.length !== 1) break
+      cur = kids[0].path
+    }
+    return cur
+  }
+
+  private async syncVmx (disk: Disk): Promise<void> {
+    if (disk.vmx === undefined || this.opts.readOnly === true) return
+    const rel = relative(dirname(disk.vmx.file.path), disk.chain.top.path)
+    await disk.vmx.file.setFileName(disk.vmx.device, rel)
+  }
+
+  // ---- modes -----------------------------------------------------------------------------
+
+  private async powerOn (): Promise<void> {
+    for (const vm of this.vms.values()) {
+      for (const disk of vm.disks.values()) {
+        try {
+          await this.powerOnDisk(disk)
+        } catch (e) {
+          const err = toRedoError(e)
+          vm.errors.push({ file: disk.chain.top.path, message: `power on of ${disk.name} (${disk.mode}): ${err.message}` })
+          vm.disks.delete(disk.name)
+          await disk.chain.close().catch(() => {})
+        }
+      }
+    }
+  }
+
+  private isSession (disk: Disk): boolean {
+    return disk.chain.redoCount > 0 && disk.chain.top.descriptor.get(SESSION_KEY) !== undefined
+  }
+
+  private async markSession (disk: Disk, mode: DiskMode): Promise<void> {
+    const top = disk.chain.top
+    const d = top.descriptor.clone()
+    d.set(SESSION_KEY, mode)
+    await top.saveDescriptor(d)
+  }
+
+  private async powerOnDisk (disk: Disk): Promise<void> {
+    switch (disk.mode) {
+      case 'persistent':
+        return
+      case 'nonpersistent':
+        if (this.isSession(disk)) {
+          log.store('%s/%s: discarding a stale session redo log', disk.vm, disk.name)
+          await disk.doDiscard(disk.chain.redoCount - 1)
+        }
+        await disk.doAddRedo()
+        await this.markSession(disk, 'nonpersistent')
+        return
+      case 'undoable':
+        if (this.isSession(disk)) return // a kept session redo log: append to it
+        await disk.doAddRedo()
+        await this.markSession(disk, 'undoable')
+        return
+      case 'append':
+        if (disk.chain.redoCount === 0) await disk.doAddRedo()
+    }
+  }
+
+  private async powerOffDisk (disk: Disk): Promise<void> {
+    await disk.idle()
+    if (disk.opts.readOnly) return
+    if (disk.mode === 'nonpersistent' && this.isSession(disk)) {
+      await disk.doDiscard(disk.chain.redoCount - 1)
+    } else if (disk.mode === 'undoable' && this.isSession(disk)) {
+      if (disk.poweroff === 'discard') await disk.doDiscard(disk.chain.redoCount - 1)
+      else if (disk.poweroff === 'commit') {
+        await commit(disk.chain, 0, {})
+        await this.syncVmx(disk)
+      }
+    }
+  }
+
+  // ---- lookup and VM-wide commands ---------------------------------------------------------
+
+  disk (vm: string, name: string): Disk | undefined {
+    return this.vms.get(vm)?.disks.get(name)
+  }
+
+  /** A command on every disk of a VM, all or none: every disk is checked before any changes. */
+  async vmCommand (vmName: string, kind: string, text: string): Promise<void> {
+    const vm = this.vms.get(vmName)
+    if (vm === undefined) throw new RedoError('ENOENT', `no VM ${vmName}`)
+    try {
+      const disks = [...vm.disks.values()]
+      if (disks.length === 0) throw new RedoError('EINVAL', `${vmName}: the VM has no disks`)
+      switch (kind) {
+        case 'addredo': {
+          parseArgs(text, {}, 'addredo')
+          for (const d of disks) d.precheck('addredo')
+          const done: Disk[] = []
+          try {
+            for (const d of disks) { await d.command('addredo', text); done.push(d) }
+          } catch (e) {
+            for (const d of done.reverse()) await d.doDiscard(d.chain.redoCount - 1).catch(() => {})
+            throw e
+          }
+          return
+        }
+        case 'commit': {
+          const a = parseArgs(text, { level: 'level', freeze: 'bool', wait: 'bool', force: 'bool' }, 'commit')
+          for (const d of disks) d.planCommit(a)
+          await Promise.all(disks.map(async d => await d.command('commit', text)))
+          return
+        }
+        case 'discard': {
+          const a = parseArgs(text, { to: 'gen' }, 'discard')
+          for (const d of disks) {
+            d.precheck('discard')
+            const N = d.chain.redoCount
+            const to = (a.to as number | undefined) ?? N - 1
+            if (N === 0 || typeof a.to === 'string' || to < 0 || to >= N) throw new RedoError('EINVAL', `${vmName}/${d.name}: cannot discard to generation ${String(a.to ?? to)}`)
+          }
+          for (const d of disks) await d.command('discard', text)
+          return
+        }
+        default:
+          throw new RedoError('EINVAL', `unknown command ${kind}`)
+      }
+    } catch (e) {
+      vm.lastError = toRedoError(e).message
+      throw e
+    }
+  }
+
+  status (): Record<string, unknown> {
+    return {
+      store: this.root,
+      readOnly: this.opts.readOnly === true,
+      errors: this.errors,
+      vms: [...this.vms.values()].map(vm => this.vmStatus(vm))
+    }
+  }
+
+  vmStatus (vm: Vm): Record<string, unknown> {
+    return {
+      name: vm.name,
+      dir: vm.dir,
+      vmx: vm.vmx?.path ?? null,
+      error: vm.lastError,
+      errors: vm.errors,
+      disks: [...vm.disks.values()].map(d => d.status())
+    }
+  }
+
+  /** Power off every disk, flush and close everything, release the lock. */
+  async close (): Promise<void> {
+    for (const vm of this.vms.values()) {
+      for (const disk of vm.disks.values()) {
+        try {
+          await this.powerOffDisk(disk)
+        } catch (e) {
+          log.store('power off of %s/%s failed: %s', vm.name, disk.name, (e as Error).message)
+        }
+        await disk.chain.close().catch(e => log.store('close of %s/%s failed: %s', vm.name, disk.name, (e as Error).message))
+      }
+    }
+    if (this.lock !== null) await this.lock.release()
+    this.lock = null
+  }
+}
+
+async function subdirs (root: string): Promise<string[]> {
+  try {
+    return (await readdir(root, { withFileTypes: true })).filter(e => e.isDirectory() && !e.name.startsWith('.')).map(e => join(root, e.name))
+  } catch {
+    return []
+  }
+}
+
+export { basename }

@@ -1,0 +1,72 @@
+/**
+ * The VMware .vmx file: which disks a VM has and in which mode. redofs rewrites only the
+ * `fileName` value of a disk whose chain top changed and keeps every other byte as it found it.
+ */
+import { readFile } from 'node:fs/promises'
+import { writeFileDurable } from '../formats/layer'
+
+export type DiskMode = 'persistent' | 'nonpersistent' | 'undoable' | 'append'
+
+export interface VmxDisk {
+  /** Device key, e.g. "scsi0:0". */
+  device: string
+  fileName: string
+  mode: DiskMode
+}
+
+const DEVICE_RE = /^\s*((?:scsi|ide|sata|nvme)\d+:\d+)\.(fileName|mode|present|deviceType)\s*=\s*"([^"]*)"\s*$/i
+
+export function parseMode (v: string | undefined): DiskMode {
+  switch ((v ?? '').toLowerCase()) {
+    case 'nonpersistent':
+    case 'independent-nonpersistent':
+      return 'nonpersistent'
+    case 'undoable':
+      return 'undoable'
+    case 'append':
+      return 'append'
+    default:
+      return 'persistent'
+  }
+}
+
+export class Vmx {
+  constructor (readonly path: string, private lines: string[]) {}
+
+  static async read (path: string): Promise<Vmx> {
+    const text = await readFile(path, 'utf8')
+    return new Vmx(path, text.split('\n'))
+  }
+
+  disks (): VmxDisk[] {
+    const dev = new Map<string, Record<string, string>>()
+    for (const l of this.lines) {
+      const m = DEVICE_RE.exec(l)
+      if (m === null) continue
+      const d = dev.get(m[1].toLowerCase()) ?? {}
+      d[m[2].toLowerCase()] = m[3]
+      dev.set(m[1].toLowerCase(), d)
+    }
+    const out: VmxDisk[] = []
+    for (const [device, d] of dev) {
+      if (d.filename === undefined || !/\.vmdk$/i.test(d.filename)) continue
+      if (d.present !== undefined && d.present.toUpperCase() === 'FALSE') continue
+      if (d.devicetype !== undefined && /cdrom/i.test(d.devicetype)) continue
+      out.push({ device, fileName: d.filename, mode: parseMode(d.mode) })
+    }
+    return out
+  }
+
+  /** Point `device`'s fileName at `fileName`, durably; other lines are untouched. */
+  async setFileName (device: string, fileName: string): Promise<void> {
+    let changed = false
+    this.lines = this.lines.map(l => {
+      const m = DEVICE_RE.exec(l)
+      if (m === null || m[1].toLowerCase() !== device.toLowerCase() || m[2].toLowerCase() !== 'filename') return l
+      if (m[3] === fileName) return l
+      changed = true
+      return l.replace(/"[^"]*"(\s*)$/, `"${fileName}"$1`)
+    })
+    if (changed) await writeFileDurable(this.path, this.lines.join('\n'))
+  }
+}
