@@ -264,14 +264,17 @@ export class SparseExtent implements Extent {
     const limitGte = Math.ceil(this.fileSize / SECTOR)
     const zeroGteAllowed = (this.header.flags & FLAG_ZERO_GTE) !== 0
     const gb = this.grainBytes
+    let chunk = Buffer.alloc(0)
     let k = 0
     while (k < order.length) {
       // group tables lying back to back on disk into one read
       let j = k + 1
       const first = this.gd[order[k]] * SECTOR
       while (j < order.length && this.gd[order[j]] * SECTOR === first + (j - k) * gtBytes && (j - k + 1) * gtBytes <= GT_READ_CHUNK) j++
-      const buf = Buffer.alloc((j - k) * gtBytes)
-      await readExact(fh, this.path, buf, 0, buf.length, first)
+      const len = (j - k) * gtBytes
+      if (chunk.length < len) chunk = Buffer.allocUnsafe(Math.max(len, Math.min(GT_READ_CHUNK, order.length * gtBytes)))
+      const buf = chunk.subarray(0, len)
+      await readExact(fh, this.path, buf, 0, len, first)
       for (let m = k; m < j; m++) {
         const gdi = order[m]
         const view = new Uint32Array(buf.buffer, buf.byteOffset + (m - k) * gtBytes, this.header.numGTEsPerGT)
