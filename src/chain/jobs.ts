@@ -8,6 +8,7 @@ import { RedoError } from '../errors'
 import { createSparseLayer } from '../formats/create'
 import { newCid } from '../formats/descriptor'
 import { Layer, parentHintFor } from '../formats/layer'
+import { faultPoint } from '../fault'
 import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
@@ -93,6 +94,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     started: new Date().toISOString()
   }
   await writeJournal(j)
+  faultPoint('commit.journal')
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
   await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts)
   if (opts.cancelled?.() === true) {
@@ -134,6 +136,7 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
         await parent.write(zeros, 0, p, n, below)
       }
       done += n
+      faultPoint('commit.copy')
       opts.onProgress?.({ done, total })
     }
   }
@@ -153,16 +156,19 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
     }
     try {
       const hint = parentHintFor(dirname(a.path), parent.path)
+      faultPoint('commit.relink')
       if (a.parentHint !== hint || a.parentCID !== parent.cid) await a.setParent(hint, parent.cid)
     } finally {
       if (own) await a.close()
     }
   }
+  faultPoint('commit.drop')
   if (child !== undefined) await child.destroy()
   else if (await exists(j.child)) {
     const c = await Layer.open(j.child, {})
     await c.destroy()
   }
+  faultPoint('commit.unjournal')
   await removeJournal(parent.path)
 }
 

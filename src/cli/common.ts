@@ -3,6 +3,7 @@ import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
 import { isRedoError, toRedoError } from '../errors'
 import { log } from '../log'
+import { StoreLock } from '../store/lock'
 import { resolveDiskTop } from '../store/tops'
 import { formatSize } from '../units'
 
@@ -19,6 +20,25 @@ export function storeRoot (top: string, args: GlobalArgs): string {
 export async function openDisk (arg: string, args: GlobalArgs, extra: ChainOptions = {}): Promise<Chain> {
   const top = await resolveDiskTop(arg)
   return await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), ...extra })
+}
+
+/**
+ * Run `fn` on a disk opened for writing, holding the store lock (a mounted store, or another
+ * offline command, makes this fail with a message naming the holder).
+ */
+export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: string, fn: (chain: Chain) => Promise<T>): Promise<T> {
+  const top = await resolveDiskTop(arg)
+  const lock = await StoreLock.acquire(storeRoot(top, args), `redofs ${what}`)
+  try {
+    const chain = await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), writable: true })
+    try {
+      return await fn(chain)
+    } finally {
+      await chain.close()
+    }
+  } finally {
+    await lock.release()
+  }
 }
 
 /** Run a command body: errors become one line on stderr and exit status 1. */

@@ -5,6 +5,7 @@
 import { open, rename, realpath, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, relative, resolve, sep } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
+import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
@@ -262,6 +263,7 @@ export class Layer {
   /** Persist a changed descriptor: in place when embedded, write-new-then-rename when stand-alone. */
   async saveDescriptor (d: Descriptor): Promise<void> {
     const text = d.toString()
+    faultPoint('layer.descriptor')
     if (this.home.kind === 'embedded') await this.home.extent.writeDescriptor(text)
     else if (this.home.kind === 'file') await writeFileDurable(this.path, text)
     else throw new RedoError('ENOTSUP', `${this.path}: this layer has no descriptor to update`, this.path)

@@ -6,6 +6,7 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { inflateSync } from 'node:zlib'
 import { RedoError } from '../errors'
+import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
 import { Mutex, readExact, settleAll, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
@@ -455,6 +456,7 @@ export class SparseExtent implements Extent {
         }
         const data = batch.length === 1 ? batch[0] : Buffer.concat(batch)
         this.nextAlloc += data.length
+        faultPoint('sparse.grain')
         // on failure the space is leaked (never referenced) and the next batch starts after it
         await writeExact(this.fh, data, 0, data.length, at)
         if (at + data.length > this.fileSize) this.fileSize = at + data.length
@@ -557,6 +559,7 @@ export class SparseExtent implements Extent {
     const raw = Buffer.alloc(512)
     await readExact(this.fh, this.path, raw, 0, 512, 0)
     raw[72] = unclean // change only that byte: keep whatever else the header holds
+    faultPoint('sparse.header')
     await writeExact(this.fh, raw, 0, 512, 0)
     await this.fh.datasync()
     this.header.uncleanShutdown = h.uncleanShutdown
@@ -573,12 +576,15 @@ export class SparseExtent implements Extent {
       try {
         await this.fh.datasync()
         if (tables.length === 0) return
+        faultPoint('sparse.gt.primary')
         for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.gd[t.gdi] * SECTOR)
         if (this.rgd !== null) {
           await this.fh.datasync()
+          faultPoint('sparse.gt.redundant')
           for (const t of tables) if (this.rgd[t.gdi] !== 0) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.rgd[t.gdi] * SECTOR)
         }
         await this.fh.datasync()
+        faultPoint('sparse.gt.done')
       } catch (e) {
         for (const t of tables) this.dirtyGTs.add(t.gdi)
         this.dataDirty = true

@@ -1,7 +1,7 @@
 import type { Argv } from 'yargs'
 import { addRedo } from '../../chain/jobs'
 import { parseArgs } from '../../store/args'
-import { action, openDisk, type GlobalArgs } from '../common'
+import { action, withWritableDisk, type GlobalArgs } from '../common'
 
 export const command = 'addredo <disk> [args..]'
 export const describe = 'offline: freeze the top and add an empty redo log (<disk>-NNNNNN.vmdk)'
@@ -9,10 +9,6 @@ export const builder = (y: Argv): Argv => y.positional('disk', { type: 'string',
 
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[] }) => {
   parseArgs(a.args ?? [], {}, 'addredo')
-  const chain = await openDisk(a.disk, a, { writable: true })
-  try {
-    process.stdout.write(`${await addRedo(chain)}\n`)
-  } finally {
-    await chain.close()
-  }
+  const path = await withWritableDisk(a.disk, a, 'addredo', addRedo)
+  process.stdout.write(`${path}\n`)
 })

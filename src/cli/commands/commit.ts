@@ -1,7 +1,7 @@
 import type { Argv } from 'yargs'
 import { commit } from '../../chain/jobs'
 import { parseArgs } from '../../store/args'
-import { action, openDisk, progressBar, type GlobalArgs } from '../common'
+import { action, withWritableDisk, progressBar, type GlobalArgs } from '../common'
 
 export const command = 'commit <disk> [args..]'
 export const describe = 'offline: merge a redo log into its parent (level=K from the top, or level=all)'
@@ -9,19 +9,19 @@ export const builder = (y: Argv): Argv => y.positional('disk', { type: 'string',
 
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[] }) => {
   const args = parseArgs(a.args ?? [], { level: 'level', force: 'bool', freeze: 'bool', wait: 'bool' }, 'commit')
-  const chain = await openDisk(a.disk, a, { writable: true })
   const bar = progressBar('commit')
   try {
-    const level = args.level ?? 0
-    const force = args.force === true
-    const onProgress = (p: { done: number, total: number }): void => bar.update(p.done, p.total)
-    if (level === 'all') {
-      while (chain.redoCount > 0) await commit(chain, chain.redoCount - 1, { force, onProgress })
-    } else {
-      await commit(chain, level as number, { force, onProgress })
-    }
+    await withWritableDisk(a.disk, a, 'commit', async chain => {
+      const level = args.level ?? 0
+      const force = args.force === true
+      const onProgress = (p: { done: number, total: number }): void => bar.update(p.done, p.total)
+      if (level === 'all') {
+        while (chain.redoCount > 0) await commit(chain, chain.redoCount - 1, { force, onProgress })
+      } else {
+        await commit(chain, level as number, { force, onProgress })
+      }
+    })
   } finally {
     bar.end()
-    await chain.close()
   }
 })

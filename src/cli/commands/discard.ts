@@ -2,7 +2,7 @@ import type { Argv } from 'yargs'
 import { discard } from '../../chain/jobs'
 import { RedoError } from '../../errors'
 import { parseArgs } from '../../store/args'
-import { action, openDisk, type GlobalArgs } from '../common'
+import { action, withWritableDisk, type GlobalArgs } from '../common'
 
 export const command = 'discard <disk> [args..]'
 export const describe = 'offline: delete the top redo log, or every redo log above generation G (to=G)'
@@ -11,10 +11,5 @@ export const builder = (y: Argv): Argv => y.positional('disk', { type: 'string',
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[] }) => {
   const args = parseArgs(a.args ?? [], { to: 'gen' }, 'discard')
   if (typeof args.to === 'string') throw new RedoError('EINVAL', `discard: unknown label "${args.to}"`)
-  const chain = await openDisk(a.disk, a, { writable: true })
-  try {
-    await discard(chain, args.to as number | undefined)
-  } finally {
-    await chain.close()
-  }
+  await withWritableDisk(a.disk, a, 'discard', async chain => await discard(chain, args.to as number | undefined))
 })
