@@ -50,6 +50,7 @@ export class Descriptor {
       const ext = /^(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)(?:\s+"((?:[^"\\]|\\.)*)"(?:\s+(\d+))?)?\s*$/.exec(line)
       if (ext) {
         const type = ext[3].toUpperCase()
+        if (!Number.isSafeInteger(Number(ext[2])) || Number(ext[2]) > 2 ** 42) throw new RedoError('EINVAL', `${file}: extent of ${ext[2]} sectors is out of range`, file)
         if (!KNOWN_EXTENT_TYPES.has(type)) throw new RedoError('EINVAL', `${file}: unknown extent type "${ext[3]}"`, file)
         lines.push({
           kind: 'extent',

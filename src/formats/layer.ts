@@ -385,12 +385,17 @@ export async function writeFileDurable (path: string, text: string | Buffer): Pr
   const tmp = `${path}.redofs-tmp`
   const fh = await open(tmp, 'w')
   try {
-    await fh.writeFile(text)
-    await fh.sync()
-  } finally {
-    await fh.close()
+    try {
+      await fh.writeFile(text)
+      await fh.sync()
+    } finally {
+      await fh.close()
+    }
+    await rename(tmp, path)
+  } catch (e) {
+    await unlink(tmp).catch(() => {})
+    throw e
   }
-  await rename(tmp, path)
   await syncDir(dirname(path))
 }
 

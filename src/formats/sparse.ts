@@ -173,6 +173,10 @@ export class SparseExtent implements Extent {
   private allocated = 0
   private readonly mutex = new Mutex()
   private streamCache = new Map<number, Buffer>()
+  /** On-disk values of entries held as BAD in memory: flushes write these back, never BAD. */
+  private readonly badOriginal = new Map<number, number>()
+  /** Tables whose directory entry points outside the file: never written. */
+  private readonly badTables = new Set<number>()
 
   private constructor (
     readonly path: string,
@@ -257,6 +261,7 @@ export class SparseExtent implements Extent {
         this.problems.push(`${this.path}: grain directory entry ${i} points to sector ${s}, past the end of the file`)
         const t = new Uint32Array(this.header.numGTEsPerGT).fill(BAD)
         this.gts[i] = t
+        this.badTables.add(i)
         continue
       }
       order.push(i)
@@ -292,6 +297,7 @@ export class SparseExtent implements Extent {
           const need = this.kind === 'stream' ? 1 : ceilDiv(Math.min(gb, this.size - grain * gb), SECTOR)
           if (e === BAD || e + need > limitGte) {
             this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, past the end of the file (${this.fileSize} bytes)`)
+            this.badOriginal.set(grain, e)
             gt[t] = BAD
             continue
           }
@@ -428,7 +434,7 @@ export class SparseExtent implements Extent {
     }
     let data: Buffer
     try {
-      data = inflateSync(chunk.subarray(head, head + size))
+      data = inflateSync(chunk.subarray(head, head + size), { maxOutputLength: this.grainBytes })
     } catch (e) {
       throw new RedoError('EIO', `${this.path}: compressed grain at sector ${sector} does not inflate: ${(e as Error).message}`, this.path)
     }
@@ -570,7 +576,12 @@ export class SparseExtent implements Extent {
     if (!this.writable) return
     await this.mutex.run(async () => {
       if (this.dirtyGTs.size === 0 && !this.dataDirty) return
-      const tables = [...this.dirtyGTs].map(gdi => ({ gdi, bytes: Buffer.from((this.gts[gdi] as Uint32Array).slice().buffer) }))
+      const per = this.header.numGTEsPerGT
+      const tables = [...this.dirtyGTs].filter(gdi => !this.badTables.has(gdi)).map(gdi => {
+        const copy = (this.gts[gdi] as Uint32Array).slice()
+        for (let t = 0; t < per; t++) if (copy[t] === BAD) copy[t] = this.badOriginal.get(gdi * per + t) ?? 0
+        return { gdi, bytes: Buffer.from(copy.buffer) }
+      })
       this.dirtyGTs.clear()
       this.dataDirty = false
       try {
@@ -618,7 +629,7 @@ export class SparseExtent implements Extent {
     const gsec = this.header.grainSize
     let repaired = 0
     for (let gdi = 0; gdi < this.numGTs; gdi++) {
-      if (this.gd[gdi] === 0 || this.rgd[gdi] === 0) continue
+      if (this.gd[gdi] === 0 || this.rgd[gdi] === 0 || this.badTables.has(gdi)) continue
       const rb = Buffer.alloc(this.gtBytes)
       if (this.rgd[gdi] * SECTOR + this.gtBytes > this.fileSize) continue
       await readExact(this.fh, this.path, rb, 0, rb.length, this.rgd[gdi] * SECTOR)
@@ -631,7 +642,7 @@ export class SparseExtent implements Extent {
         if (p === r) continue
         const ok = (v: number): boolean => v > 1 && v !== BAD && v + gsec <= limit
         const v = ok(p) ? p : ok(r) ? r : 0
-        if (p === BAD) this.problems.splice(0, this.problems.length, ...this.problems.filter(s => !s.includes(`grain table ${gdi} entry ${t} `)))
+        if (p === BAD) this.badOriginal.delete(gdi * per + t)
         fixed[t] = v
         changed = true
       }
@@ -644,12 +655,15 @@ export class SparseExtent implements Extent {
     // a primary entry past EOF with no good redundant copy: drop it (the data never reached the disk)
     for (let gdi = 0; gdi < this.numGTs; gdi++) {
       const gt = this.gts[gdi]
-      if (gt === undefined) continue
+      if (gt === undefined || this.badTables.has(gdi)) continue
       for (let t = 0; t < per; t++) {
-        if (gt[t] === BAD) { gt[t] = 0; this.dirtyGTs.add(gdi); repaired++ }
+        if (gt[t] === BAD) { gt[t] = 0; this.badOriginal.delete(gdi * per + t); this.dirtyGTs.add(gdi); repaired++ }
       }
     }
+    // what is left are tables outside the file: still damage
+    const kept = this.problems.filter(p => /grain directory entry/.test(p))
     this.problems.length = 0
+    this.problems.push(...kept)
     if (repaired > 0) {
       log.formats('%s: unclean shutdown, repaired %d grain tables', this.path, repaired)
       this.allocated = this.runs().reduce((s, r) => s + (r.state === 'data' ? r.length : 0), 0)

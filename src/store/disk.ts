@@ -319,6 +319,7 @@ export class Disk {
       lastJob: this.lastJob,
       poweroff: this.poweroff,
       error: this.lastError,
+      problems: c.layers.flatMap(l => l.problems),
       warnings
     }
   }

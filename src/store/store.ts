@@ -4,9 +4,9 @@
  * error; everything else is served.
  */
 import { readdir, stat } from 'node:fs/promises'
-import { basename, dirname, join, relative, resolve } from 'node:path'
+import { dirname, join, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
-import { commit, discard } from '../chain/jobs'
+import { commit } from '../chain/jobs'
 import { diskNameOf } from '../chain/names'
 import { peekDirs } from '../chain/peek'
 import { RedoError, toRedoError } from '../errors'
@@ -84,16 +84,16 @@ export class Store {
     let vmx: Vmx | undefined
     const files = await readdir(dir)
     const vmxName = files.includes(`${name}.vmx`) ? `${name}.vmx` : files.find(f => /\.vmx$/i.test(f))
-    const vm = new Vm(name, dir, undefined)
+    let vmxError: FileError | undefined
     if (vmxName !== undefined) {
       try {
         vmx = await Vmx.read(join(dir, vmxName))
       } catch (e) {
-        vm.errors.push({ file: join(dir, vmxName), message: toRedoError(e).message })
+        vmxError = { file: join(dir, vmxName), message: toRedoError(e).message }
       }
     }
     const realVm = new Vm(name, dir, vmx)
-    realVm.errors.push(...vm.errors)
+    if (vmxError !== undefined) realVm.errors.push(vmxError)
     this.vms.set(name, realVm)
     const wanted: Array<{ top: string, mode: DiskMode, device?: string }> = []
     if (vmx !== undefined) {
@@ -112,7 +112,8 @@ export class Store {
         continue
       }
       try {
-        const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root })
+        // damaged grains do not keep a disk out: reads there fail with EIO, the rest is served
+        const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true })
         const disk = await Disk.create(name, diskName, chain, w.mode, this.diskOpts, vmx !== undefined && w.device !== undefined ? { file: vmx, device: w.device } : undefined)
         disk.onTopChanged = async () => await this.syncVmx(disk)
         realVm.disks.set(diskName, disk)
@@ -313,4 +314,3 @@ async function subdirs (root: string): Promise<string[]> {
   }
 }
 
-export { basename }
