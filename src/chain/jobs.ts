@@ -12,6 +12,7 @@ import { faultPoint } from '../fault'
 import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
+import { findLabel, labelOf, setMeta } from './labels'
 import { removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
 import { childrenOf } from './peek'
@@ -34,10 +35,15 @@ export interface JobControl {
 const COPY_CHUNK = 1 << 20
 
 /** Flush the top, freeze it, and add an empty monolithicSparse redo log above it. Returns its path. */
-export async function addRedo (chain: Chain): Promise<string> {
+export async function addRedo (chain: Chain, opts: { label?: string } = {}): Promise<string> {
   const top = chain.top
   await top.flush()
   await top.endSession()
+  if (opts.label !== undefined) {
+    const old = findLabel(chain, opts.label)
+    if (old !== undefined) await setMeta(chain.layers[old], { label: null })
+  }
+  if (top.hasCids) await setMeta(top, { frozen: new Date(), label: opts.label })
   const dir = dirname(top.path)
   const path = await nextRedoPath(dir, diskNameOf(top.path))
   await ensureSpace(dir, 2 << 20, 'addredo')
@@ -68,7 +74,12 @@ function commitSpace (child: Layer, parent: Layer): number {
  * Merge the redo log `level` levels below the top into its parent (level 0 = the top one).
  * Generations above it renumber; their content does not change.
  */
-export async function commit (chain: Chain, level: number, opts: { force?: boolean } & JobControl = {}): Promise<void> {
+export interface CommitResult {
+  /** Label of the generation the commit removed (its content is gone), if it had one. */
+  droppedLabel?: string
+}
+
+export async function commit (chain: Chain, level: number, opts: { force?: boolean } & JobControl = {}): Promise<CommitResult> {
   const N = chain.redoCount
   if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to commit`)
   if (!Number.isInteger(level) || level < 0 || level > N - 1) {
@@ -102,6 +113,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     await removeJournal(parent.path)
     throw new RedoError('ECANCELED', `commit of ${child.path} cancelled; the chain is unchanged`)
   }
+  const droppedLabel = labelOf(parent)
   const swap = opts.switchOver ?? (async (fn: () => Promise<void>) => await fn())
   await swap(async () => {
     await relinkAndDrop(j, parent, child, above)
@@ -109,6 +121,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     chain.invalidate()
   })
   log.chain('commit: %s merged into %s', child.path, parent.path)
+  return { droppedLabel }
 }
 
 /** Copy every run the child holds into the parent through the parent's write path. */
@@ -162,6 +175,13 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
       if (own) await a.close()
     }
   }
+  // the parent now holds the content of the child's generation: it takes its label and time
+  const c = child ?? (await exists(j.child) ? await Layer.open(j.child, {}) : undefined)
+  if (c !== undefined) {
+    const frozen = c.descriptor.get('ddb.redofs.frozen')
+    await setMeta(parent, { label: labelOf(c) ?? null, frozen: frozen !== undefined ? new Date(frozen) : null })
+    if (child === undefined) await c.close()
+  }
   faultPoint('commit.drop')
   if (child !== undefined) await child.destroy()
   else if (await exists(j.child)) {
@@ -203,7 +223,7 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
 }
 
 /** Delete the top redo log, or every redo log above generation `to`. */
-export async function discard (chain: Chain, to?: number): Promise<void> {
+export async function discard (chain: Chain, to?: number): Promise<string | undefined> {
   const N = chain.redoCount
   if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to discard`)
   const g = to ?? N - 1
@@ -215,4 +235,8 @@ export async function discard (chain: Chain, to?: number): Promise<void> {
     chain.layers.pop()
   }
   chain.invalidate()
+  const live = chain.top
+  const dropped = labelOf(live)
+  if (live.hasCids && (dropped !== undefined || live.descriptor.get('ddb.redofs.frozen') !== undefined)) await setMeta(live, { label: null, frozen: null })
+  return dropped
 }

@@ -82,7 +82,7 @@ export function progressBar (label: string): { update: (done: number, total: num
 
 /** Split "file.vmdk@G" into the file and the generation (a number or a label). */
 export function splitGeneration (arg: string): { file: string, gen?: number | string } {
-  const m = /^(.*\.vmdk)@([^/@]+)$/i.exec(arg)
+  const m = /^(.*[^/])@([^/@]+)$/.exec(arg)
   if (m === null) return { file: arg }
   return { file: m[1], gen: /^\d+$/.test(m[2]) ? Number(m[2]) : m[2] }
 }

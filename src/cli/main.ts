@@ -12,8 +12,10 @@ import * as info from './commands/info'
 import * as mount from './commands/mount'
 import * as umount from './commands/umount'
 import * as demo from './commands/demo'
+import * as label from './commands/label'
+import * as mapCmd from './commands/map'
 
-export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, demo]
+export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, label, mapCmd, demo]
 
 export async function main (argv: string[]): Promise<void> {
   let y = yargs(argv)

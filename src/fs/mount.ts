@@ -4,7 +4,7 @@
  */
 import { statfs as statfsAsync } from 'node:fs/promises'
 import type Fuse from 'fuse-native'
-import { RedoError, errnoOf } from '../errors'
+import { RedoError } from '../errors'
 import { log } from '../log'
 import { USAGE } from '../store/args'
 import type { Disk, Generation } from '../store/disk'
@@ -14,6 +14,7 @@ import { resolvePath, type Node } from './tree'
 
 const S_IFDIR = 0o040000
 const S_IFREG = 0o100000
+const S_IFLNK = 0o120000
 const O_ACCMODE = 3
 const EISDIR = -21
 const ENOENT = -2
@@ -99,6 +100,8 @@ export class RedoMount {
         return { ...base, mode: S_IFREG | 0o600, size: Buffer.byteLength(this.usage(node)) }
       case 'info':
         return { ...base, mode: S_IFREG | 0o444, size: Buffer.byteLength(node.text()), mtime: new Date(), ctime: new Date() }
+      case 'link':
+        return { ...base, mode: S_IFLNK | 0o777, size: node.target.length }
     }
   }
 
@@ -127,6 +130,7 @@ export class RedoMount {
         const wantsWrite = acc === 1 || acc === 2
         switch (n.kind) {
           case 'dir': return EISDIR
+          case 'link': return -40 // ELOOP: the kernel follows links itself
           case 'image': {
             if (wantsWrite && (n.gen !== 'live' || !n.disk.writable)) return EROFS
             n.disk.opened(n.gen)
@@ -189,6 +193,11 @@ export class RedoMount {
           fsid: 0, flag: 0, namemax: 255
         }]
       }),
+      readlink: (path, cb) => once('readlink', cb, async () => {
+        const n = lookup(path)
+        if (n.kind !== 'link') return EINVAL
+        return [0, n.target]
+      }),
       utimens: (_path, _a, _m, cb) => cb(0),
       chmod: (_p, _m, cb) => cb(EPERM),
       chown: (_p, _u, _g, cb) => cb(EPERM),
@@ -219,10 +228,6 @@ export class RedoMount {
     }
     const line = lines[0] ?? ''
     if (node.disk !== undefined) {
-      if (node.command === 'label') {
-        node.disk.lastError = 'label: not supported yet'
-        throw new RedoError('ENOTSUP', 'label: not supported yet')
-      }
       await node.disk.command(node.command, line)
     } else {
       await this.store.vmCommand(node.vm.name, node.command, line)
@@ -230,4 +235,3 @@ export class RedoMount {
   }
 }
 
-export { errnoOf, EINVAL }

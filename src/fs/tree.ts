@@ -10,6 +10,7 @@ export type Node =
   | { kind: 'image', disk: Disk, gen: Generation | 'live' }
   | { kind: 'command', command: string, disk?: Disk, vm: Vm }
   | { kind: 'info', text: () => string }
+  | { kind: 'link', target: string }
 
 const json = (v: unknown): string => JSON.stringify(v, null, 2) + '\n'
 
@@ -18,6 +19,7 @@ function imageNames (vm: Vm): string[] {
   for (const d of vm.disks.values()) {
     out.push(`${d.name}.img`)
     for (let g = 0; g < d.chain.redoCount; g++) out.push(`${d.name}@${g}.img`)
+    for (const l of d.labels().keys()) out.push(`${d.name}@${l}.img`)
   }
   return out
 }
@@ -30,11 +32,15 @@ export function resolvePath (store: Store, path: string): Node | undefined {
   if (vm === undefined) return undefined
   if (parts.length === 1) return { kind: 'dir', names: () => imageNames(vm) }
   if (parts.length !== 2) return undefined
-  const m = /^(.+?)(?:@(\d+))?\.img$/.exec(parts[1])
+  const m = /^(.+?)(?:@([^@/]+))?\.img$/.exec(parts[1])
   if (m === null) return undefined
   const disk = vm.disks.get(m[1])
   if (disk === undefined) return undefined
   if (m[2] === undefined) return { kind: 'image', disk, gen: 'live' }
+  if (!/^\d+$/.test(m[2])) {
+    const g = disk.labels().get(m[2])
+    return g === undefined ? undefined : { kind: 'link', target: `${disk.name}@${g}.img` }
+  }
   const gen = disk.generationAt(Number(m[2]))
   if (gen === undefined || String(Number(m[2])) !== m[2]) return undefined
   return { kind: 'image', disk, gen }

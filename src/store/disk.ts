@@ -6,6 +6,7 @@ import { stat } from 'node:fs/promises'
 import { basename, dirname } from 'node:path'
 import type { Chain } from '../chain/chain'
 import { addRedo, commit, discard } from '../chain/jobs'
+import { frozenAtOf, labelGeneration, labelOf, resolveGeneration } from '../chain/labels'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
 import { log } from '../log'
@@ -45,6 +46,8 @@ export class Disk {
   job: JobState | null = null
   lastJob: JobState | null = null
   lastError = ''
+  /** Things a command did that the user should know (a label dropped by a commit...). */
+  notices: string[] = []
   poweroff: PowerOff = 'keep'
   private opens = new Map<Generation | 'live', number>()
   private running: Promise<void> | null = null
@@ -65,8 +68,10 @@ export class Disk {
     const d = new Disk(vm, name, chain, mode, opts, vmx)
     // a generation froze when the layer above it was made: use that file's mtime as best known
     for (let g = 0; g < chain.redoCount; g++) {
-      const st = await stat(chain.layers[g + 1].path).catch(() => undefined)
-      d.frozen.push(new Generation(st?.birthtime && st.birthtime.getTime() > 0 ? st.birthtime : st?.mtime ?? new Date()))
+      // recorded at addredo; for chains made elsewhere, the time the layer above was made
+      const recorded = frozenAtOf(chain.layers[g])
+      const st = recorded === undefined ? await stat(chain.layers[g + 1].path).catch(() => undefined) : undefined
+      d.frozen.push(new Generation(recorded ?? (st?.birthtime !== undefined && st.birthtime.getTime() > 0 ? st.birthtime : st?.mtime ?? new Date())))
     }
     const st = await stat(chain.top.path).catch(() => undefined)
     if (st !== undefined) d.liveMtime = st.mtime
@@ -79,6 +84,16 @@ export class Disk {
   // ---- open accounting -------------------------------------------------------------------
 
   generationAt (g: number): Generation | undefined { return this.frozen[g] }
+
+  /** Labels of frozen generations: name → generation number. */
+  labels (): Map<string, number> {
+    const out = new Map<string, number>()
+    for (let g = 0; g < this.chain.redoCount; g++) {
+      const l = labelOf(this.chain.layers[g])
+      if (l !== undefined) out.set(l, g)
+    }
+    return out
+  }
   indexOf (gen: Generation): number { return this.frozen.indexOf(gen) }
 
   opened (gen: Generation | 'live'): void { this.opens.set(gen, (this.opens.get(gen) ?? 0) + 1) }
@@ -160,9 +175,17 @@ export class Disk {
   private async dispatch (kind: string, text: string): Promise<void> {
     switch (kind) {
       case 'addredo': {
-        parseArgs(text, {}, 'addredo')
+        const a = parseArgs(text, { label: 'name' }, 'addredo')
         this.precheck('addredo')
-        return await this.runJob('addredo', text, async () => await this.doAddRedo())
+        return await this.runJob('addredo', text, async () => await this.doAddRedo(a.label as string | undefined))
+      }
+      case 'label': {
+        const a = parseArgs(text, { gen: 'gen', name: 'name' }, 'label')
+        if (a.gen === undefined || a.name === undefined) throw new RedoError('EINVAL', 'label: needs gen=G and name=NAME')
+        if (this.opts.readOnly) throw new RedoError('EROFS', 'label: the store is mounted read-only')
+        const g = resolveGeneration(this.chain, a.gen as number | string, 'label')
+        await labelGeneration(this.chain, g, a.name as string)
+        return
       }
       case 'commit': {
         const a = parseArgs(text, { level: 'level', freeze: 'bool', wait: 'bool', force: 'bool' }, 'commit')
@@ -174,10 +197,9 @@ export class Disk {
       case 'discard': {
         const a = parseArgs(text, { to: 'gen' }, 'discard')
         this.precheck('discard')
-        if (typeof a.to === 'string') throw new RedoError('EINVAL', `discard: unknown label "${a.to}"`)
         const N = this.chain.redoCount
         if (N === 0) throw new RedoError('EINVAL', `${this.vm}/${this.name}: the disk has no redo log to discard`)
-        const to = (a.to as number | undefined) ?? N - 1
+        const to = a.to !== undefined ? resolveGeneration(this.chain, a.to as number | string, 'discard') : N - 1
         if (to < 0 || to >= N) throw new RedoError('EINVAL', `discard: to=${to} is out of range (0..${N - 1})`)
         this.refuseIfOpen(this.frozen.slice(to), 'discard')
         return await this.runJob('discard', text, async () => await this.doDiscard(to))
@@ -252,10 +274,10 @@ export class Disk {
     if (this.onTopChanged !== null) await this.onTopChanged()
   }
 
-  async doAddRedo (): Promise<void> {
+  async doAddRedo (label?: string): Promise<void> {
     await this.gate.freezeLive(async () => {
-      await addRedo(this.chain)
-      this.frozen.push(new Generation(new Date()))
+      await addRedo(this.chain, { label })
+      this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
     })
     await this.topChanged()
   }
@@ -264,7 +286,7 @@ export class Disk {
     const run = async (): Promise<void> => {
       for (const level of plan.levels) {
         const i = this.chain.redoCount - level
-        await commit(this.chain, level, {
+        const r = await commit(this.chain, level, {
           force: plan.force,
           onProgress: p => { st.done = p.done; st.total = p.total },
           switchOver: async fn => await this.gate.freezeAll(async () => {
@@ -272,6 +294,7 @@ export class Disk {
             this.frozen.splice(i - 1, 1)
           })
         })
+        if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: commit merged generation ${i - 1} away`)
       }
     }
     if (plan.freeze) await this.gate.freezeLive(run)
@@ -279,10 +302,16 @@ export class Disk {
     await this.topChanged()
   }
 
+  private notice (msg: string): void {
+    this.notices.push(`${new Date().toISOString()} ${msg}`)
+    if (this.notices.length > 20) this.notices.shift()
+  }
+
   async doDiscard (to: number): Promise<void> {
     await this.gate.freezeAll(async () => {
-      await discard(this.chain, to)
+      const dropped = await discard(this.chain, to)
       this.frozen = this.frozen.slice(0, to)
+      if (dropped !== undefined) this.notice(`label "${dropped}" dropped: discard made generation ${to} live again`)
     })
     await this.topChanged()
   }
@@ -313,6 +342,7 @@ export class Disk {
         parentCID: l.hasParent && l.hasCids ? cidHex(l.parentCID) : null,
         allocated: l.allocatedBytes(),
         live: g === c.redoCount,
+        label: labelOf(l) ?? null,
         frozenAt: g < c.redoCount ? this.frozen[g]?.frozenAt.toISOString() ?? null : null
       })),
       job: this.job,
@@ -320,6 +350,7 @@ export class Disk {
       poweroff: this.poweroff,
       error: this.lastError,
       problems: c.layers.flatMap(l => l.problems),
+      notices: this.notices,
       warnings
     }
   }

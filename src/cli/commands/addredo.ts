@@ -8,7 +8,7 @@ export const describe = 'offline: freeze the top and add an empty redo log (<dis
 export const builder = (y: Argv): Argv => y.positional('disk', { type: 'string', describe: '<store>/<vm>/<disk> or its top .vmdk' })
 
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[] }) => {
-  parseArgs(a.args ?? [], {}, 'addredo')
-  const path = await withWritableDisk(a.disk, a, 'addredo', addRedo)
+  const args = parseArgs(a.args ?? [], { label: 'name' }, 'addredo')
+  const path = await withWritableDisk(a.disk, a, 'addredo', async chain => await addRedo(chain, { label: args.label as string | undefined }))
   process.stdout.write(`${path}\n`)
 })

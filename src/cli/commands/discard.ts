@@ -1,6 +1,6 @@
 import type { Argv } from 'yargs'
 import { discard } from '../../chain/jobs'
-import { RedoError } from '../../errors'
+import { resolveGeneration } from '../../chain/labels'
 import { parseArgs } from '../../store/args'
 import { action, withWritableDisk, type GlobalArgs } from '../common'
 
@@ -10,6 +10,7 @@ export const builder = (y: Argv): Argv => y.positional('disk', { type: 'string',
 
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[] }) => {
   const args = parseArgs(a.args ?? [], { to: 'gen' }, 'discard')
-  if (typeof args.to === 'string') throw new RedoError('EINVAL', `discard: unknown label "${args.to}"`)
-  await withWritableDisk(a.disk, a, 'discard', async chain => await discard(chain, args.to as number | undefined))
+  await withWritableDisk(a.disk, a, 'discard', async chain => {
+    await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined)
+  })
 })

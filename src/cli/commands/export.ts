@@ -1,6 +1,6 @@
 import type { Argv } from 'yargs'
 import { open } from 'node:fs/promises'
-import { RedoError } from '../../errors'
+import { resolveGeneration } from '../../chain/labels'
 import { writeExact } from '../../formats/extent'
 import { action, openDisk, progressBar, splitGeneration, type GlobalArgs } from '../common'
 
@@ -16,8 +16,7 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
   const { file, gen } = splitGeneration(a.source)
   const chain = await openDisk(file, a)
   try {
-    const g = gen ?? chain.redoCount
-    if (typeof g !== 'number') throw new RedoError('EINVAL', `${a.source}: unknown generation "${g}"`)
+    const g = gen === undefined ? chain.redoCount : resolveGeneration(chain, gen, a.source)
     const view = chain.view(g)
     const out = await open(a.raw, 'w')
     const bar = progressBar('export')

@@ -1,5 +1,6 @@
 import type { Argv } from 'yargs'
 import { relative } from 'node:path'
+import { frozenAtOf, labelOf } from '../../chain/labels'
 import { cidHex } from '../../formats/descriptor'
 import { formatSize } from '../../units'
 import { action, openDisk, type GlobalArgs } from '../common'
@@ -21,7 +22,9 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
       allocated: l.allocatedBytes(),
       cid: l.hasCids ? cidHex(l.cid) : null,
       parentCID: l.hasParent && l.hasCids ? cidHex(l.parentCID) : null,
-      live: g === chain.redoCount
+      live: g === chain.redoCount,
+      label: labelOf(l) ?? null,
+      frozenAt: g < chain.redoCount ? frozenAtOf(l)?.toISOString() ?? null : null
     }))
     if (a.json) {
       process.stdout.write(JSON.stringify({ layers }, null, 2) + '\n')
@@ -29,7 +32,7 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
     }
     for (const l of layers) {
       const link = l.generation === 0 ? 'base' : `parent ${l.parentCID ?? '-'}${chain.layers[l.generation - 1].hasCids && l.parentCID !== null && l.parentCID !== layers[l.generation - 1].cid ? ' (MISMATCH)' : ''}`
-      process.stdout.write(`${l.live ? '*' : ' '}${String(l.generation).padStart(3)}  ${relative(process.cwd(), l.file) || l.file}  ${l.format}  ${formatSize(l.capacity)}  allocated ${formatSize(l.allocated)}  CID ${l.cid ?? '-'}  ${link}\n`)
+      process.stdout.write(`${l.live ? '*' : ' '}${String(l.generation).padStart(3)}  ${relative(process.cwd(), l.file) || l.file}  ${l.format}  ${formatSize(l.capacity)}  allocated ${formatSize(l.allocated)}  CID ${l.cid ?? '-'}  ${link}${l.label !== null ? `  @${l.label}` : ''}\n`)
     }
   } finally {
     await chain.close()
