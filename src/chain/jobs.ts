@@ -95,6 +95,8 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
   }
   await ensureSpace(dirname(parent.path), commitSpace(child, parent) + (1 << 20), `commit into ${parent.path}`)
+  const bad = child.runs().find(r => r.state === 'bad')
+  if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; commit refused (run redofs check)`, child.path)
   await child.flush()
   const j: CommitJournal = {
     op: 'commit',
@@ -109,9 +111,12 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
   await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts)
   if (opts.cancelled?.() === true) {
-    // The parent holds extra grains that the child still masks: every generation reads as before.
+    // The parent holds part of the child's grains, all still masked by the child, so every
+    // generation from the child up reads as before. The parent got a new CID: re-link the child.
+    if (child.hasCids) await child.setParent(child.parentHint as string, parent.cid)
+    if (labelOf(parent) !== undefined) await setMeta(parent, { label: null })
     await removeJournal(parent.path)
-    throw new RedoError('ECANCELED', `commit of ${child.path} cancelled; the chain is unchanged`)
+    throw new RedoError('ECANCELED', `commit of ${child.path} cancelled: generations ${i} and up are unchanged; generation ${i - 1} now holds part of generation ${i}'s changes`)
   }
   const droppedLabel = labelOf(parent)
   const swap = opts.switchOver ?? (async (fn: () => Promise<void>) => await fn())
@@ -136,11 +141,11 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
     if (belowIndex !== undefined) await belowIndex.read(layers, b, o, p, l)
     else b.fill(0, o, o + l)
   }
-  for (const r of runs) {
-    if (r.state === 'bad') throw new RedoError('EIO', `${child.path}: damaged grains at byte ${r.start}; commit refused`, child.path)
+  copy: for (const r of runs) {
+    if (r.state === 'bad') continue // refused before the journal; nothing to copy from damage
     for (let p = r.start; p < r.start + r.length; p += COPY_CHUNK) {
       if (opts.gate !== undefined) await opts.gate()
-      if (opts.cancelled?.() === true) return
+      if (opts.cancelled?.() === true) break copy
       const n = Math.min(COPY_CHUNK, r.start + r.length - p)
       if (r.state === 'data') {
         await child.read(buf, 0, p, n)

@@ -2,7 +2,7 @@
 import type { Disk, Generation } from '../store/disk'
 import type { Store, Vm } from '../store/store'
 
-export const DISK_COMMANDS = ['addredo', 'commit', 'discard', 'label', 'poweroff'] as const
+export const DISK_COMMANDS = ['addredo', 'commit', 'discard', 'label', 'poweroff', 'job'] as const
 export const VM_COMMANDS = ['addredo', 'commit', 'discard'] as const
 
 export type Node =

@@ -54,5 +54,6 @@ export const USAGE: Record<string, string> = {
   commit: 'commit [level=K|level=all] [freeze=0|1] [wait=0|1] [force=1]: merge the redo log K levels below the top into its parent',
   discard: 'discard [to=G|to=LABEL]: delete the top redo log, or every redo log above generation G',
   label: 'label gen=G name=NAME: name a generation',
-  poweroff: 'poweroff keep|commit|discard: what an undoable disk does with its redo log at unmount'
+  poweroff: 'poweroff keep|commit|discard: what an undoable disk does with its redo log at unmount',
+  job: 'job pause|resume|cancel: control the running commit (cancel leaves a valid chain)'
 }

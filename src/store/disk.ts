@@ -29,7 +29,10 @@ export class Generation {
 export interface JobState {
   kind: 'addredo' | 'commit' | 'discard'
   args: string
-  state: 'running' | 'done' | 'failed' | 'cancelled'
+  state: 'running' | 'paused' | 'done' | 'failed' | 'cancelled'
+  /** Bytes per second over the time the job was not paused, and the seconds left at that rate. */
+  rate?: number
+  eta?: number
   done: number
   total: number
   started: string
@@ -51,6 +54,8 @@ export class Disk {
   poweroff: PowerOff = 'keep'
   private opens = new Map<Generation | 'live', number>()
   private running: Promise<void> | null = null
+  /** Pause/cancel state of the running commit. */
+  private ctl = { paused: false, cancel: false, wake: null as (() => void) | null, pausedMs: 0, pausedAt: 0, freezing: false }
   private flushTimer: NodeJS.Timeout | null = null
   /** Called when the chain top file changes (to keep the .vmx pointing at it). */
   onTopChanged: (() => Promise<void>) | null = null
@@ -204,6 +209,21 @@ export class Disk {
         this.refuseIfOpen(this.frozen.slice(to), 'discard')
         return await this.runJob('discard', text, async () => await this.doDiscard(to))
       }
+      case 'job': {
+        const w = text.trim()
+        const job = this.job
+        if (job === null || job.kind !== 'commit') throw new RedoError('EINVAL', `job: no commit is running on ${this.vm}/${this.name}`)
+        if (w === 'pause') {
+          if (this.ctl.freezing) throw new RedoError('EBUSY', 'job: this commit freezes I/O on the live file; it cannot be paused (use freeze=0 with level >= 1)')
+          if (!this.ctl.paused) { this.ctl.paused = true; this.ctl.pausedAt = Date.now(); job.state = 'paused' }
+        } else if (w === 'resume') {
+          this.resumeJob()
+        } else if (w === 'cancel') {
+          this.ctl.cancel = true
+          this.resumeJob()
+        } else throw new RedoError('EINVAL', `job: expected pause, resume or cancel, got "${w}"`)
+        return
+      }
       case 'poweroff': {
         const w = text.trim()
         if (w !== 'keep' && w !== 'commit' && w !== 'discard') throw new RedoError('EINVAL', `poweroff: expected keep, commit or discard, got "${w}"`)
@@ -240,7 +260,23 @@ export class Disk {
     return { levels, freeze: a.freeze !== false || lvl0, force: a.force === true }
   }
 
+  private resumeJob (): void {
+    if (this.ctl.paused) {
+      this.ctl.paused = false
+      this.ctl.pausedMs += Date.now() - this.ctl.pausedAt
+      if (this.job !== null) this.job.state = 'running'
+    }
+    const w = this.ctl.wake
+    this.ctl.wake = null
+    if (w !== null) w()
+  }
+
+  private async jobGate (): Promise<void> {
+    while (this.ctl.paused && !this.ctl.cancel) await new Promise<void>(resolve => { this.ctl.wake = resolve })
+  }
+
   private runJob (kind: JobState['kind'], args: string, body: (st: JobState) => Promise<void>): Promise<void> {
+    this.ctl = { paused: false, cancel: false, wake: null, pausedMs: 0, pausedAt: 0, freezing: false }
     const st: JobState = { kind, args: args.trim(), state: 'running', done: 0, total: 0, started: new Date().toISOString() }
     this.job = st
     const p = (async () => {
@@ -288,7 +324,15 @@ export class Disk {
         const i = this.chain.redoCount - level
         const r = await commit(this.chain, level, {
           force: plan.force,
-          onProgress: p => { st.done = p.done; st.total = p.total },
+          onProgress: p => {
+            st.done = p.done
+            st.total = p.total
+            const secs = (Date.now() - Date.parse(st.started) - this.ctl.pausedMs) / 1000
+            st.rate = secs > 0 ? Math.round(p.done / secs) : 0
+            st.eta = st.rate > 0 ? Math.round((p.total - p.done) / st.rate) : undefined
+          },
+          gate: async () => await this.jobGate(),
+          cancelled: () => this.ctl.cancel,
           switchOver: async fn => await this.gate.freezeAll(async () => {
             await fn()
             this.frozen.splice(i - 1, 1)
@@ -297,6 +341,7 @@ export class Disk {
         if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: commit merged generation ${i - 1} away`)
       }
     }
+    this.ctl.freezing = plan.freeze
     if (plan.freeze) await this.gate.freezeLive(run)
     else await run()
     await this.topChanged()
