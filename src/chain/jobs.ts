@@ -5,7 +5,7 @@
 import { statfs, stat } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { RedoError } from '../errors'
-import { createSparseLayer } from '../formats/create'
+import { createCowdLayer, createSparseLayer } from '../formats/create'
 import { newCid } from '../formats/descriptor'
 import { Layer, parentHintFor } from '../formats/layer'
 import { faultPoint } from '../fault'
@@ -35,7 +35,9 @@ export interface JobControl {
 const COPY_CHUNK = 1 << 20
 
 /** Flush the top, freeze it, and add an empty monolithicSparse redo log above it. Returns its path. */
-export async function addRedo (chain: Chain, opts: { label?: string } = {}): Promise<string> {
+export type RedoFormat = 'sparse' | 'cowd'
+
+export async function addRedo (chain: Chain, opts: { label?: string, format?: RedoFormat } = {}): Promise<string> {
   const top = chain.top
   await top.flush()
   await top.endSession()
@@ -47,7 +49,9 @@ export async function addRedo (chain: Chain, opts: { label?: string } = {}): Pro
   const dir = dirname(top.path)
   const path = await nextRedoPath(dir, diskNameOf(top.path))
   await ensureSpace(dir, 2 << 20, 'addredo')
-  await createSparseLayer(path, top.size, { hint: parentHintFor(dir, top.path), cid: top.cid })
+  const link = { hint: parentHintFor(dir, top.path), cid: top.cid }
+  if (opts.format === 'cowd') await createCowdLayer(path, top.size, link)
+  else await createSparseLayer(path, top.size, link)
   const layer = await Layer.open(path, { writable: chain.opts.writable, root: chain.opts.root })
   chain.layers.push(layer)
   log.chain('addredo: %s (parent CID %s)', path, top.descriptor.get('CID'))

@@ -5,7 +5,8 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
-import { readExact, settleAll, type Extent, type Run, type State } from './extent'
+import { faultPoint } from '../fault'
+import { Mutex, readExact, settleAll, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
 
 export const COWD_MAGIC = 0x44574f43
 export const COWD_HEADER_BYTES = 2048
@@ -49,29 +50,65 @@ export function parseCowdHeader (buf: Buffer, path: string): CowdHeader {
   return h
 }
 
+/** Write an empty COWD extent: header, zeroed directory, nothing else (VMDK.md §4.4). */
+export async function createCowdFile (path: string, sectors: number, parentFileName = ''): Promise<void> {
+  if (sectors > 0xffffffff) throw new RedoError('EINVAL', `${path}: a COWD extent cannot exceed 2 TiB`, path)
+  const grainSize = 1
+  const numGD = ceilDiv(sectors, COWD_GT_ENTRIES * grainSize)
+  const gdOffset = 4
+  const gdSectors = ceilDiv(numGD * 4, SECTOR)
+  const h = Buffer.alloc(COWD_HEADER_BYTES)
+  h.writeUInt32LE(COWD_MAGIC, 0)
+  h.writeUInt32LE(1, 4)
+  h.writeUInt32LE(3, 8)
+  h.writeUInt32LE(sectors, 12)
+  h.writeUInt32LE(grainSize, 16)
+  h.writeUInt32LE(gdOffset, 20)
+  h.writeUInt32LE(numGD, 24)
+  h.writeUInt32LE(gdOffset + gdSectors, 28)
+  h.write(parentFileName.slice(0, 1023), 32, 'latin1')
+  const fh = await open(path, 'wx')
+  try {
+    await writeExact(fh, h, 0, h.length, 0)
+    await fh.truncate((gdOffset + gdSectors) * SECTOR)
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+}
+
 export class CowdExtent implements Extent {
   readonly kind = 'cowd' as const
   readonly problems: string[] = []
   readonly grainBytes: number
   readonly size: number
-  readonly writable = false
+  private readonly gd: Uint32Array
   private readonly gts: Array<Uint32Array | undefined>
   private allocated = 0
+  /** Next free sector: never below anything a table references (VMDK.md §4.4). */
+  private cursor = 0
+  private readonly dirtyGTs = new Set<number>()
+  private readonly newGD = new Set<number>()
+  private dataDirty = false
+  private readonly mutex = new Mutex()
+  private unclean: number
 
-  private constructor (readonly path: string, private readonly fh: FileHandle, readonly header: CowdHeader, private readonly fileSize: number) {
+  private constructor (readonly path: string, private readonly fh: FileHandle, readonly header: CowdHeader, private fileSize: number, readonly writable: boolean) {
     this.grainBytes = header.grainSize * SECTOR
     this.size = header.numSectors * SECTOR
     this.gts = new Array(header.numGDEntries)
+    this.gd = new Uint32Array(header.numGDEntries)
+    this.unclean = header.uncleanShutdown
   }
 
-  static async open (path: string): Promise<CowdExtent> {
-    const fh = await open(path, 'r')
+  static async open (path: string, writable = false): Promise<CowdExtent> {
+    const fh = await open(path, writable ? 'r+' : 'r')
     try {
       const st = await fh.stat()
       const hb = Buffer.alloc(COWD_HEADER_BYTES)
       const { bytesRead } = await fh.read(hb, 0, hb.length, 0)
       const h = parseCowdHeader(hb.subarray(0, bytesRead), path)
-      const ext = new CowdExtent(path, fh, h, st.size)
+      const ext = new CowdExtent(path, fh, h, st.size, writable)
       await ext.load()
       return ext
     } catch (e) {
@@ -90,14 +127,17 @@ export class CowdExtent implements Extent {
     await readExact(this.fh, this.path, gdb, 0, gdBytes, h.gdOffset * SECTOR)
     const limit = Math.ceil(this.fileSize / SECTOR)
     const gtBytes = COWD_GT_ENTRIES * 4
+    let high = h.gdOffset + ceilDiv(gdBytes, SECTOR)
     for (let i = 0; i < h.numGDEntries; i++) {
       const s = gdb.readUInt32LE(i * 4)
+      this.gd[i] = s
       if (s === 0) continue
       if (s * SECTOR + gtBytes > this.fileSize) {
         this.problems.push(`${this.path}: grain directory entry ${i} points to sector ${s}, past the end of the file`)
         this.gts[i] = new Uint32Array(COWD_GT_ENTRIES).fill(BAD)
         continue
       }
+      high = Math.max(high, s + gtBytes / SECTOR)
       const b = Buffer.alloc(gtBytes)
       await readExact(this.fh, this.path, b, 0, gtBytes, s * SECTOR)
       const gt = new Uint32Array(COWD_GT_ENTRIES)
@@ -111,9 +151,17 @@ export class CowdExtent implements Extent {
           continue
         }
         gt[t] = e
-        if (e !== 1) this.allocated += Math.min(this.grainBytes, this.size - start)
+        if (e !== 1) {
+          this.allocated += Math.min(this.grainBytes, this.size - start)
+          high = Math.max(high, e + h.grainSize)
+        }
       }
       this.gts[i] = gt
+    }
+    this.cursor = Math.max(h.freeSector, high)
+    if (this.writable && this.problems.length > 0) {
+      // never extend a damaged file: its tables may point anywhere
+      (this as { writable: boolean }).writable = false
     }
   }
 
@@ -188,19 +236,167 @@ export class CowdExtent implements Extent {
     await settleAll(reads)
   }
 
-  async write (): Promise<void> {
-    throw new RedoError('EROFS', `${this.path}: writing COWD redo logs is not supported yet`, this.path)
+  /**
+   * Allocate grains (and grain tables where missing) at the cursor, write the data, and publish
+   * the entries in memory; tables reach the disk at flush, after the data (VMDK.md §4.4, §9.1).
+   */
+  async write (buf: Buffer, off: number, pos: number, len: number, below: ReadBelow): Promise<void> {
+    if (!this.writable) throw new RedoError('EROFS', `${this.path}: extent is read-only`, this.path)
+    const gb = this.grainBytes
+    const gsec = this.header.grainSize
+    await this.mutex.run(async () => {
+      const end = pos + len
+      let p = pos
+      let batch: Buffer[] = []
+      let batchGrains: number[] = []
+      let batchAt = -1
+      const flushBatch = async (): Promise<void> => {
+        if (batch.length === 0) return
+        const data = batch.length === 1 ? batch[0] : Buffer.concat(batch)
+        await writeExact(this.fh, data, 0, data.length, batchAt * SECTOR)
+        if ((batchAt * SECTOR) + data.length > this.fileSize) this.fileSize = batchAt * SECTOR + data.length
+        batchGrains.forEach((grain, k) => {
+          const gt = this.gts[Math.floor(grain / COWD_GT_ENTRIES)] as Uint32Array
+          gt[grain % COWD_GT_ENTRIES] = batchAt + k * gsec
+          this.dirtyGTs.add(Math.floor(grain / COWD_GT_ENTRIES))
+          this.allocated += Math.min(gb, this.size - grain * gb)
+        })
+        batch = []
+        batchGrains = []
+        batchAt = -1
+      }
+      while (p < end) {
+        const grain = Math.floor(p / gb)
+        const gStart = grain * gb
+        const inGrain = p - gStart
+        const n = Math.min(end - p, gb - inGrain)
+        const e = this.entry(grain)
+        const bo = off + (p - pos)
+        if (e === BAD) throw new RedoError('EIO', `${this.path}: grain ${grain} is damaged; not writing over it`, this.path)
+        if (e > 1) {
+          await flushBatch()
+          await writeExact(this.fh, buf, bo, n, e * SECTOR + inGrain)
+          this.dataDirty = true
+        } else {
+          const gdi = Math.floor(grain / COWD_GT_ENTRIES)
+          if (this.gts[gdi] === undefined || this.gd[gdi] === 0) {
+            // a new grain table: 32 zeroed sectors at the cursor, referenced from the GD at flush
+            await flushBatch()
+            const at = this.cursor
+            this.cursor += COWD_GT_ENTRIES * 4 / SECTOR
+            await writeExact(this.fh, Buffer.alloc(COWD_GT_ENTRIES * 4), 0, COWD_GT_ENTRIES * 4, at * SECTOR)
+            this.gd[gdi] = at
+            this.gts[gdi] ??= new Uint32Array(COWD_GT_ENTRIES)
+            this.newGD.add(gdi)
+            this.dirtyGTs.add(gdi)
+          }
+          let g: Buffer
+          const valid = Math.min(gb, this.size - gStart)
+          if (n === gb) g = buf.subarray(bo, bo + n)
+          else {
+            g = Buffer.alloc(gb)
+            if (e === 0) {
+              if (inGrain > 0) await below(g, 0, gStart, inGrain)
+              const tail = inGrain + n
+              if (tail < valid) await below(g, tail, gStart + tail, valid - tail)
+            }
+            buf.copy(g, inGrain, bo, bo + n)
+          }
+          if (batchAt >= 0 && batchAt + batch.length * gsec !== this.cursor) await flushBatch()
+          if (batchAt < 0) batchAt = this.cursor
+          this.cursor += gsec
+          batch.push(g)
+          batchGrains.push(grain)
+          if (batch.length >= 2048) await flushBatch()
+        }
+        p += n
+      }
+      await flushBatch()
+    })
   }
 
-  async beginWrite (): Promise<void> { throw new RedoError('EROFS', `${this.path}: writing COWD redo logs is not supported yet`, this.path) }
-  async flush (): Promise<void> {}
-  async endWrite (): Promise<void> {}
+  private async writeHeaderFields (): Promise<void> {
+    const raw = Buffer.alloc(COWD_HEADER_BYTES)
+    await readExact(this.fh, this.path, raw, 0, raw.length, 0)
+    raw.writeUInt32LE(Math.max(this.cursor, raw.readUInt32LE(28)), 28)
+    raw.writeUInt32LE(this.unclean, 1648)
+    faultPoint('cowd.header')
+    await writeExact(this.fh, raw, 0, raw.length, 0)
+  }
+
+  async beginWrite (): Promise<void> {
+    if (!this.writable) throw new RedoError('EROFS', `${this.path}: extent is read-only`, this.path)
+    if (this.unclean !== 0) return
+    this.unclean = 1
+    await this.writeHeaderFields()
+    await this.fh.datasync()
+  }
+
+  /** Data, then grain tables, then directory entries and freeSector, each step durable. */
+  async flush (): Promise<void> {
+    if (!this.writable) return
+    await this.mutex.run(async () => {
+      if (this.dirtyGTs.size === 0 && !this.dataDirty) return
+      const tables = [...this.dirtyGTs].map(gdi => ({ gdi, at: this.gd[gdi], bytes: Buffer.from((this.gts[gdi] as Uint32Array).slice().buffer) }))
+      const dirs = [...this.newGD]
+      this.dirtyGTs.clear()
+      this.newGD.clear()
+      this.dataDirty = false
+      try {
+        await this.fh.datasync()
+        faultPoint('cowd.gt')
+        for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, t.at * SECTOR)
+        await this.fh.datasync()
+        if (dirs.length > 0) {
+          faultPoint('cowd.gd')
+          const sectors = new Set(dirs.map(gdi => Math.floor(gdi * 4 / SECTOR)))
+          for (const sec of sectors) {
+            const b = Buffer.alloc(SECTOR)
+            for (let k = 0; k < SECTOR / 4; k++) {
+              const gdi = sec * (SECTOR / 4) + k
+              if (gdi < this.gd.length) b.writeUInt32LE(this.gd[gdi], k * 4)
+            }
+            await writeExact(this.fh, b, 0, SECTOR, (this.header.gdOffset + sec) * SECTOR)
+          }
+        }
+        await this.writeHeaderFields()
+        await this.fh.datasync()
+      } catch (e) {
+        for (const t of tables) this.dirtyGTs.add(t.gdi)
+        for (const d of dirs) this.newGD.add(d)
+        this.dataDirty = true
+        throw e
+      }
+    })
+  }
+
+  async endWrite (): Promise<void> {
+    if (!this.writable) return
+    await this.flush()
+    if (this.unclean !== 0) {
+      this.unclean = 0
+      await this.writeHeaderFields()
+      await this.fh.datasync()
+    }
+  }
+
   async close (): Promise<void> { await this.fh.close() }
   allocatedBytes (): number { return this.allocated }
 
   async check (): Promise<string[]> {
     const out = [...this.problems]
-    if (this.header.uncleanShutdown !== 0) out.push(`${this.path}: uncleanShutdown is set (the file was not closed cleanly)`)
+    if (this.unclean !== 0 && !this.writable) out.push(`${this.path}: uncleanShutdown is set (the file was not closed cleanly)`)
+    const seen = new Set<number>()
+    for (let i = 0; i < this.gts.length; i++) {
+      const gt = this.gts[i]
+      if (gt === undefined) continue
+      for (const e of gt) {
+        if (e <= 1 || e === BAD) continue
+        if (e < this.header.gdOffset + ceilDiv(this.header.numGDEntries * 4, SECTOR)) out.push(`${this.path}: grain table ${i} points into the header or directory (sector ${e})`)
+        if (seen.has(e)) out.push(`${this.path}: sector ${e} is used by two grains`)
+        seen.add(e)
+      }
+    }
     return out
   }
 }

@@ -6,6 +6,7 @@ import { SECTOR, ceilDiv } from '../units'
 import { Descriptor, defaultDdb, newCid, type ExtentLine } from './descriptor'
 import { syncDir, writeFileDurable } from './layer'
 import { createSparseFile } from './sparse'
+import { createCowdFile } from './cowd'
 
 /** VMware splits at 2047 MiB (VMDK.md §2.4). */
 export const SPLIT_SECTORS = 4192256
@@ -137,4 +138,31 @@ export async function importRaw (raw: string, path: string): Promise<void> {
 
 async function realpathOr (p: string): Promise<string> {
   try { return await realpath(p) } catch { return p }
+}
+
+/**
+ * A new empty ESX-style redo log: a vmfsSparse descriptor `<name>.vmdk` and its COWD extent
+ * `<name>-delta.vmdk`, extent first, descriptor last (VMDK.md §4, §9.1 rule 7).
+ */
+export async function createCowdLayer (path: string, capacity: number, parent: ParentLink): Promise<void> {
+  const sectors = sectorsOf(capacity, path)
+  if (sectors > 0xffffffff) throw new RedoError('EINVAL', `${path}: vmfsSparse redo logs are limited to 2 TiB`, path)
+  await refuseExisting(path)
+  const deltaName = basename(path).replace(/\.vmdk$/i, '') + '-delta.vmdk'
+  const delta = join(dirname(path), deltaName)
+  await refuseExisting(delta)
+  await createCowdFile(delta, sectors)
+  const cid = newCid()
+  const desc = Descriptor.create({
+    createType: 'vmfsSparse', cid, parentCID: parent.cid, parentFileNameHint: parent.hint,
+    extents: [{ access: 'RW', sectors, type: 'VMFSSPARSE', file: deltaName }],
+    ddb: { 'ddb.longContentID': defaultDdb(sectors, cid)['ddb.longContentID'] }
+  })
+  try {
+    await syncDir(dirname(path))
+    await writeFileDurable(path, desc.toString())
+  } catch (e) {
+    await unlink(delta).catch(() => {})
+    throw e
+  }
 }

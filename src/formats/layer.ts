@@ -363,7 +363,7 @@ async function openExtents (path: string, desc: Descriptor, writable: boolean, r
           try { await fh.read(m, 0, 4, 0) } finally { await fh.close() }
           const magic = m.readUInt32LE(0)
           if (magic === KDMV_MAGIC) out.push(await SparseExtent.open(file, w))
-          else if (magic === COWD_MAGIC) out.push(await CowdExtent.open(file))
+          else if (magic === COWD_MAGIC) out.push(await CowdExtent.open(file, w))
           else throw new RedoError('EINVAL', `${file}: bad magic ${m.toString('hex')} for a ${line.type} extent of ${path}`, file)
           const e = out[out.length - 1]
           if (e.size !== size) throw new RedoError('EINVAL', `${file}: extent holds ${e.size / SECTOR} sectors, but ${path} says ${line.sectors}`, file)

@@ -5,7 +5,7 @@
 import { stat } from 'node:fs/promises'
 import { basename, dirname } from 'node:path'
 import type { Chain } from '../chain/chain'
-import { addRedo, commit, discard } from '../chain/jobs'
+import { addRedo, commit, discard, type RedoFormat } from '../chain/jobs'
 import { frozenAtOf, labelGeneration, labelOf, resolveGeneration } from '../chain/labels'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
@@ -19,6 +19,7 @@ export interface DiskOptions {
   maxRedos: number
   redoLimit?: number
   redoLimitHard: boolean
+  redoFormat: RedoFormat
 }
 
 /** Identity of a frozen generation; survives renumbering. */
@@ -312,7 +313,7 @@ export class Disk {
 
   async doAddRedo (label?: string): Promise<void> {
     await this.gate.freezeLive(async () => {
-      await addRedo(this.chain, { label })
+      await addRedo(this.chain, { label, format: this.opts.redoFormat })
       this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
     })
     await this.topChanged()

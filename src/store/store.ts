@@ -6,7 +6,7 @@
 import { readdir, stat } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
-import { commit } from '../chain/jobs'
+import { commit, type RedoFormat } from '../chain/jobs'
 import { diskNameOf } from '../chain/names'
 import { peekDirs } from '../chain/peek'
 import { RedoError, toRedoError } from '../errors'
@@ -23,6 +23,7 @@ export interface StoreOptions {
   maxRedos?: number
   redoLimit?: number
   redoLimitHard?: boolean
+  redoFormat?: RedoFormat
 }
 
 export interface FileError {
@@ -51,7 +52,8 @@ export class Store {
       readOnly: opts.readOnly === true,
       maxRedos: opts.maxRedos ?? 32,
       redoLimit: opts.redoLimit,
-      redoLimitHard: opts.redoLimitHard === true
+      redoLimitHard: opts.redoLimitHard === true,
+      redoFormat: opts.redoFormat ?? 'sparse'
     }
   }
 

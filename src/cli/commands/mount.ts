@@ -1,4 +1,5 @@
 import type { Argv } from 'yargs'
+import type { RedoFormat } from '../../chain/jobs'
 import { parseSize } from '../../units'
 import { serve } from '../serve'
 import { action, type GlobalArgs } from '../common'
@@ -13,14 +14,16 @@ export const builder = (y: Argv): Argv => y
   .option('redo-limit-hard', { type: 'boolean', default: false, describe: 'writes past --redo-limit fail with ENOSPC' })
   .option('allow-other', { type: 'boolean', default: false, describe: 'let other users reach the files (as their modes permit)' })
   .option('read-only', { type: 'boolean', default: false })
+  .option('redo-format', { choices: ['sparse', 'cowd'], default: 'sparse', describe: 'format of the redo logs addredo creates' })
 
-export const handler = action(async (a: GlobalArgs & { store: string, mnt: string, maxRedos: number, redoLimit?: string, redoLimitHard: boolean, allowOther: boolean, readOnly: boolean }) => {
+export const handler = action(async (a: GlobalArgs & { store: string, mnt: string, maxRedos: number, redoLimit?: string, redoLimitHard: boolean, allowOther: boolean, readOnly: boolean, redoFormat: RedoFormat }) => {
   await serve(a.store, a.mnt, {
     readOnly: a.readOnly,
     ignoreCid: a.ignoreCid === true,
     maxRedos: a.maxRedos,
     redoLimit: a.redoLimit !== undefined ? parseSize(a.redoLimit) : undefined,
-    redoLimitHard: a.redoLimitHard
+    redoLimitHard: a.redoLimitHard,
+    redoFormat: a.redoFormat
   }, { allowOther: a.allowOther }, msg => process.stdout.write(`${msg}\n`))
   // keep running: the FUSE loop and signal handlers hold the process
   return await new Promise<number>(() => {})
