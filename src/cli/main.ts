@@ -14,8 +14,10 @@ import * as umount from './commands/umount'
 import * as demo from './commands/demo'
 import * as label from './commands/label'
 import * as mapCmd from './commands/map'
+import * as backup from './commands/backup'
+import * as restore from './commands/restore'
 
-export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, label, mapCmd, demo]
+export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, label, mapCmd, backup, restore, demo]
 
 export async function main (argv: string[]): Promise<void> {
   let y = yargs(argv)
