@@ -232,11 +232,17 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
 }
 
 /** Delete the top redo log, or every redo log above generation `to`. */
-export async function discard (chain: Chain, to?: number): Promise<string | undefined> {
+export async function discard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<string | undefined> {
   const N = chain.redoCount
   if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to discard`)
   const g = to ?? N - 1
   if (!Number.isInteger(g) || g < 0 || g >= N) throw new RedoError('EINVAL', `to=${g} is out of range (generations 0..${N - 1} can be kept)`)
+  // the layer that becomes live will be written: it must not be another chain's parent
+  const next = chain.layers[g + 1].path
+  const others = (await childrenOf(chain.layers[g].path, chain.opts.root)).filter(p => resolve(p) !== resolve(next))
+  if (others.length > 0 && opts.force !== true) {
+    throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)
+  }
   // top first: every intermediate state is a valid, shorter chain
   while (chain.layers.length - 1 > g) {
     const l = chain.layers[chain.layers.length - 1]

@@ -16,8 +16,9 @@ import * as label from './commands/label'
 import * as mapCmd from './commands/map'
 import * as backup from './commands/backup'
 import * as restore from './commands/restore'
+import * as clone from './commands/clone'
 
-export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, label, mapCmd, backup, restore, demo]
+export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, label, mapCmd, backup, restore, clone, demo]
 
 export async function main (argv: string[]): Promise<void> {
   let y = yargs(argv)

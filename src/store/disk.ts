@@ -84,7 +84,9 @@ export class Disk {
     return d
   }
 
-  get writable (): boolean { return !this.opts.readOnly && this.chain.top.writable }
+  /** Set when the top layer is another chain's parent (a linked clone's): it must not change. */
+  sharedTop = false
+  get writable (): boolean { return !this.opts.readOnly && !this.sharedTop && this.chain.top.writable }
   get size (): number { return this.chain.size }
 
   // ---- open accounting -------------------------------------------------------------------
@@ -201,14 +203,14 @@ export class Disk {
         return await job
       }
       case 'discard': {
-        const a = parseArgs(text, { to: 'gen' }, 'discard')
+        const a = parseArgs(text, { to: 'gen', force: 'bool' }, 'discard')
         this.precheck('discard')
         const N = this.chain.redoCount
         if (N === 0) throw new RedoError('EINVAL', `${this.vm}/${this.name}: the disk has no redo log to discard`)
         const to = a.to !== undefined ? resolveGeneration(this.chain, a.to as number | string, 'discard') : N - 1
         if (to < 0 || to >= N) throw new RedoError('EINVAL', `discard: to=${to} is out of range (0..${N - 1})`)
         this.refuseIfOpen(this.frozen.slice(to), 'discard')
-        return await this.runJob('discard', text, async () => await this.doDiscard(to))
+        return await this.runJob('discard', text, async () => await this.doDiscard(to, a.force === true))
       }
       case 'job': {
         const w = text.trim()
@@ -314,6 +316,7 @@ export class Disk {
   async doAddRedo (label?: string): Promise<void> {
     await this.gate.freezeLive(async () => {
       await addRedo(this.chain, { label, format: this.opts.redoFormat })
+      this.sharedTop = false
       this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
     })
     await this.topChanged()
@@ -353,9 +356,9 @@ export class Disk {
     if (this.notices.length > 20) this.notices.shift()
   }
 
-  async doDiscard (to: number): Promise<void> {
+  async doDiscard (to: number, force = false): Promise<void> {
     await this.gate.freezeAll(async () => {
-      const dropped = await discard(this.chain, to)
+      const dropped = await discard(this.chain, to, { force })
       this.frozen = this.frozen.slice(0, to)
       if (dropped !== undefined) this.notice(`label "${dropped}" dropped: discard made generation ${to} live again`)
     })

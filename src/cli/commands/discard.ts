@@ -9,8 +9,8 @@ export const describe = 'offline: delete the top redo log, or every redo log abo
 export const builder = (y: Argv): Argv => y.positional('disk', { type: 'string', describe: '<store>/<vm>/<disk> or its top .vmdk' })
 
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[] }) => {
-  const args = parseArgs(a.args ?? [], { to: 'gen' }, 'discard')
+  const args = parseArgs(a.args ?? [], { to: 'gen', force: 'bool' }, 'discard')
   await withWritableDisk(a.disk, a, 'discard', async chain => {
-    await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined)
+    await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined, { force: args.force === true })
   })
 })

@@ -3,7 +3,8 @@ import { relative } from 'node:path'
 import { frozenAtOf, labelOf } from '../../chain/labels'
 import { cidHex } from '../../formats/descriptor'
 import { formatSize } from '../../units'
-import { action, openDisk, type GlobalArgs } from '../common'
+import { childrenOf } from '../../chain/peek'
+import { action, openDisk, storeRoot, type GlobalArgs } from '../common'
 
 export const command = 'info <disk>'
 export const describe = 'show the chain: one line per generation (file, format, capacity, allocated, CID links)'
@@ -26,6 +27,13 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
       label: labelOf(l) ?? null,
       frozenAt: g < chain.redoCount ? frozenAtOf(l)?.toISOString() ?? null : null
     }))
+    // linked clones: other files in the store that name a layer of this chain as their parent
+    const root = storeRoot(chain.top.path, a)
+    const others = await Promise.all(chain.layers.map(async (l, g) => {
+      const next = chain.layers[g + 1]?.path
+      return (await childrenOf(l.path, root)).filter(p => p !== next)
+    }))
+    layers.forEach((l, g) => { (l as typeof l & { otherChildren: string[] }).otherChildren = others[g] })
     if (a.json) {
       process.stdout.write(JSON.stringify({ layers }, null, 2) + '\n')
       return
@@ -33,6 +41,7 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
     for (const l of layers) {
       const link = l.generation === 0 ? 'base' : `parent ${l.parentCID ?? '-'}${chain.layers[l.generation - 1].hasCids && l.parentCID !== null && l.parentCID !== layers[l.generation - 1].cid ? ' (MISMATCH)' : ''}`
       process.stdout.write(`${l.live ? '*' : ' '}${String(l.generation).padStart(3)}  ${relative(process.cwd(), l.file) || l.file}  ${l.format}  ${formatSize(l.capacity)}  allocated ${formatSize(l.allocated)}  CID ${l.cid ?? '-'}  ${link}${l.label !== null ? `  @${l.label}` : ''}\n`)
+      for (const c of others[l.generation]) process.stdout.write(`        \`- also parent of ${relative(process.cwd(), c) || c}\n`)
     }
   } finally {
     await chain.close()
