@@ -110,6 +110,12 @@ export class CowdExtent implements Extent {
       const h = parseCowdHeader(hb.subarray(0, bytesRead), path)
       const ext = new CowdExtent(path, fh, h, st.size, writable)
       await ext.load()
+      if (ext.writable && ext.unclean !== 0) {
+        // after a crash: the cursor was rebuilt from the tables; record it and mark clean
+        ext.unclean = 0
+        await ext.writeHeaderFields()
+        await fh.datasync()
+      }
       return ext
     } catch (e) {
       await fh.close()

@@ -623,16 +623,16 @@ export class SparseExtent implements Extent {
    * the primary where it points at a whole grain inside the file, else the redundant, else 0.
    */
   private async recover (): Promise<void> {
-    if (this.rgd === null) return
+    const rgd = this.rgd ?? new Uint32Array(0)
     const limit = Math.ceil(this.fileSize / SECTOR)
     const per = this.header.numGTEsPerGT
     const gsec = this.header.grainSize
     let repaired = 0
-    for (let gdi = 0; gdi < this.numGTs; gdi++) {
-      if (this.gd[gdi] === 0 || this.rgd[gdi] === 0 || this.badTables.has(gdi)) continue
+    for (let gdi = 0; gdi < rgd.length; gdi++) {
+      if (this.gd[gdi] === 0 || rgd[gdi] === 0 || this.badTables.has(gdi)) continue
       const rb = Buffer.alloc(this.gtBytes)
-      if (this.rgd[gdi] * SECTOR + this.gtBytes > this.fileSize) continue
-      await readExact(this.fh, this.path, rb, 0, rb.length, this.rgd[gdi] * SECTOR)
+      if (rgd[gdi] * SECTOR + this.gtBytes > this.fileSize) continue
+      await readExact(this.fh, this.path, rb, 0, rb.length, rgd[gdi] * SECTOR)
       const gt = this.gts[gdi]
       let changed = false
       const fixed = gt ?? new Uint32Array(per)
@@ -669,6 +669,8 @@ export class SparseExtent implements Extent {
       this.allocated = this.runs().reduce((s, r) => s + (r.state === 'data' ? r.length : 0), 0)
       await this.flush()
     }
+    // consistent again: the flag goes back to clean until the next write session sets it
+    if (kept.length === 0) await this.writeHeader(0)
   }
 
   async check (): Promise<string[]> {
