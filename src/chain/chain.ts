@@ -39,6 +39,8 @@ export interface View {
 
 export class Chain {
   private indexes = new Map<number, Index>()
+  /** Files that name the top as their parent (set at writable open): the top must not change. */
+  topChildren: string[] = []
   /** Journals found at open whose commit is still to be finished (read-only opens). */
   readonly pendingJournals: CommitJournal[]
 
@@ -54,7 +56,12 @@ export class Chain {
     for (let attempt = 0; ; attempt++) {
       const { layers, journals } = await walk(resolve(top), opts)
       if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
-        return new Chain(layers, opts, journals)
+        const chain = new Chain(layers, opts, journals)
+        if (opts.writable === true) {
+          const { childrenOf } = await import('./peek')
+          chain.topChildren = await childrenOf(chain.top.path, opts.root)
+        }
+        return chain
       }
       for (const l of layers) await l.close()
       const { finishCommit } = await import('./jobs')
@@ -124,6 +131,9 @@ export class Chain {
   async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
     if (pos + len > this.size) throw new RedoError('ENOSPC', `write of ${len} bytes at ${pos} goes past the capacity (${this.size} bytes)`)
     if (!this.top.writable) throw new RedoError('EROFS', `${this.top.path}: the top of the chain is read-only`, this.top.path)
+    if (this.topChildren.length > 0) {
+      throw new RedoError('EROFS', `${this.top.path}: ${this.topChildren[0]} names it as its parent; writing it would break that chain`, this.top.path)
+    }
     const N = this.layers.length - 1
     const below = async (b: Buffer, o: number, p: number, l: number): Promise<void> => {
       if (N > 0) await this.index(N - 1).read(this.layers, b, o, p, l)
@@ -243,7 +253,7 @@ async function walk (top: string, opts: ChainOptions): Promise<{ layers: Layer[]
       if (found === undefined) {
         throw new RedoError('ENOENT', `${layer.path}: parent ${candidates[0]} not found (parentFileNameHint "${hint}")`, layer.path)
       }
-      path = await resolveContained(dirname(layer.path), found, opts.root, 'parentFileNameHint', layer.path)
+      path = await resolveContained(dirname(layer.path), found, opts.root, 'parentFileNameHint', layer.path, hint)
       child = layer
     }
     layers.reverse()

@@ -39,6 +39,11 @@ export type RedoFormat = 'sparse' | 'cowd'
 
 export async function addRedo (chain: Chain, opts: { label?: string, format?: RedoFormat } = {}): Promise<string> {
   const top = chain.top
+  // a child beside it means this file is not the top of its own chain: adding one would fork it
+  const sameDir = chain.topChildren.filter(c => dirname(resolve(c)) === dirname(resolve(top.path)))
+  if (sameDir.length > 0) {
+    throw new RedoError('EBUSY', `${top.path}: not the top of its chain (${sameDir[0]} names it as its parent); add the redo log to the top instead`, top.path)
+  }
   await top.flush()
   await top.endSession()
   if (opts.label !== undefined) {
@@ -54,6 +59,7 @@ export async function addRedo (chain: Chain, opts: { label?: string, format?: Re
   else await createSparseLayer(path, top.size, link)
   const layer = await Layer.open(path, { writable: chain.opts.writable, root: chain.opts.root })
   chain.layers.push(layer)
+  chain.topChildren = []
   log.chain('addredo: %s (parent CID %s)', path, top.descriptor.get('CID'))
   return path
 }
@@ -128,6 +134,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     await relinkAndDrop(j, parent, child, above)
     chain.layers.splice(i, 1)
     chain.invalidate()
+    if (above === undefined) chain.topChildren = others
   })
   log.chain('commit: %s merged into %s', child.path, parent.path)
   return { droppedLabel }
@@ -250,6 +257,7 @@ export async function discard (chain: Chain, to?: number, opts: { force?: boolea
     chain.layers.pop()
   }
   chain.invalidate()
+  chain.topChildren = others
   const live = chain.top
   const dropped = labelOf(live)
   if (live.hasCids && (dropped !== undefined || live.descriptor.get('ddb.redofs.frozen') !== undefined)) await setMeta(live, { label: null, frozen: null })

@@ -31,10 +31,9 @@ export async function main (argv: string[]): Promise<void> {
     .recommendCommands()
     .help()
     .wrap(Math.min(100, process.stdout.columns ?? 100))
-    .fail((msg, err, yy) => {
+    .fail((msg, err) => {
       if (err !== undefined && err !== null) throw err
-      process.stderr.write(`redofs: ${msg}\n${yy.help === undefined ? '' : ''}`)
-      process.stderr.write('run "redofs --help" for usage\n')
+      process.stderr.write(`redofs: ${msg} (run "redofs --help" for usage)\n`)
       process.exit(2)
     })
   for (const c of commands) y = y.command(c as never)

@@ -25,7 +25,7 @@ type DescriptorHome = { kind: 'file' } | { kind: 'embedded', extent: SparseExten
 const MAX_DESCRIPTOR_FILE = 1 << 20
 
 /** Resolve `name` (from a descriptor in `dir`) and refuse paths that leave the store root. */
-export async function resolveContained (dir: string, name: string, root: string | undefined, what: string, from: string): Promise<string> {
+export async function resolveContained (dir: string, name: string, root: string | undefined, what: string, from: string, shown = name): Promise<string> {
   const p = resolve(dir, name)
   if (root === undefined) return p
   const r = resolve(root)
@@ -35,7 +35,7 @@ export async function resolveContained (dir: string, name: string, root: string 
   let realRoot = r
   try { realRoot = await realpath(r) } catch {}
   if (!inside(p) || !(real === realRoot || real.startsWith(realRoot + sep) || inside(real))) {
-    throw new RedoError('EACCES', `${from}: ${what} "${name}" resolves to ${p}, outside the store ${r}`, from)
+    throw new RedoError('EACCES', `${from}: ${what} "${shown}" resolves to ${p}, outside the store ${r}`, from)
   }
   return p
 }

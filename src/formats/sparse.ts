@@ -688,8 +688,12 @@ export class SparseExtent implements Extent {
       for (let gdi = 0; gdi < this.numGTs; gdi++) {
         const a = this.gd[gdi]
         const b = this.rgd[gdi]
-        if ((a === 0) !== (b === 0) || (a !== 0 && a === b)) {
+        if ((a === 0) !== (b === 0)) {
           problems.push(`${this.path}: grain directory entry ${gdi}: primary ${a} and redundant ${b} disagree`)
+          continue
+        }
+        if (a !== 0 && a === b) {
+          problems.push(`${this.path}: grain directory entry ${gdi}: primary and redundant copies both point to sector ${a} (they must be distinct)`)
           continue
         }
         if (a === 0 || b * SECTOR + this.gtBytes > this.fileSize) continue

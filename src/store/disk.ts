@@ -84,9 +84,8 @@ export class Disk {
     return d
   }
 
-  /** Set when the top layer is another chain's parent (a linked clone's): it must not change. */
-  sharedTop = false
-  get writable (): boolean { return !this.opts.readOnly && !this.sharedTop && this.chain.top.writable }
+  /** Read-only when the store is, or while the top is another chain's parent (a linked clone's). */
+  get writable (): boolean { return !this.opts.readOnly && this.chain.topChildren.length === 0 && this.chain.top.writable }
   get size (): number { return this.chain.size }
 
   // ---- open accounting -------------------------------------------------------------------
@@ -316,7 +315,6 @@ export class Disk {
   async doAddRedo (label?: string): Promise<void> {
     await this.gate.freezeLive(async () => {
       await addRedo(this.chain, { label, format: this.opts.redoFormat })
-      this.sharedTop = false
       this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
     })
     await this.topChanged()

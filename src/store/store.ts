@@ -8,7 +8,7 @@ import { dirname, join, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
 import { commit, type RedoFormat } from '../chain/jobs'
 import { diskNameOf } from '../chain/names'
-import { childrenOf, peekDirs } from '../chain/peek'
+import { peekDirs } from '../chain/peek'
 import { RedoError, toRedoError } from '../errors'
 import { log } from '../log'
 import { parseArgs } from './args'
@@ -118,8 +118,7 @@ export class Store {
         const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true })
         const disk = await Disk.create(name, diskName, chain, w.mode, this.diskOpts, vmx !== undefined && w.device !== undefined ? { file: vmx, device: w.device } : undefined)
         disk.onTopChanged = async () => await this.syncVmx(disk)
-        if ((await childrenOf(chain.top.path, this.root)).length > 0) {
-          disk.sharedTop = true
+        if (chain.topChildren.length > 0) {
           realVm.errors.push({ file: chain.top.path, message: `${chain.top.path}: other chains use it as their parent; ${diskName}.img is read-only (addredo to write)` })
         }
         realVm.disks.set(diskName, disk)

@@ -12,6 +12,12 @@ export const builder = (y: Argv): Argv => y
   .positional('disk', { type: 'string', describe: 'a .vmdk chain top, or <store>/<vm>/<disk>' })
   .option('json', { type: 'boolean', default: false })
 
+/** Relative to the working directory when that is shorter and does not climb out of it. */
+function shortPath (p: string): string {
+  const r = relative(process.cwd(), p)
+  return r !== '' && !r.startsWith('..') ? r : p
+}
+
 export const handler = action(async (a: GlobalArgs & { disk: string, json: boolean }) => {
   const chain = await openDisk(a.disk, a)
   try {
@@ -40,8 +46,8 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
     }
     for (const l of layers) {
       const link = l.generation === 0 ? 'base' : `parent ${l.parentCID ?? '-'}${chain.layers[l.generation - 1].hasCids && l.parentCID !== null && l.parentCID !== layers[l.generation - 1].cid ? ' (MISMATCH)' : ''}`
-      process.stdout.write(`${l.live ? '*' : ' '}${String(l.generation).padStart(3)}  ${relative(process.cwd(), l.file) || l.file}  ${l.format}  ${formatSize(l.capacity)}  allocated ${formatSize(l.allocated)}  CID ${l.cid ?? '-'}  ${link}${l.label !== null ? `  @${l.label}` : ''}\n`)
-      for (const c of others[l.generation]) process.stdout.write(`        \`- also parent of ${relative(process.cwd(), c) || c}\n`)
+      process.stdout.write(`${l.live ? '*' : ' '}${String(l.generation).padStart(3)}  ${shortPath(l.file)}  ${l.format}  ${formatSize(l.capacity)}  allocated ${formatSize(l.allocated)}  CID ${l.cid ?? '-'}  ${link}${l.label !== null ? `  @${l.label}` : ''}\n`)
+      for (const c of others[l.generation]) process.stdout.write(`        \`- also parent of ${shortPath(c)}\n`)
     }
   } finally {
     await chain.close()

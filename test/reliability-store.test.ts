@@ -1,0 +1,158 @@
+/**
+ * Full stores, locks, redo growth limits and containment: refusals are clear, nothing written
+ * earlier is damaged, and the mount keeps serving.
+ */
+import test from 'ava'
+import { spawnSync } from 'node:child_process'
+import { chmod, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
+import { hostname } from 'node:os'
+import path from 'node:path'
+import { REDOFS_BIN } from './helpers/env'
+import { createDisk, e2e, isMounted, requireFuse, sh, shOk, writeVmx } from './helpers/mount'
+import { describe, mustRun, run, sha256File, snapshotTree } from './helpers/qemu'
+
+const ok = requireFuse(test)
+const env = e2e(test)
+
+async function tmpfs (dir: string, size: string): Promise<() => void> {
+  await mkdir(dir, { recursive: true })
+  await mustRun('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir])
+  return () => { spawnSync('umount', ['-l', dir]) }
+}
+
+if (ok) {
+  test.serial('full store: ENOSPC, earlier data intact, mount keeps serving, writes resume when space is freed', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const unmountTmpfs = await tmpfs(store, '24M')
+    t.teardown(unmountTmpfs)
+    await createDisk(store, 'vm', 'disk', '64M')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'disk')])
+    const filler = path.join(store, 'filler')
+    await shOk('dd if=/dev/zero of="$1" bs=1M count=8 status=none', [filler])
+    const server = await env.mount(store, path.join(dir, 'mnt'))
+    const img = server.img('vm', 'disk')
+    // 4 MiB of known data, acknowledged by fsync
+    await shOk('dd if=/dev/urandom of="$2" bs=1M count=4 status=none && dd if="$2" of="$1" bs=1M conv=notrunc,fsync status=none', [img, path.join(dir, 'known.raw')])
+    const known = await sha256File(path.join(dir, 'known.raw'))
+    // now fill the store through the disk: must end with ENOSPC, not a crash
+    const fill = await sh('dd if=/dev/urandom of="$1" bs=1M seek=8 count=40 conv=notrunc,fsync', [img])
+    t.not(fill.code, 0, 'writing 40 MiB into a 24 MiB store succeeded?')
+    t.regex(fill.stderr, /No space left on device/)
+    t.true(server.running, 'the server died on ENOSPC')
+    const again = await sh('head -c 4194304 "$1" | sha256sum', [img])
+    t.is(again.stdout.split(' ')[0], known, 'data written before the store filled changed')
+    const status = JSON.parse(await readFile(path.join(server.mnt, '.ctl', 'status'), 'utf8')) as { vms: unknown[] }
+    t.is(status.vms.length, 1, 'status still answers')
+    // addredo refuses before it starts
+    const add = await server.command('vm', 'disk', 'addredo')
+    t.not(add.code, 0, 'addredo on a full store succeeded')
+    t.regex(await server.errorText('vm', 'disk'), /free|space|ENOSPC/i)
+    // commit estimates what it needs and refuses up front
+    const files = await snapshotTree(path.join(store, 'vm'))
+    const com = await server.command('vm', 'disk', 'commit', 'level=0')
+    t.not(com.code, 0, 'commit on a full store succeeded')
+    t.regex(await server.errorText('vm', 'disk'), /free|space|ENOSPC/i)
+    t.deepEqual(Object.keys(await snapshotTree(path.join(store, 'vm'))).sort(), Object.keys(files).sort(), 'the refused commit left files behind')
+    // free space: writes work again and read back
+    await rm(filler)
+    await shOk('dd if=/dev/urandom of="$2" bs=1M count=2 status=none && dd if="$2" of="$1" bs=1M seek=30 conv=notrunc,fsync status=none', [img, path.join(dir, 'later.raw')])
+    const later = await sh('dd if="$1" bs=1M skip=30 count=2 status=none | sha256sum', [img])
+    t.is(later.stdout.split(' ')[0], await sha256File(path.join(dir, 'later.raw')))
+    await server.stopClean(t)
+    const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(store, 'vm', 'disk')])
+    t.is(c.code, 0, describe(c))
+    const q = await run('qemu-img', ['check', path.join(store, 'vm', 'disk-000001.vmdk')])
+    t.is(q.code, 0, describe(q))
+  })
+
+  test.serial('locking: a second mount and an offline commit are refused naming the holder; a stale lock is taken over', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'disk', '8M')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'disk')])
+    const server = await env.mount(store, path.join(dir, 'mnt'))
+    const pid = String(server.proc.pid)
+    const second = await run(process.execPath, [REDOFS_BIN, 'mount', store, path.join(dir, 'mnt2')], { timeoutMs: 20_000 })
+    t.is(second.code, 1, describe(second))
+    t.true(second.stderr.includes(`pid ${pid}`) && second.stderr.includes(hostname()) && /since \d{4}-/.test(second.stderr), second.stderr)
+    t.false(isMounted(path.join(dir, 'mnt2')))
+    const offline = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vm', 'disk'), 'level=0'])
+    t.is(offline.code, 1, describe(offline))
+    t.true(offline.stderr.includes(`pid ${pid}`), offline.stderr)
+    t.is(offline.stderr.trim().split('\n').length, 1)
+    await server.stopClean(t)
+    // a lock left by a process that no longer exists
+    const dead = spawnSync(process.execPath, ['-e', 'console.log(process.pid)'], { encoding: 'utf8' })
+    await writeFile(path.join(store, '.redofs.lock'), JSON.stringify({ pid: Number(dead.stdout.trim()), host: hostname(), since: new Date(0).toISOString(), what: 'redofs mount' }))
+    const taken = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vm', 'disk'), 'level=0'])
+    t.is(taken.code, 0, describe(taken))
+    await t.throwsAsync(stat(path.join(store, '.redofs.lock')), undefined, 'lock not released after the command')
+  })
+
+  test.serial('redo growth: --redo-limit warns in status; --redo-limit-hard fails writes past it with ENOSPC, without damage', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'disk', '32M')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'disk')])
+    const soft = await env.mount(store, path.join(dir, 'mnt'), ['--redo-limit', '1M'])
+    await shOk('dd if=/dev/urandom of="$1" bs=1M count=2 conv=notrunc,fsync status=none', [soft.img('vm', 'disk')])
+    const st = JSON.parse(await readFile(soft.ctl('vm', 'disk', 'status'), 'utf8')) as { warnings: string[] }
+    t.true(st.warnings.some(w => /redo-limit/.test(w)), JSON.stringify(st.warnings))
+    await soft.stopClean(t)
+    const hard = await env.mount(store, path.join(dir, 'mnt'), ['--redo-limit', '3M', '--redo-limit-hard'])
+    const img = hard.img('vm', 'disk')
+    const before = await sh('head -c 2097152 "$1" | sha256sum', [img])
+    const over = await sh('dd if=/dev/urandom of="$1" bs=1M seek=8 count=4 conv=notrunc,fsync', [img])
+    t.not(over.code, 0, 'writes past --redo-limit-hard succeeded')
+    t.regex(over.stderr, /No space left/)
+    // rewriting what the redo log already holds is not growth
+    const rewrite = await sh('dd if=/dev/zero of="$1" bs=1M count=1 conv=notrunc,fsync status=none', [img])
+    t.is(rewrite.code, 0, describe(rewrite))
+    const tail = await sh('dd if="$1" bs=1M skip=1 count=1 status=none | sha256sum', [img])
+    t.is(tail.stdout.split(' ')[0], (await sh('dd if="$1" bs=1M skip=1 count=1 status=none | sha256sum', [img])).stdout.split(' ')[0])
+    t.not(before.stdout, '')
+    await hard.stopClean(t)
+    const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(store, 'vm', 'disk')])
+    t.is(c.code, 0, describe(c))
+  })
+
+  test.serial('containment: hints and extents outside the store are refused; control files are the mounting user\'s', async t => {
+    const dir = await env.tmp()
+    await chmod(dir, 0o755) // other users must reach the mountpoint to be refused by it
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'good', 'disk', '8M')
+    await createDisk(path.join(dir, 'outside'), 'x', 'base', '8M')
+    // a child whose parent hint leaves the store (absolute, and with ..)
+    await mkdir(path.join(store, 'evil1'), { recursive: true })
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', path.join(dir, 'outside', 'x', 'base.vmdk'), '-F', 'vmdk', 'disk-000001.vmdk'], { cwd: path.join(store, 'evil1') })
+    await mkdir(path.join(store, 'evil2'), { recursive: true })
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', '../../outside/x/base.vmdk', '-F', 'vmdk', 'disk-000001.vmdk'], { cwd: path.join(store, 'evil2') })
+    // a flat descriptor whose extent is outside the store
+    await mkdir(path.join(store, 'evil3'), { recursive: true })
+    await writeFile(path.join(dir, 'outside.raw'), Buffer.alloc(8 << 20))
+    await writeFile(path.join(store, 'evil3', 'disk.vmdk'), '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 16384 FLAT "../../outside.raw" 0\n')
+    await writeVmx(path.join(store, 'good', 'good.vmx'), [{ fileName: 'disk.vmdk' }])
+    const server = await env.mount(store, path.join(dir, 'mnt'), ['--allow-other'])
+    const status = JSON.parse(await readFile(path.join(server.mnt, '.ctl', 'status'), 'utf8')) as { vms: Array<{ name: string, disks: unknown[], errors: Array<{ message: string }> }> }
+    for (const vm of ['evil1', 'evil2', 'evil3']) {
+      const v = status.vms.find(x => x.name === vm)
+      t.truthy(v, vm)
+      t.is(v?.disks.length, 0, `${vm}: a disk escaping the store was served`)
+      t.true(v?.errors.some(e => /outside the store/.test(e.message)), `${vm}: ${JSON.stringify(v?.errors)}`)
+    }
+    // control files: 0600 and owned by the mounting user; images per their modes for others
+    const st = await stat(server.ctl('good', 'disk', 'commit'))
+    t.is(st.mode & 0o777, 0o600)
+    t.is(st.uid, process.getuid?.() ?? 0)
+    const nobody = (cmd: string): Promise<import('./helpers/qemu').RunResult> => sh(`setpriv --reuid=65534 --regid=65534 --clear-groups bash -c "$1"`, [cmd])
+    const cmdAsOther = await nobody(`echo > '${server.ctl('good', 'disk', 'addredo')}'`)
+    t.not(cmdAsOther.code, 0, 'another user ran a control command')
+    t.regex(cmdAsOther.stderr, /Permission denied/)
+    const readAsOther = await nobody(`head -c 512 '${server.img('good', 'disk')}' | wc -c`)
+    t.is(readAsOther.stdout.trim(), '512', describe(readAsOther))
+    const writeAsOther = await nobody(`dd if=/dev/zero of='${server.img('good', 'disk')}' bs=512 count=1 conv=notrunc`)
+    t.not(writeAsOther.code, 0, 'another user wrote to a 0644 image')
+    await server.stopClean(t)
+  })
+}
