@@ -16,7 +16,12 @@ export interface Peek {
   parent?: string
   /** Set for files that are extents of another descriptor, never chain members themselves. */
   extentOnly: boolean
+  /** Set when a file that should be a descriptor cannot be read as one. */
+  error?: string
 }
+
+/** Names VMware gives to extents (never chain members): -flat, -sNNN, -fNNN, -delta, -ctk... */
+export const EXTENT_NAME = /-(flat|s\d{3}|f\d{3}|delta|sesparse|ctk)\.vmdk$/i
 
 /** Parent candidates for a hint: relative to the child first, then the bare name beside it. */
 export function parentCandidates (childPath: string, hint: string): string[] {
@@ -32,13 +37,13 @@ export async function peek (path: string): Promise<Peek | undefined> {
   try { fh = await open(path, 'r') } catch { return undefined }
   try {
     const st = await fh.stat()
-    if (!st.isFile() || st.size < 4) return undefined
+    if (!st.isFile()) return undefined
+    if (st.size < 4) return EXTENT_NAME.test(path) ? { path, extentOnly: true } : { path, extentOnly: false, error: `${path}: file too short to be a VMDK (${st.size} bytes)` }
     const head = Buffer.alloc(Math.min(st.size, 4096))
     await fh.read(head, 0, head.length, 0)
     const magic = head.readUInt32LE(0)
     let text: string | undefined
     if (magic === KDMV_MAGIC) {
-      if (head.length < 512) return undefined
       const h = parseSparseHeader(head.subarray(0, 512), path)
       if (h.descriptorOffset === 0 || h.descriptorSize === 0) return { path, extentOnly: true }
       const b = Buffer.alloc(Math.min(h.descriptorSize * SECTOR, 1 << 20))
@@ -49,7 +54,10 @@ export async function peek (path: string): Promise<Peek | undefined> {
     } else {
       if (st.size > 1 << 20) return { path, extentOnly: true }
       const t = head.toString('latin1')
-      if (!/^\s*(#|version\s*=)/i.test(t)) return { path, extentOnly: true }
+      if (!/^\s*(#|version\s*=)/i.test(t)) {
+        if (EXTENT_NAME.test(path) || st.size > 1 << 16) return { path, extentOnly: true }
+        return { path, extentOnly: false, error: `${path}: not a VMDK file (unknown magic ${head.subarray(0, 4).toString('hex')})` }
+      }
       const b = Buffer.alloc(st.size)
       await fh.read(b, 0, st.size, 0)
       text = b.toString('utf8')
@@ -57,8 +65,9 @@ export async function peek (path: string): Promise<Peek | undefined> {
     const descriptor = Descriptor.parse(text, path)
     const hint = descriptor.hasParent ? descriptor.parentFileNameHint : undefined
     return { path, descriptor, parent: hint !== undefined ? parentCandidates(path, hint)[0] : undefined, extentOnly: false }
-  } catch {
-    return undefined
+  } catch (e) {
+    if (EXTENT_NAME.test(path)) return { path, extentOnly: true }
+    return { path, extentOnly: false, error: (e as Error).message }
   } finally {
     await fh.close()
   }
@@ -73,7 +82,7 @@ export async function peekDirs (dirs: string[]): Promise<Peek[]> {
     for (const n of names.sort()) {
       if (!/\.vmdk$/i.test(n) || n.startsWith('.')) continue
       const p = await peek(join(d, n))
-      if (p !== undefined && !p.extentOnly) out.push(p)
+      if (p !== undefined && !p.extentOnly && p.error === undefined) out.push(p)
     }
   }
   return out
@@ -97,6 +106,19 @@ export async function childrenOf (parent: string, root: string | undefined): Pro
     if (p.parent === undefined) continue
     const r = await realpath(p.parent).catch(() => p.parent as string)
     if (r === target) out.push(p.path)
+  }
+  return out
+}
+
+/** Files in `dir` that should be descriptors but cannot be read as one. */
+export async function brokenIn (dir: string): Promise<Peek[]> {
+  let names: string[]
+  try { names = await readdir(dir) } catch { return [] }
+  const out: Peek[] = []
+  for (const n of names.sort()) {
+    if (!/\.vmdk$/i.test(n) || n.startsWith('.') || EXTENT_NAME.test(n)) continue
+    const p = await peek(join(dir, n))
+    if (p?.error !== undefined) out.push(p)
   }
   return out
 }

@@ -8,7 +8,7 @@ import { dirname, join, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
 import { commit, type RedoFormat } from '../chain/jobs'
 import { diskNameOf } from '../chain/names'
-import { peekDirs } from '../chain/peek'
+import { brokenIn, peekDirs } from '../chain/peek'
 import { RedoError, toRedoError } from '../errors'
 import { log } from '../log'
 import { parseArgs } from './args'
@@ -107,8 +107,15 @@ export class Store {
     } else {
       for (const p of await chainTops(dir, [this.root, ...await subdirs(this.root)])) wanted.push({ top: p.path, mode: 'persistent' })
     }
+    // a file of a disk that cannot be read: the chain cannot be known, so the disk stays out
+    const broken = new Map<string, string>()
+    for (const b of await brokenIn(dir)) {
+      broken.set(diskNameOf(b.path), b.error as string)
+      realVm.errors.push({ file: b.path, message: b.error as string })
+    }
     for (const w of wanted) {
       const diskName = diskNameOf(w.top)
+      if (broken.has(diskName)) continue
       if (realVm.disks.has(diskName)) {
         realVm.errors.push({ file: w.top, message: `${w.top}: a second chain top for disk "${diskName}" (left out)` })
         continue
