@@ -13,6 +13,7 @@ import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
 import { findLabel, labelOf, setMeta } from './labels'
+import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
 import { childrenOf } from './peek'
@@ -37,7 +38,7 @@ const COPY_CHUNK = 1 << 20
 /** Flush the top, freeze it, and add an empty monolithicSparse redo log above it. Returns its path. */
 export type RedoFormat = 'sparse' | 'cowd'
 
-export async function addRedo (chain: Chain, opts: { label?: string, format?: RedoFormat } = {}): Promise<string> {
+export async function addRedo (chain: Chain, opts: { label?: string, format?: RedoFormat, record?: boolean } = {}): Promise<string> {
   const top = chain.top
   // a child beside it means this file is not the top of its own chain: adding one would fork it
   const sameDir = chain.topChildren.filter(c => dirname(resolve(c)) === dirname(resolve(top.path)))
@@ -61,6 +62,8 @@ export async function addRedo (chain: Chain, opts: { label?: string, format?: Re
   chain.layers.push(layer)
   chain.topChildren = []
   log.chain('addredo: %s (parent CID %s)', path, top.descriptor.get('CID'))
+  // a content record of the generation just frozen lets `redofs relink` verify it later
+  if (opts.record === true) await recordGeneration(chain, chain.redoCount - 1)
   return path
 }
 
@@ -125,6 +128,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     // generation from the child up reads as before. The parent got a new CID: re-link the child.
     if (child.hasCids) await child.setParent(child.parentHint as string, parent.cid)
     if (labelOf(parent) !== undefined) await setMeta(parent, { label: null })
+    await dropDigest(parent.path)
     await removeJournal(parent.path)
     throw new RedoError('ECANCELED', `commit of ${child.path} cancelled: generations ${i} and up are unchanged; generation ${i - 1} now holds part of generation ${i}'s changes`)
   }
@@ -198,6 +202,7 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
     await setMeta(parent, { label: labelOf(c) ?? null, frozen: frozen !== undefined ? new Date(frozen) : null })
     if (child === undefined) await c.close()
   }
+  await moveDigest(j.child, parent.path)
   faultPoint('commit.drop')
   if (child !== undefined) await child.destroy()
   else if (await exists(j.child)) {
@@ -259,6 +264,7 @@ export async function discard (chain: Chain, to?: number, opts: { force?: boolea
   chain.invalidate()
   chain.topChildren = others
   const live = chain.top
+  await dropDigest(live.path)
   const dropped = labelOf(live)
   if (live.hasCids && (dropped !== undefined || live.descriptor.get('ddb.redofs.frozen') !== undefined)) await setMeta(live, { label: null, frozen: null })
   return dropped

@@ -17,8 +17,9 @@ import * as mapCmd from './commands/map'
 import * as backup from './commands/backup'
 import * as restore from './commands/restore'
 import * as clone from './commands/clone'
+import * as relink from './commands/relink'
 
-export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, label, mapCmd, backup, restore, clone, demo]
+export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, label, mapCmd, backup, restore, clone, relink, demo]
 
 export async function main (argv: string[]): Promise<void> {
   let y = yargs(argv)

@@ -315,7 +315,7 @@ export class Layer {
   /** Close and delete every file of the layer: descriptor first, then extents (VMDK.md §9.1 rule 7). */
   async destroy (): Promise<void> {
     await this.closeWithoutFlush()
-    for (const f of this.files) {
+    for (const f of [...this.files, `${this.path}.redofs-digest`]) {
       try { await unlink(f) } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e }
     }
     await syncDir(dirname(this.path))

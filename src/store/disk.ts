@@ -6,6 +6,7 @@ import { stat } from 'node:fs/promises'
 import { basename, dirname } from 'node:path'
 import type { Chain } from '../chain/chain'
 import { addRedo, commit, discard, type RedoFormat } from '../chain/jobs'
+import { recordGeneration } from '../chain/digest'
 import { frozenAtOf, labelGeneration, labelOf, resolveGeneration } from '../chain/labels'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
@@ -312,13 +313,30 @@ export class Disk {
     if (this.onTopChanged !== null) await this.onTopChanged()
   }
 
+  /** Bumped whenever the chain changes shape: background work on a generation number stops. */
+  private shape = 0
+
   async doAddRedo (label?: string): Promise<void> {
     await this.gate.freezeLive(async () => {
       await addRedo(this.chain, { label, format: this.opts.redoFormat })
       this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
+      this.shape++
     })
     await this.topChanged()
+    this.recordLater(this.chain.redoCount - 1)
   }
+
+  /** Content record of a newly frozen generation (for relink), read in the background. */
+  private recordLater (g: number): void {
+    const shape = this.shape
+    const stale = (): boolean => this.shape !== shape || this.closing
+    setImmediate(() => {
+      recordGeneration(this.chain, g, stale).catch(e => log.store('%s/%s: content record of generation %d: %s', this.vm, this.name, g, (e as Error).message))
+    })
+  }
+
+  /** Set at unmount: background work stops. */
+  closing = false
 
   private async doCommit (plan: { levels: number[], freeze: boolean, force: boolean }, st: JobState): Promise<void> {
     const run = async (): Promise<void> => {
@@ -338,6 +356,7 @@ export class Disk {
           switchOver: async fn => await this.gate.freezeAll(async () => {
             await fn()
             this.frozen.splice(i - 1, 1)
+            this.shape++
           })
         })
         if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: commit merged generation ${i - 1} away`)
@@ -358,6 +377,7 @@ export class Disk {
     await this.gate.freezeAll(async () => {
       const dropped = await discard(this.chain, to, { force })
       this.frozen = this.frozen.slice(0, to)
+      this.shape++
       if (dropped !== undefined) this.notice(`label "${dropped}" dropped: discard made generation ${to} live again`)
     })
     await this.topChanged()

@@ -216,6 +216,7 @@ export class Store {
   }
 
   private async powerOffDisk (disk: Disk): Promise<void> {
+    disk.closing = true
     await disk.idle()
     if (disk.opts.readOnly) return
     if (disk.mode === 'nonpersistent' && this.isSession(disk)) {

@@ -11,6 +11,6 @@ export const builder = (y: Argv): Argv => y
 
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[], redoFormat: RedoFormat }) => {
   const args = parseArgs(a.args ?? [], { label: 'name' }, 'addredo')
-  const path = await withWritableDisk(a.disk, a, 'addredo', async chain => await addRedo(chain, { label: args.label as string | undefined, format: a.redoFormat }))
+  const path = await withWritableDisk(a.disk, a, 'addredo', async chain => await addRedo(chain, { label: args.label as string | undefined, format: a.redoFormat, record: true }))
   process.stdout.write(`${path}\n`)
 })
