@@ -132,7 +132,12 @@ export class RedoMount {
           case 'dir': return EISDIR
           case 'link': return -40 // ELOOP: the kernel follows links itself
           case 'image': {
-            if (wantsWrite && (n.gen !== 'live' || !n.disk.writable)) return EROFS
+            if (wantsWrite && (n.gen !== 'live' || !n.disk.writable)) {
+              n.disk.lastError = n.gen !== 'live'
+                ? `${path}: generation ${n.disk.indexOf(n.gen)} is frozen; open it read-only`
+                : `${path}: the live file is read-only (${n.disk.opts.readOnly ? 'store mounted --read-only' : 'its top is another chain\'s parent; addredo first'})`
+              return EROFS
+            }
             n.disk.opened(n.gen)
             return [0, this.newHandle({ kind: 'image', disk: n.disk, gen: n.gen, write: wantsWrite })]
           }
