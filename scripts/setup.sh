@@ -12,6 +12,8 @@ have vmdkinfo   || need_pkgs+=(libvmdk-utils)
 have fusermount || need_pkgs+=(fuse)
 have mkfs.ext4  || need_pkgs+=(e2fsprogs)
 have losetup    || need_pkgs+=(mount)
+have setpriv    || need_pkgs+=(util-linux)
+/usr/bin/python3 -c 'import pyvmdk' 2>/dev/null || need_pkgs+=(python3-libvmdk)
 ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || need_pkgs+=(libfuse2)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -150,6 +150,7 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
   const runs = child.runs()
   const total = runs.reduce((s, r) => s + r.length, 0)
   let done = 0
+  opts.onProgress?.({ done, total })
   const buf = Buffer.alloc(COPY_CHUNK)
   const zeros = Buffer.alloc(COPY_CHUNK)
   const below = async (b: Buffer, o: number, p: number, l: number): Promise<void> => {
