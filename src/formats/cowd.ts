@@ -6,12 +6,12 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { Mutex, readExact, settleAll, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { Mutex, readExact, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { BAD, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
 export const COWD_HEADER_BYTES = 2048
 export const COWD_GT_ENTRIES = 4096
-const BAD = 0xffffffff
 
 export interface CowdHeader {
   version: number
@@ -176,70 +176,22 @@ export class CowdExtent implements Extent {
     return gt === undefined ? 0 : gt[grain % COWD_GT_ENTRIES]
   }
 
+  private grainTables?: GrainTables
+  private get tables (): GrainTables {
+    this.grainTables ??= { path: this.path, size: this.size, grainBytes: this.grainBytes, perTable: COWD_GT_ENTRIES, tables: this.gts }
+    return this.grainTables
+  }
+
   lookup (pos: number, len: number): { state: State, length: number } {
-    const gb = this.grainBytes
-    let grain = Math.floor(pos / gb)
-    const st = stateOf(this.entry(grain))
-    let length = Math.min(len, (grain + 1) * gb - pos)
-    while (length < len) {
-      grain++
-      if (stateOf(this.entry(grain)) !== st) break
-      length = Math.min(len, (grain + 1) * gb - pos)
-    }
-    return { state: st, length }
+    return lookupGrains(this.tables, pos, len)
   }
 
   runs (): Run[] {
-    const out: Run[] = []
-    const gb = this.grainBytes
-    for (let i = 0; i < this.gts.length; i++) {
-      const gt = this.gts[i]
-      if (gt === undefined) continue
-      for (let t = 0; t < COWD_GT_ENTRIES; t++) {
-        const e = gt[t]
-        if (e === 0) continue
-        const start = (i * COWD_GT_ENTRIES + t) * gb
-        if (start >= this.size) break
-        const state = e === 1 ? 'zero' : e === BAD ? 'bad' : 'data'
-        const length = Math.min(gb, this.size - start)
-        const last = out[out.length - 1]
-        if (last !== undefined && last.state === state && last.start + last.length === start) last.length += length
-        else out.push({ start, length, state })
-      }
-    }
-    return out
+    return runsOfGrains(this.tables)
   }
 
   async read (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
-    const gb = this.grainBytes
-    const end = pos + len
-    const reads: Array<Promise<void>> = []
-    let runFile = -1
-    let runBuf = 0
-    let runLen = 0
-    const flush = (): void => {
-      if (runLen > 0) reads.push(readExact(this.fh, this.path, buf, runBuf, runLen, runFile))
-      runLen = 0
-    }
-    for (let p = pos; p < end;) {
-      const grain = Math.floor(p / gb)
-      const inGrain = p - grain * gb
-      const n = Math.min(end - p, gb - inGrain)
-      const e = this.entry(grain)
-      const bo = off + (p - pos)
-      if (e === 0 || e === 1) { flush(); buf.fill(0, bo, bo + n) } else if (e === BAD) {
-        flush()
-        await settleAll(reads)
-        throw new RedoError('EIO', `${this.path}: grain ${grain} is damaged (its table entry points past the end of the file)`, this.path)
-      } else {
-        const fo = e * SECTOR + inGrain
-        if (runLen > 0 && runFile + runLen === fo) runLen += n
-        else { flush(); runFile = fo; runBuf = bo; runLen = n }
-      }
-      p += n
-    }
-    flush()
-    await settleAll(reads)
+    await readGrains(this.tables, this.fh, buf, off, pos, len)
   }
 
   /**
@@ -405,8 +357,4 @@ export class CowdExtent implements Extent {
     }
     return out
   }
-}
-
-function stateOf (e: number): State {
-  return e === 0 ? 'none' : e === 1 ? 'zero' : e === BAD ? 'bad' : 'data'
 }

@@ -10,6 +10,7 @@ import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
 import { Mutex, readExact, settleAll, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { BAD, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const KDMV_MAGIC = 0x564d444b
 const GD_AT_END = 0xffffffffffffffffn
@@ -19,8 +20,6 @@ const FLAG_ZERO_GTE = 0x4
 const FLAG_COMPRESSED = 0x10000
 const FLAG_MARKERS = 0x20000
 const KNOWN_INCOMPAT = FLAG_COMPRESSED | FLAG_MARKERS
-/** In-memory marker for a grain table entry found damaged at open (never a valid GTE). */
-const BAD = 0xffffffff
 /** Largest chunk read at once while loading grain tables. */
 const GT_READ_CHUNK = 8 << 20
 
@@ -315,81 +314,23 @@ export class SparseExtent implements Extent {
     return gt === undefined ? 0 : gt[grain % per]
   }
 
-  private static stateOf (e: number): State {
-    return e === 0 ? 'none' : e === 1 ? 'zero' : e === BAD ? 'bad' : 'data'
+  private grainTables?: GrainTables
+  private get tables (): GrainTables {
+    this.grainTables ??= { path: this.path, size: this.size, grainBytes: this.grainBytes, perTable: this.header.numGTEsPerGT, tables: this.gts }
+    return this.grainTables
   }
 
   lookup (pos: number, len: number): { state: State, length: number } {
-    const gb = this.grainBytes
-    let grain = Math.floor(pos / gb)
-    const state = SparseExtent.stateOf(this.entry(grain))
-    let length = Math.min(len, (grain + 1) * gb - pos)
-    while (length < len) {
-      grain++
-      if (SparseExtent.stateOf(this.entry(grain)) !== state) break
-      length = Math.min(len, (grain + 1) * gb - pos)
-    }
-    return { state, length }
+    return lookupGrains(this.tables, pos, len)
   }
 
   runs (): Run[] {
-    const out: Run[] = []
-    const per = this.header.numGTEsPerGT
-    const gb = this.grainBytes
-    for (let gdi = 0; gdi < this.numGTs; gdi++) {
-      const gt = this.gts[gdi]
-      if (gt === undefined) continue
-      for (let t = 0; t < per; t++) {
-        const e = gt[t]
-        if (e === 0) continue
-        const state = e === 1 ? 'zero' : e === BAD ? 'bad' : 'data'
-        const start = (gdi * per + t) * gb
-        if (start >= this.size) break
-        const length = Math.min(gb, this.size - start)
-        const last = out[out.length - 1]
-        if (last !== undefined && last.state === state && last.start + last.length === start) last.length += length
-        else out.push({ start, length, state })
-      }
-    }
-    return out
+    return runsOfGrains(this.tables)
   }
 
   async read (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
     if (this.kind === 'stream') return await this.readStream(buf, off, pos, len)
-    const gb = this.grainBytes
-    const end = pos + len
-    // coalesce runs of grains that are contiguous in the file into single reads
-    let runFile = -1
-    let runBuf = 0
-    let runLen = 0
-    const reads: Array<Promise<void>> = []
-    const flush = (): void => {
-      if (runLen > 0) reads.push(readExact(this.fh, this.path, buf, runBuf, runLen, runFile))
-      runLen = 0
-    }
-    let p = pos
-    while (p < end) {
-      const grain = Math.floor(p / gb)
-      const inGrain = p - grain * gb
-      const n = Math.min(end - p, gb - inGrain)
-      const e = this.entry(grain)
-      const bo = off + (p - pos)
-      if (e === 0 || e === 1) {
-        flush()
-        buf.fill(0, bo, bo + n)
-      } else if (e === BAD) {
-        flush()
-        await settleAll(reads) // the caller's buffer must not be written after we return
-        throw new RedoError('EIO', `${this.path}: grain ${grain} is damaged (its table entry points past the end of the file)`, this.path)
-      } else {
-        const fo = e * SECTOR + inGrain
-        if (runLen > 0 && runFile + runLen === fo) runLen += n
-        else { flush(); runFile = fo; runBuf = bo; runLen = n }
-      }
-      p += n
-    }
-    flush()
-    await settleAll(reads)
+    await readGrains(this.tables, this.fh, buf, off, pos, len)
   }
 
   private async readStream (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
