@@ -33,7 +33,7 @@ export interface JobControl {
   switchOver?: (fn: () => Promise<void>) => Promise<void>
 }
 
-const COPY_CHUNK = 1 << 20
+const COPY_CHUNK = 4 << 20
 
 /** Flush the top, freeze it, and add an empty monolithicSparse redo log above it. Returns its path. */
 export type RedoFormat = 'sparse' | 'cowd'
@@ -147,32 +147,43 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
 /** Copy every run the child holds into the parent through the parent's write path. */
 async function copyInto (child: Layer, parent: Layer, parentCID: number, layers: Layer[], belowIndex: Index | undefined, opts: JobControl): Promise<void> {
   await parent.beginSession(parentCID)
-  const runs = child.runs()
-  const total = runs.reduce((s, r) => s + r.length, 0)
+  // the work as chunks; damaged runs were refused before the journal
+  const chunks: Array<{ pos: number, len: number, zero: boolean }> = []
+  for (const r of child.runs()) {
+    if (r.state === 'bad') continue
+    for (let p = r.start; p < r.start + r.length; p += COPY_CHUNK) chunks.push({ pos: p, len: Math.min(COPY_CHUNK, r.start + r.length - p), zero: r.state === 'zero' })
+  }
+  const total = chunks.reduce((s, c) => s + c.len, 0)
   let done = 0
   opts.onProgress?.({ done, total })
-  const buf = Buffer.alloc(COPY_CHUNK)
   const zeros = Buffer.alloc(COPY_CHUNK)
+  const buffers = [Buffer.alloc(COPY_CHUNK), Buffer.alloc(COPY_CHUNK)]
   const below = async (b: Buffer, o: number, p: number, l: number): Promise<void> => {
     if (belowIndex !== undefined) await belowIndex.read(layers, b, o, p, l)
     else b.fill(0, o, o + l)
   }
-  copy: for (const r of runs) {
-    if (r.state === 'bad') continue // refused before the journal; nothing to copy from damage
-    for (let p = r.start; p < r.start + r.length; p += COPY_CHUNK) {
+  // read chunk k+1 from the child while chunk k is written into the parent
+  const load = (k: number): Promise<Buffer> => {
+    const c = chunks[k]
+    if (c.zero) return Promise.resolve(zeros)
+    const b = buffers[k % 2]
+    return child.read(b, 0, c.pos, c.len).then(() => b)
+  }
+  let pending: Promise<Buffer> | undefined = chunks.length > 0 ? load(0) : undefined
+  try {
+    for (let k = 0; k < chunks.length; k++) {
+      const data = await (pending as Promise<Buffer>)
+      pending = undefined
       if (opts.gate !== undefined) await opts.gate()
-      if (opts.cancelled?.() === true) break copy
-      const n = Math.min(COPY_CHUNK, r.start + r.length - p)
-      if (r.state === 'data') {
-        await child.read(buf, 0, p, n)
-        await parent.write(buf, 0, p, n, below)
-      } else {
-        await parent.write(zeros, 0, p, n, below)
-      }
-      done += n
+      if (opts.cancelled?.() === true) break
+      if (k + 1 < chunks.length) pending = load(k + 1)
+      await parent.write(data, 0, chunks[k].pos, chunks[k].len, below)
+      done += chunks[k].len
       faultPoint('commit.copy')
       opts.onProgress?.({ done, total })
     }
+  } finally {
+    if (pending !== undefined) await pending.catch(() => {})
   }
   await parent.flush()
   await parent.endSession()

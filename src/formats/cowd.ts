@@ -6,7 +6,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { Mutex, readExact, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { Mutex, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
 import { BAD, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
@@ -210,9 +210,9 @@ export class CowdExtent implements Extent {
       let batchAt = -1
       const flushBatch = async (): Promise<void> => {
         if (batch.length === 0) return
-        const data = batch.length === 1 ? batch[0] : Buffer.concat(batch)
-        await writeExact(this.fh, data, 0, data.length, batchAt * SECTOR)
-        if ((batchAt * SECTOR) + data.length > this.fileSize) this.fileSize = batchAt * SECTOR + data.length
+        const bytes = batch.reduce((n, b) => n + b.length, 0)
+        await writeExactv(this.fh, batch, batchAt * SECTOR)
+        if (batchAt * SECTOR + bytes > this.fileSize) this.fileSize = batchAt * SECTOR + bytes
         batchGrains.forEach((grain, k) => {
           const gt = this.gts[Math.floor(grain / COWD_GT_ENTRIES)] as Uint32Array
           gt[grain % COWD_GT_ENTRIES] = batchAt + k * gsec
@@ -265,7 +265,7 @@ export class CowdExtent implements Extent {
           this.cursor += gsec
           batch.push(g)
           batchGrains.push(grain)
-          if (batch.length >= 2048) await flushBatch()
+          if (batch.length >= 1024) await flushBatch() // IOV_MAX
         }
         p += n
       }

@@ -111,3 +111,13 @@ export async function settleAll (ps: Array<Promise<void>>): Promise<void> {
   const rs = await Promise.allSettled(ps)
   for (const r of rs) if (r.status === 'rejected') throw r.reason
 }
+
+/** Write several buffers back to back at pos (one writev; finishes a short write piecewise). */
+export async function writeExactv (fh: FileHandle, bufs: Buffer[], pos: number): Promise<void> {
+  if (bufs.length === 1) return await writeExact(fh, bufs[0], 0, bufs[0].length, pos)
+  const total = bufs.reduce((s, b) => s + b.length, 0)
+  const { bytesWritten } = await fh.writev(bufs, pos)
+  if (bytesWritten === total) return
+  const rest = Buffer.concat(bufs).subarray(bytesWritten)
+  await writeExact(fh, rest, 0, rest.length, pos + bytesWritten)
+}

@@ -9,7 +9,7 @@ import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { Mutex, readExact, settleAll, writeExact, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { Mutex, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
 import { BAD, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const KDMV_MAGIC = 0x564d444b
@@ -401,12 +401,12 @@ export class SparseExtent implements Extent {
         if (Math.floor(at / SECTOR) + batch.length * this.header.grainSize > 0xfffffff0) {
           throw new RedoError('ENOSPC', `${this.path}: the sparse extent cannot grow past 2 TiB`, this.path)
         }
-        const data = batch.length === 1 ? batch[0] : Buffer.concat(batch)
-        this.nextAlloc += data.length
+        const bytes = batch.reduce((n, b) => n + b.length, 0)
+        this.nextAlloc += bytes
         faultPoint('sparse.grain')
         // on failure the space is leaked (never referenced) and the next batch starts after it
-        await writeExact(this.fh, data, 0, data.length, at)
-        if (at + data.length > this.fileSize) this.fileSize = at + data.length
+        await writeExactv(this.fh, batch, at)
+        if (at + bytes > this.fileSize) this.fileSize = at + bytes
         const per = this.header.numGTEsPerGT
         batchGrains.forEach((grain, i) => {
           const gdi = Math.floor(grain / per)
