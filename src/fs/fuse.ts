@@ -4,6 +4,7 @@
  * See native-notes/ for why each option is there.
  */
 import Fuse = require('fuse-native')
+import { dirname } from 'node:path'
 import { errnoOf } from '../errors'
 import { log } from '../log'
 
@@ -44,3 +45,23 @@ export function once<T extends unknown[]> (op: string, cb: (code: number, ...res
     reply(errnoOf(e), ...([] as unknown as T))
   })
 }
+
+/**
+ * Patch level of the loaded fuse-native addon (0: the stock prebuild). Level 1 fixes the async
+ * handle leak; level 2 also honours per-open cache flags carried in the file handle's high
+ * bits (see scripts/native/). Loaded the way fuse-native loads it, so it is the same addon.
+ */
+export function patchLevel (): number {
+  try {
+    const gypBuild = require('node-gyp-build') as (dir: string) => { redofs_patch_level?: number }
+    const b = gypBuild(dirname(require.resolve('fuse-native/package.json')))
+    return typeof b.redofs_patch_level === 'number' ? b.redofs_patch_level : 0
+  } catch {
+    return 0
+  }
+}
+
+/** Handle bits a level-2 addon turns into fuse_file_info flags (and strips from fh). */
+export const FH_DIRECT_IO = 1 << 30
+export const FH_KEEP_CACHE = 1 << 29
+export const FH_MASK = FH_KEEP_CACHE - 1

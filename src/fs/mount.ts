@@ -2,14 +2,16 @@
  * The FUSE adapter: maps paths to store objects (tree.ts), FUSE calls to disk calls, errors to
  * errnos, and control-file writes to store commands. No format or chain logic lives here.
  */
+import { execFile } from 'node:child_process'
 import { statfs as statfsAsync } from 'node:fs/promises'
+import { join } from 'node:path'
 import type Fuse from 'fuse-native'
 import { RedoError } from '../errors'
 import { log } from '../log'
 import { USAGE } from '../store/args'
 import type { Disk, Generation } from '../store/disk'
 import type { Store } from '../store/store'
-import { TunedFuse, once } from './fuse'
+import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel } from './fuse'
 import { resolvePath, type Node } from './tree'
 
 const S_IFDIR = 0o040000
@@ -24,7 +26,7 @@ const EACCES = -13
 const EINVAL = -22
 
 type Handle =
-  | { kind: 'image', disk: Disk, gen: Generation | 'live', write: boolean }
+  | { kind: 'image', disk: Disk, gen: Generation | 'live', write: boolean, path: string }
   | { kind: 'text', data: Buffer }
   | { kind: 'command', node: Extract<Node, { kind: 'command' }> }
 
@@ -40,11 +42,19 @@ export class RedoMount {
   private readonly uid = process.getuid?.() ?? 0
   private readonly gid = process.getgid?.() ?? 0
   private readonly mountedAt = new Date()
+  /**
+   * 'per-open' (patched addon): the page cache serves images, each open says whether to keep
+   * what the kernel cached; 'direct': every file is direct_io (the stock addon cannot choose).
+   */
+  readonly cacheMode: 'per-open' | 'direct' = patchLevel() >= 2 ? 'per-open' : 'direct'
+  /** Per path: the content identity its cached pages belong to (a generation, or a live epoch). */
+  private readonly cachedAs = new Map<string, Generation | string>()
 
   constructor (readonly store: Store, readonly mnt: string, readonly opts: MountOptions = {}) {}
 
   async mount (): Promise<void> {
-    const extra = ['big_writes', 'direct_io', 'atomic_o_trunc']
+    const extra = ['big_writes', 'atomic_o_trunc']
+    if (this.cacheMode === 'direct') extra.push('direct_io')
     const fuse = new TunedFuse(this.mnt, this.ops(), {
       timeout: false,
       autoUnmount: true,
@@ -56,6 +66,11 @@ export class RedoMount {
     }, extra)
     await new Promise<void>((resolve, reject) => fuse.mount(err => err !== null && err !== undefined ? reject(err) : resolve()))
     this.fuse = fuse
+    if (this.cacheMode === 'per-open') {
+      for (const vm of this.store.vms.values()) {
+        for (const disk of vm.disks.values()) disk.onLiveChanged = async () => await this.dropLiveCache(vm.name, disk)
+      }
+    }
     // the mount callback fires before INIT is answered: let it through before anyone uses it
     await new Promise(resolve => setImmediate(resolve))
   }
@@ -72,9 +87,33 @@ export class RedoMount {
 
   private newHandle (h: Handle): number {
     const fh = this.nextFh
-    this.nextFh = this.nextFh >= 0x7ffffff0 ? 1 : this.nextFh + 1
+    this.nextFh = this.nextFh >= FH_MASK - 1 ? 1 : this.nextFh + 1
     this.handles.set(fh, h)
     return fh
+  }
+
+  private handle (fh: number): Handle | undefined {
+    return this.handles.get(fh & FH_MASK)
+  }
+
+  /**
+   * Cache flags for an image open (per-open mode). The kernel keeps one page cache per path, so
+   * pages may be kept only while they hold what this open will read: a live file's until its
+   * content changes under it (discard), a frozen path's until it names another generation.
+   * While descriptors of the old generation are still open on a renumbered path, new opens
+   * bypass the cache entirely, so neither side ever sees the other's pages.
+   */
+  private cacheFlags (path: string, disk: Disk, gen: Generation | 'live'): number {
+    if (this.cacheMode !== 'per-open') return 0
+    const identity = gen === 'live' ? `live:${disk.liveEpoch}` : gen
+    if (gen !== 'live') {
+      for (const h of this.handles.values()) {
+        if (h.kind === 'image' && h.path === path && h.gen !== gen) return FH_DIRECT_IO
+      }
+    }
+    const keep = this.cachedAs.get(path) === identity
+    this.cachedAs.set(path, identity)
+    return keep ? FH_KEEP_CACHE : 0
   }
 
   private stat (node: Node): Fuse.Stat {
@@ -139,7 +178,8 @@ export class RedoMount {
               return EROFS
             }
             n.disk.opened(n.gen)
-            return [0, this.newHandle({ kind: 'image', disk: n.disk, gen: n.gen, write: wantsWrite })]
+            const flags = this.cacheFlags(path, n.disk, n.gen)
+            return [0, this.newHandle({ kind: 'image', disk: n.disk, gen: n.gen, write: wantsWrite, path }) | flags]
           }
           case 'info':
             if (wantsWrite) return EACCES
@@ -150,7 +190,7 @@ export class RedoMount {
       }),
       create: (_path, _mode, cb) => cb(EPERM),
       read: (_path, fh, buf, len, pos, cb) => once('read', cb, async () => {
-        const h = this.handles.get(fh)
+        const h = this.handle(fh)
         if (h === undefined) return -9 // EBADF
         if (h.kind === 'image') return await h.disk.read(h.gen, buf, 0, pos, len)
         const data = h.kind === 'text' ? h.data : Buffer.from(this.usage(h.node))
@@ -158,7 +198,7 @@ export class RedoMount {
         return data.copy(buf, 0, pos, Math.min(data.length, pos + len))
       }),
       write: (_path, fh, buf, len, pos, cb) => once('write', cb, async () => {
-        const h = this.handles.get(fh)
+        const h = this.handle(fh)
         if (h === undefined) return -9
         if (h.kind === 'image') {
           if (!h.write) return -9
@@ -172,14 +212,14 @@ export class RedoMount {
         return len
       }),
       release: (_path, fh, cb) => once('release', cb, async () => {
-        const h = this.handles.get(fh)
-        this.handles.delete(fh)
+        const h = this.handle(fh)
+        this.handles.delete(fh & FH_MASK)
         if (h?.kind === 'image') h.disk.released(h.gen)
         return 0
       }),
       flush: (_path, _fh, cb) => cb(0),
       fsync: (_path, _datasync, fh, cb) => once('fsync', cb, async () => {
-        const h = this.handles.get(fh)
+        const h = this.handle(fh)
         if (h?.kind === 'image' && h.gen === 'live') await h.disk.fsync()
         return 0
       }),
@@ -214,6 +254,19 @@ export class RedoMount {
       link: (_s, _d, cb) => cb(EPERM),
       mknod: (_p, _m, _d, cb) => cb(EPERM)
     }
+  }
+
+  /**
+   * Pages of the live file cached through descriptors that stay open across a discard would be
+   * stale: an open from a child process, now without keep_cache (the epoch changed), makes the
+   * kernel drop them. Never a synchronous call on our own mount (that would deadlock).
+   */
+  private async dropLiveCache (vm: string, disk: Disk): Promise<void> {
+    const file = join(this.mnt, vm, `${disk.name}.img`)
+    await new Promise<void>(resolve => execFile('dd', [`if=${file}`, 'count=0', 'status=none'], err => {
+      if (err !== null) log.fs('dropping cached pages of %s: %s', file, err.message)
+      resolve()
+    }))
   }
 
   private truncate (n: Node, size: number): number {
