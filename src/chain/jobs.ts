@@ -34,6 +34,8 @@ export interface JobControl {
 }
 
 const COPY_CHUNK = 4 << 20
+/** Chunks a commit keeps in flight. */
+const COPY_WINDOW = 4
 
 /** Flush the top, freeze it, and add an empty monolithicSparse redo log above it. Returns its path. */
 export type RedoFormat = 'sparse' | 'cowd'
@@ -147,7 +149,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
 /** Copy every run the child holds into the parent through the parent's write path. */
 async function copyInto (child: Layer, parent: Layer, parentCID: number, layers: Layer[], belowIndex: Index | undefined, opts: JobControl): Promise<void> {
   await parent.beginSession(parentCID)
-  // the work as chunks; damaged runs were refused before the journal
+  // the work as chunks: neighbouring runs share a chunk; damaged runs were refused earlier
   const chunks: Array<{ pos: number, len: number, zero: boolean }> = []
   for (const r of child.runs()) {
     if (r.state === 'bad') continue
@@ -157,34 +159,37 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
   let done = 0
   opts.onProgress?.({ done, total })
   const zeros = Buffer.alloc(COPY_CHUNK)
-  const buffers = [Buffer.alloc(COPY_CHUNK), Buffer.alloc(COPY_CHUNK)]
   const below = async (b: Buffer, o: number, p: number, l: number): Promise<void> => {
     if (belowIndex !== undefined) await belowIndex.read(layers, b, o, p, l)
     else b.fill(0, o, o + l)
   }
-  // read chunk k+1 from the child while chunk k is written into the parent
-  const load = (k: number): Promise<Buffer> => {
-    const c = chunks[k]
-    if (c.zero) return Promise.resolve(zeros)
-    const b = buffers[k % 2]
-    return child.read(b, 0, c.pos, c.len).then(() => b)
-  }
-  let pending: Promise<Buffer> | undefined = chunks.length > 0 ? load(0) : undefined
-  try {
-    for (let k = 0; k < chunks.length; k++) {
-      const data = await (pending as Promise<Buffer>)
-      pending = undefined
+  // several chunks in flight: reads of the child and in-place writes of the parent overlap
+  // (allocating writes still take the parent's allocation lock one at a time)
+  const free: Buffer[] = Array.from({ length: COPY_WINDOW }, () => Buffer.alloc(COPY_CHUNK))
+  let next = 0
+  let stop = false
+  let failure: unknown
+  const worker = async (): Promise<void> => {
+    while (!stop && failure === undefined && next < chunks.length) {
+      const c = chunks[next++] // claimed before any await: workers never share a chunk
       if (opts.gate !== undefined) await opts.gate()
-      if (opts.cancelled?.() === true) break
-      if (k + 1 < chunks.length) pending = load(k + 1)
-      await parent.write(data, 0, chunks[k].pos, chunks[k].len, below)
-      done += chunks[k].len
+      if (opts.cancelled?.() === true) { stop = true; return }
+      const b = c.zero ? zeros : free.pop() as Buffer
+      try {
+        if (!c.zero) await child.read(b, 0, c.pos, c.len)
+        await parent.write(b, 0, c.pos, c.len, below)
+      } catch (e) {
+        failure ??= e
+      } finally {
+        if (!c.zero) free.push(b)
+      }
+      done += c.len
       faultPoint('commit.copy')
       opts.onProgress?.({ done, total })
     }
-  } finally {
-    if (pending !== undefined) await pending.catch(() => {})
   }
+  await Promise.all(Array.from({ length: COPY_WINDOW }, worker))
+  if (failure !== undefined) throw failure
   await parent.flush()
   await parent.endSession()
 }

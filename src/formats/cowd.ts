@@ -91,6 +91,7 @@ export class CowdExtent implements Extent {
   private readonly newGD = new Set<number>()
   private dataDirty = false
   private readonly mutex = new Mutex()
+  private readonly flushMutex = new Mutex()
   private unclean: number
 
   private constructor (readonly path: string, private readonly fh: FileHandle, readonly header: CowdHeader, private fileSize: number, readonly writable: boolean) {
@@ -293,7 +294,10 @@ export class CowdExtent implements Extent {
   /** Data, then grain tables, then directory entries and freeSector, each step durable. */
   async flush (): Promise<void> {
     if (!this.writable) return
-    await this.mutex.run(async () => {
+    // Not under the allocation lock: the snapshot below is taken synchronously, and an entry
+    // is set in memory only after its data was written, so every entry in the snapshot points
+    // at data the first datasync covers. Writes go on while the tables reach the disk.
+    await this.flushMutex.run(async () => {
       if (this.dirtyGTs.size === 0 && !this.dataDirty) return
       const tables = [...this.dirtyGTs].map(gdi => ({ gdi, at: this.gd[gdi], bytes: Buffer.from((this.gts[gdi] as Uint32Array).slice().buffer) }))
       const dirs = [...this.newGD]

@@ -171,6 +171,7 @@ export class SparseExtent implements Extent {
   private dataDirty = false
   private allocated = 0
   private readonly mutex = new Mutex()
+  private readonly flushMutex = new Mutex()
   private streamCache = new Map<number, Buffer>()
   /** On-disk values of entries held as BAD in memory: flushes write these back, never BAD. */
   private readonly badOriginal = new Map<number, number>()
@@ -515,7 +516,10 @@ export class SparseExtent implements Extent {
   /** Data first, then grain tables (primary, then redundant), each step made durable (VMDK.md §9.1). */
   async flush (): Promise<void> {
     if (!this.writable) return
-    await this.mutex.run(async () => {
+    // Not under the allocation lock: the snapshot below is taken synchronously, and an entry
+    // is set in memory only after its data was written, so every entry in the snapshot points
+    // at data the first datasync covers. Writes go on while the tables reach the disk.
+    await this.flushMutex.run(async () => {
       if (this.dirtyGTs.size === 0 && !this.dataDirty) return
       const per = this.header.numGTEsPerGT
       const tables = [...this.dirtyGTs].filter(gdi => !this.badTables.has(gdi)).map(gdi => {

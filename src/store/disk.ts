@@ -57,7 +57,7 @@ export class Disk {
   private opens = new Map<Generation | 'live', number>()
   private running: Promise<void> | null = null
   /** Pause/cancel state of the running commit. */
-  private ctl = { paused: false, cancel: false, wake: null as (() => void) | null, pausedMs: 0, pausedAt: 0, freezing: false }
+  private ctl = { paused: false, cancel: false, wake: [] as Array<() => void>, pausedMs: 0, pausedAt: 0, freezing: false }
   private flushTimer: NodeJS.Timeout | null = null
   /** Called when the chain top file changes (to keep the .vmx pointing at it). */
   onTopChanged: (() => Promise<void>) | null = null
@@ -273,17 +273,18 @@ export class Disk {
       this.ctl.pausedMs += Date.now() - this.ctl.pausedAt
       if (this.job !== null) this.job.state = 'running'
     }
-    const w = this.ctl.wake
-    this.ctl.wake = null
-    if (w !== null) w()
+    const ws = this.ctl.wake
+    this.ctl.wake = []
+    for (const w of ws) w()
   }
 
+  /** Between chunks: every copying worker of a paused commit waits here. */
   private async jobGate (): Promise<void> {
-    while (this.ctl.paused && !this.ctl.cancel) await new Promise<void>(resolve => { this.ctl.wake = resolve })
+    while (this.ctl.paused && !this.ctl.cancel) await new Promise<void>(resolve => { this.ctl.wake.push(resolve) })
   }
 
   private runJob (kind: JobState['kind'], args: string, body: (st: JobState) => Promise<void>): Promise<void> {
-    this.ctl = { paused: false, cancel: false, wake: null, pausedMs: 0, pausedAt: 0, freezing: false }
+    this.ctl = { paused: false, cancel: false, wake: [], pausedMs: 0, pausedAt: 0, freezing: false }
     const st: JobState = { kind, args: args.trim(), state: 'running', done: 0, total: 0, started: new Date().toISOString() }
     this.job = st
     const p = (async () => {
