@@ -122,6 +122,8 @@ export async function soakVariant (chain: TestChain, variant: 'patched' | 'stock
     if (variant === 'stock' && p0.patchLevel !== null) throw new Error(`stock variant loaded the patched ${p0.addon}`)
     log(`soak ${variant}: ${p0.addon}`)
     const before = await digest(file, 64 * MiB)
+    // warm-up (JIT, backing page cache) so that round 0 is a fair baseline; one reader: no churn
+    await fioSeq(file, o.measureSeconds)
     const t0 = Date.now()
     for (let r = 0; r < o.rounds; r++) {
       // round 0 measures the fresh mount; every later round churns first

@@ -13,6 +13,10 @@ have fusermount || need_pkgs+=(fuse)
 have mkfs.ext4  || need_pkgs+=(e2fsprogs)
 have losetup    || need_pkgs+=(mount)
 have setpriv    || need_pkgs+=(util-linux)
+have make       || need_pkgs+=(make)
+have g++        || need_pkgs+=(g++)
+have python3    || need_pkgs+=(python3)
+have patch      || need_pkgs+=(patch)
 /usr/bin/python3 -c 'import pyvmdk' 2>/dev/null || need_pkgs+=(python3-libvmdk)
 ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || need_pkgs+=(libfuse2)
 
@@ -34,5 +38,9 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
   echo "setup: npm ci"
   npm ci --no-audit --no-fund --loglevel=error
 fi
+
+# fuse-native from its own C source with our patch (handle leak, per-open cache flags); a fast
+# no-op when the patched addon is already built. See native-notes/leak.md.
+bash scripts/build-fuse-native.sh
 
 npx tsc -p tsconfig.json

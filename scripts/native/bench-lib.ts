@@ -265,19 +265,21 @@ export async function mountRedofs (store: string, mnt: string, opts: RedofsServe
  */
 export async function mountQsd (top: string, file: string, writable: boolean): Promise<Server> {
   if (!existsSync(file)) closeSync(openSync(file, 'w'))
+  // read-only nodes take shared locks only, so several daemons (and redofs) can open the chain
+  const ro = writable ? '' : ',read-only=on'
   const args = [
-    '--blockdev', `driver=file,node-name=f,filename=${top}`,
-    '--blockdev', 'driver=vmdk,node-name=v,file=f',
+    '--blockdev', `driver=file,node-name=f,filename=${top}${ro}`,
+    '--blockdev', `driver=vmdk,node-name=v,file=f${ro}`,
     '--export', `type=fuse,id=e,node-name=v,mountpoint=${file},writable=${writable ? 'on' : 'off'}`
   ]
   return await startServer('qsd', 'qemu-storage-daemon', args, file, () => isMounted(file))
 }
 
-/** The fuse-native passthrough of one raw file (dist/scripts/bench-passthrough.js): <mnt>/disk.img. */
-export async function mountPassthrough (raw: string, mnt: string, opts: { directIo?: boolean, env?: NodeJS.ProcessEnv } = {}): Promise<Server> {
+/** The fuse-native passthrough of one raw file (dist/scripts/bench-passthrough.js): <mnt>/disk.img; cached: no direct_io, kernel_cache. */
+export async function mountPassthrough (raw: string, mnt: string, opts: { cached?: boolean, env?: NodeJS.ProcessEnv } = {}): Promise<Server> {
   const script = join(ROOT, 'dist', 'scripts', 'bench-passthrough.js')
   const args = [script, raw, mnt]
-  if (opts.directIo === false) args.push('--no-direct-io')
+  if (opts.cached === true) args.push('--cached')
   return await startServer('passthrough', process.execPath, args, mnt, out => out.includes('READY'), { env: opts.env })
 }
 

@@ -6,6 +6,7 @@ import { mkdir, readFile, unlink, writeFile } from 'node:fs/promises'
 import { readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
+import { patchLevel } from '../fs/fuse'
 import { RedoMount, type MountOptions } from '../fs/mount'
 import { log } from '../log'
 import { Store, type StoreOptions } from '../store/store'
@@ -67,6 +68,9 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
   }
   for (const vm of store.vms.values()) {
     for (const err of vm.errors) process.stderr.write(`redofs: left out: ${err.message}\n`)
+  }
+  if (patchLevel() < 2) {
+    process.stderr.write('redofs: warning: the stock fuse-native addon is loaded: long-running mounts slow down (leaked handles) and every file is direct_io; build the patched one with bash scripts/build-fuse-native.sh\n')
   }
   announce(`mounted ${store.root} at ${resolve(mnt)}`)
 }

@@ -2,9 +2,7 @@
  * The FUSE adapter: maps paths to store objects (tree.ts), FUSE calls to disk calls, errors to
  * errnos, and control-file writes to store commands. No format or chain logic lives here.
  */
-import { execFile } from 'node:child_process'
 import { statfs as statfsAsync } from 'node:fs/promises'
-import { join } from 'node:path'
 import type Fuse from 'fuse-native'
 import { RedoError } from '../errors'
 import { log } from '../log'
@@ -47,8 +45,8 @@ export class RedoMount {
    * what the kernel cached; 'direct': every file is direct_io (the stock addon cannot choose).
    */
   readonly cacheMode: 'per-open' | 'direct' = patchLevel() >= 2 ? 'per-open' : 'direct'
-  /** Per path: the content identity its cached pages belong to (a generation, or a live epoch). */
-  private readonly cachedAs = new Map<string, Generation | string>()
+  /** Per frozen path: the generation its cached pages belong to. */
+  private readonly cachedAs = new Map<string, Generation>()
 
   constructor (readonly store: Store, readonly mnt: string, readonly opts: MountOptions = {}) {}
 
@@ -66,11 +64,6 @@ export class RedoMount {
     }, extra)
     await new Promise<void>((resolve, reject) => fuse.mount(err => err !== null && err !== undefined ? reject(err) : resolve()))
     this.fuse = fuse
-    if (this.cacheMode === 'per-open') {
-      for (const vm of this.store.vms.values()) {
-        for (const disk of vm.disks.values()) disk.onLiveChanged = async () => await this.dropLiveCache(vm.name, disk)
-      }
-    }
     // the mount callback fires before INIT is answered: let it through before anyone uses it
     await new Promise(resolve => setImmediate(resolve))
   }
@@ -98,21 +91,21 @@ export class RedoMount {
 
   /**
    * Cache flags for an image open (per-open mode). The kernel keeps one page cache per path, so
-   * pages may be kept only while they hold what this open will read: a live file's until its
-   * content changes under it (discard), a frozen path's until it names another generation.
+   * a frozen path's pages may be kept only while the path names the same generation.
    * While descriptors of the old generation are still open on a renumbered path, new opens
    * bypass the cache entirely, so neither side ever sees the other's pages.
    */
-  private cacheFlags (path: string, disk: Disk, gen: Generation | 'live'): number {
+  private cacheFlags (path: string, gen: Generation | 'live'): number {
     if (this.cacheMode !== 'per-open') return 0
-    const identity = gen === 'live' ? `live:${disk.liveEpoch}` : gen
-    if (gen !== 'live') {
-      for (const h of this.handles.values()) {
-        if (h.kind === 'image' && h.path === path && h.gen !== gen) return FH_DIRECT_IO
-      }
+    // The live file stays direct: through the page cache the kernel splits an unaligned write
+    // at its first partial page into several requests, and an addredo falling between them
+    // would freeze half of one write(2).
+    if (gen === 'live') return FH_DIRECT_IO
+    for (const h of this.handles.values()) {
+      if (h.kind === 'image' && h.path === path && h.gen !== gen) return FH_DIRECT_IO
     }
-    const keep = this.cachedAs.get(path) === identity
-    this.cachedAs.set(path, identity)
+    const keep = this.cachedAs.get(path) === gen
+    this.cachedAs.set(path, gen)
     return keep ? FH_KEEP_CACHE : 0
   }
 
@@ -178,7 +171,7 @@ export class RedoMount {
               return EROFS
             }
             n.disk.opened(n.gen)
-            const flags = this.cacheFlags(path, n.disk, n.gen)
+            const flags = this.cacheFlags(path, n.gen)
             return [0, this.newHandle({ kind: 'image', disk: n.disk, gen: n.gen, write: wantsWrite, path }) | flags]
           }
           case 'info':
@@ -254,19 +247,6 @@ export class RedoMount {
       link: (_s, _d, cb) => cb(EPERM),
       mknod: (_p, _m, _d, cb) => cb(EPERM)
     }
-  }
-
-  /**
-   * Pages of the live file cached through descriptors that stay open across a discard would be
-   * stale: an open from a child process, now without keep_cache (the epoch changed), makes the
-   * kernel drop them. Never a synchronous call on our own mount (that would deadlock).
-   */
-  private async dropLiveCache (vm: string, disk: Disk): Promise<void> {
-    const file = join(this.mnt, vm, `${disk.name}.img`)
-    await new Promise<void>(resolve => execFile('dd', [`if=${file}`, 'count=0', 'status=none'], err => {
-      if (err !== null) log.fs('dropping cached pages of %s: %s', file, err.message)
-      resolve()
-    }))
   }
 
   private truncate (n: Node, size: number): number {

@@ -61,10 +61,6 @@ export class Disk {
   private flushTimer: NodeJS.Timeout | null = null
   /** Called when the chain top file changes (to keep the .vmx pointing at it). */
   onTopChanged: (() => Promise<void>) | null = null
-  /** Bumped when the live content changes other than by writes (discard). */
-  liveEpoch = 0
-  /** Called after the live content changed under open files (the mount drops cached pages). */
-  onLiveChanged: (() => Promise<void>) | null = null
 
   constructor (
     readonly vm: string,
@@ -383,10 +379,8 @@ export class Disk {
       const dropped = await discard(this.chain, to, { force })
       this.frozen = this.frozen.slice(0, to)
       this.shape++
-      this.liveEpoch++
       if (dropped !== undefined) this.notice(`label "${dropped}" dropped: discard made generation ${to} live again`)
     })
-    if (this.onLiveChanged !== null) await this.onLiveChanged()
     await this.topChanged()
   }
 

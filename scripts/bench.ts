@@ -1,0 +1,587 @@
+/**
+ * The benchmark (npm run bench): redofs against qemu-storage-daemon's FUSE export of the same
+ * chain, a fuse-native passthrough of a raw copy (the JS-over-FUSE ceiling), the raw copy read
+ * by the kernel directly, and qemu-img commit. One run measures everything and prints the
+ * absolute figures, the ratios and the issue's targets; results go to .bench/results.json.
+ *
+ *   node dist/scripts/bench.js [--only read,write,commit,open,soak] [--quick] [--runs N]
+ *                              [--profile] [--keep] [--json FILE]
+ *
+ *   read    2 GiB chain (monolithicSparse base + redo logs rewriting 25 % and 10 % of the
+ *           grains): sequential dd reads (bs 4k, 128k, 1M) and fio random 4k reads of the live
+ *           generation and of frozen generation 1, page cache cold (drop_caches before every
+ *           run) and warm; through redofs, QSD, the passthrough (with redofs' options, and
+ *           "cached": no direct_io, kernel_cache), and the raw file itself. All servers are
+ *           mounted at once and the targets take turns run by run, so load changes on a
+ *           shared machine hit them alike.
+ *   write   sequential allocating writes into an empty top, then overwrites (bs 1M and 64k):
+ *           redofs (after addredo) against QSD writable (a qemu-img child of the same frozen
+ *           file), alternating run by run; no fsync, `sync` between runs.
+ *   commit  offline `redofs commit <disk> level=0` of the 25 % redo log (512 MiB) against
+ *           `qemu-img commit` of an identical copy.
+ *   open    2 TiB sparse chain with 1 GiB allocated: time until `redofs mount` announces
+ *           "mounted", and the server's RSS.
+ *   soak    the handle-leak soak (scripts/bench-soak.ts), stock prebuild and patched build.
+ *   --profile  extra passes with the redofs server under node --cpu-prof (read, then write
+ *           workload); prints the top self-time functions. Not part of the timed figures.
+ *
+ * Needs root (drop_caches, FUSE), fio, qemu-img/qemu-io, qemu-storage-daemon (installed with
+ * apt-get when missing). Works under /tmp/redofs-bench-*; every mount is undone at exit.
+ * The machine this was written on has 2 vCPUs and noisy neighbours: read ratios, not digits.
+ */
+import { spawnSync } from 'node:child_process'
+import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { cpus, loadavg, totalmem } from 'node:os'
+import { dirname, join } from 'node:path'
+import {
+  GiB, MiB, ROOT, benchDir, buildChain, ddRead, ddWrite, dropCaches, ensureTools, fioRandRead, log, median,
+  mountPassthrough, mountQsd, mountRedofs, must, rawOf, redofs, rssOf, run, sleep, sweepMounts,
+  type Server, type TestChain
+} from './native/bench-lib'
+import { soakOptions, soakTable, soakVariant, type SoakVariant } from './bench-soak'
+
+// ---------------------------------------------------------------------------------------------
+// options
+
+const argv = process.argv.slice(2)
+const flag = (name: string): boolean => argv.includes(`--${name}`)
+const value = (name: string): string | undefined => { const i = argv.indexOf(`--${name}`); return i >= 0 ? argv[i + 1] : undefined }
+const SECTIONS = ['read', 'write', 'commit', 'open', 'soak'] as const
+type Section = typeof SECTIONS[number]
+const only = new Set<Section>((value('only') ?? SECTIONS.join(',')).split(',').map(s => s.trim()).filter(s => s !== '') as Section[])
+for (const s of only) if (!SECTIONS.includes(s)) throw new Error(`--only: unknown section "${s}" (known: ${SECTIONS.join(',')})`)
+const quick = flag('quick')
+const runs = Number(value('runs') ?? (quick ? 1 : 3))
+const profile = flag('profile')
+const keep = flag('keep')
+
+const SIZES = quick
+  ? { seq4k: 32 * MiB, seq: 256 * MiB, randSeconds: 2, randRegion: 256 * MiB, write1M: 128 * MiB, write64k: 64 * MiB, openRuns: 2 }
+  : { seq4k: 32 * MiB, seq: 1 * GiB, randSeconds: 2, randRegion: 1 * GiB, write1M: 256 * MiB, write64k: 128 * MiB, openRuns: 3 }
+
+// ---------------------------------------------------------------------------------------------
+// results
+
+interface Cell { median: number, samples: number[], unit: 'MB/s' | 'IOPS' | 's' | 'ms' | 'MiB' }
+type Results = Record<string, unknown> & {
+  env: Record<string, unknown>
+  read?: Record<string, Record<string, Cell>>
+  write?: Record<string, Record<string, Cell>>
+  commit?: Record<string, Cell>
+  open?: Record<string, Cell>
+  soak?: SoakVariant[]
+  profile?: Record<string, ProfileLine[]>
+  ratios: Record<string, number>
+  targets: Array<{ target: string, value: string, pass: boolean }>
+}
+
+const results: Results = {
+  env: {
+    date: new Date().toISOString(),
+    node: process.version,
+    kernel: spawnSync('uname', ['-r'], { encoding: 'utf8' }).stdout.trim(),
+    cpus: cpus().length,
+    memGiB: Math.round(totalmem() / GiB),
+    quick,
+    runs,
+    sizes: SIZES,
+    loadavgStart: loadavg().map(x => Math.round(x * 100) / 100)
+  },
+  ratios: {},
+  targets: []
+}
+
+const cell = (samples: number[], unit: Cell['unit']): Cell => ({ median: median(samples), samples: samples.map(x => Math.round(x * 100) / 100), unit })
+
+function section (name: string): void {
+  log(`\n=== ${name} (load ${loadavg().map(x => x.toFixed(1)).join(' ')}) ===`)
+}
+
+// ---------------------------------------------------------------------------------------------
+// read
+
+const BS = [{ label: '4k', bs: 4096 }, { label: '128k', bs: 128 * 1024 }, { label: '1M', bs: MiB }]
+
+interface Target { name: string, file: string }
+
+async function withServer<T> (start: () => Promise<Server>, fn: (s: Server) => Promise<T>): Promise<T> {
+  const s = await start()
+  try {
+    return await fn(s)
+  } finally {
+    await s.stop()
+  }
+}
+
+/**
+ * The read matrix over all targets at once, interleaved so that a change of machine load hits
+ * every target alike: for each workload, the cold runs of all targets (drop_caches before each),
+ * then one unmeasured pass per target to fill the caches, then the warm runs of all targets.
+ * The starting target rotates from run to run.
+ */
+async function readMatrix (targets: Target[]): Promise<Record<string, Record<string, Cell>>> {
+  const out: Record<string, Record<string, Cell>> = {}
+  for (const t of targets) out[t.name] = {}
+  const order = (r: number): Target[] => targets.map((_, i) => targets[(i + r) % targets.length])
+  const workloads: Array<{ label: string, unit: Cell['unit'], once: (file: string) => Promise<number>, fill: (file: string) => Promise<unknown> }> = [
+    ...BS.map(({ label, bs }) => {
+      const bytes = bs === 4096 ? SIZES.seq4k : SIZES.seq
+      return { label: `seq ${label}`, unit: 'MB/s' as const, once: async (f: string) => (await ddRead(f, bs, bytes)).MBps, fill: async (f: string) => await ddRead(f, MiB, bytes) }
+    }),
+    // random 4k over the first randRegion bytes
+    {
+      label: 'rand 4k',
+      unit: 'IOPS' as const,
+      once: async (f: string) => (await fioRandRead(f, { seconds: SIZES.randSeconds, direct: false, size: SIZES.randRegion })).iops,
+      fill: async (f: string) => await ddRead(f, MiB, SIZES.randRegion)
+    }
+  ]
+  for (const w of workloads) {
+    const cold = new Map<string, number[]>(targets.map(t => [t.name, []]))
+    const warm = new Map<string, number[]>(targets.map(t => [t.name, []]))
+    for (let r = 0; r < runs; r++) {
+      for (const t of order(r)) {
+        dropCaches()
+        cold.get(t.name)?.push(await w.once(t.file))
+      }
+    }
+    for (const t of targets) await w.fill(t.file)
+    for (let r = 0; r < runs; r++) {
+      for (const t of order(r)) warm.get(t.name)?.push(await w.once(t.file))
+    }
+    for (const t of targets) {
+      out[t.name][`${w.label} cold`] = cell(cold.get(t.name) as number[], w.unit)
+      out[t.name][`${w.label} warm`] = cell(warm.get(t.name) as number[], w.unit)
+    }
+    log(`  ${w.label.padEnd(8)} cold/warm ${w.unit}: ` + targets.map(t => `${t.name} ${fmt(out[t.name][`${w.label} cold`].median)}/${fmt(out[t.name][`${w.label} warm`].median)}`).join(', '))
+  }
+  return out
+}
+
+async function benchRead (dir: string, chain: TestChain): Promise<void> {
+  section('read')
+  const live = chain.files.length - 1
+  const frozen = 1
+  const rawLive = await rawOf(chain, live, join(dir, 'live.raw'))
+  const rawFrozen = await rawOf(chain, frozen, join(dir, 'frozen.raw'))
+  // every server at once (QSD opens the chain read-only; nothing writes during this section)
+  const servers: Server[] = []
+  try {
+    const r = await mountRedofs(chain.store, join(dir, 'mnt-redofs'))
+    servers.push(r)
+    const ql = await mountQsd(chain.files[live], join(dir, 'qsd-live.raw'), false)
+    servers.push(ql)
+    const qf = await mountQsd(chain.files[frozen], join(dir, 'qsd-frozen.raw'), false)
+    servers.push(qf)
+    const pt = await mountPassthrough(rawLive, join(dir, 'mnt-pt'))
+    servers.push(pt)
+    // what a frozen generation could get from the kernel's page cache (no direct_io, kernel_cache)
+    const ptc = await mountPassthrough(rawFrozen, join(dir, 'mnt-ptc'), { cached: true })
+    servers.push(ptc)
+    const redofsLive = join(r.mnt, 'vm', 'disk.img')
+    // sanity: the mount serves what qemu-img converts
+    const a = await must('sh', ['-c', `dd if=${redofsLive} bs=1M count=64 skip=512 status=none | sha256sum`])
+    const b = await must('sh', ['-c', `dd if=${rawLive} bs=1M count=64 skip=512 status=none | sha256sum`])
+    if (a.stdout !== b.stdout) throw new Error('redofs live generation differs from qemu-img convert of the chain')
+    results.read = await readMatrix([
+      { name: 'redofs live', file: redofsLive },
+      { name: 'redofs frozen', file: join(r.mnt, 'vm', `disk@${frozen}.img`) },
+      { name: 'QSD live', file: ql.mnt },
+      { name: 'QSD frozen', file: qf.mnt },
+      { name: 'passthrough', file: join(pt.mnt, 'disk.img') },
+      { name: 'passthrough cached', file: join(ptc.mnt, 'disk.img') },
+      { name: 'raw file', file: rawLive }
+    ])
+  } finally {
+    for (const s of servers.reverse()) await s.stop()
+  }
+  // cat of the raw reference: the kernel ceiling
+  const catCold: number[] = []
+  const catWarm: number[] = []
+  for (let r = 0; r < runs; r++) {
+    dropCaches()
+    catCold.push(await catMBps(rawLive))
+  }
+  for (let r = 0; r < runs; r++) catWarm.push(await catMBps(rawLive))
+  results.read['raw file']['cat cold'] = cell(catCold, 'MB/s')
+  results.read['raw file']['cat warm'] = cell(catWarm, 'MB/s')
+  log(`  ${'cat raw'.padEnd(8)} cold ${fmt(median(catCold))} warm ${fmt(median(catWarm))} MB/s`)
+  rmSync(rawLive, { force: true })
+  rmSync(rawFrozen, { force: true })
+}
+
+async function catMBps (file: string): Promise<number> {
+  const size = statSync(file).size
+  const t0 = process.hrtime.bigint()
+  await must('sh', ['-c', `cat "${file}" > /dev/null`])
+  return size / (Number(process.hrtime.bigint() - t0) / 1e9) / 1e6
+}
+
+// ---------------------------------------------------------------------------------------------
+// write
+
+interface WriteSpec { label: string, bs: number, bytes: number, base: number }
+
+function writeSpecs (): WriteSpec[] {
+  // allocating runs land in distinct, never-written regions of the new top; overwrites rewrite them
+  const r1 = SIZES.write1M
+  const r64 = SIZES.write64k
+  return [
+    { label: '1M', bs: MiB, bytes: r1, base: 0 },
+    { label: '64k', bs: 64 * 1024, bytes: r64, base: runs * r1 }
+  ]
+}
+
+/** Writes, QSD and redofs alternating run by run (each run into its own never-written region). */
+async function writeMatrix (targets: Target[], src: string): Promise<Record<string, Record<string, Cell>>> {
+  const out: Record<string, Record<string, Cell>> = {}
+  for (const t of targets) out[t.name] = {}
+  for (const mode of ['alloc', 'overwrite'] as const) {
+    for (const w of writeSpecs()) {
+      const xs = new Map<string, number[]>(targets.map(t => [t.name, []]))
+      for (let r = 0; r < runs; r++) {
+        for (let i = 0; i < targets.length; i++) {
+          const t = targets[(i + r) % targets.length]
+          await must('sync', [])
+          xs.get(t.name)?.push((await ddWrite(src, t.file, w.bs, w.bytes, w.base + r * w.bytes)).MBps)
+        }
+      }
+      for (const t of targets) out[t.name][`${mode} ${w.label}`] = cell(xs.get(t.name) as number[], 'MB/s')
+      log(`  ${mode.padEnd(9)} ${w.label.padEnd(4)} MB/s: ` + targets.map(t => `${t.name} ${fmt(out[t.name][`${mode} ${w.label}`].median)}`).join(', '))
+    }
+  }
+  return out
+}
+
+async function benchWrite (dir: string, chain: TestChain): Promise<void> {
+  section('write')
+  const need = runs * (SIZES.write1M + SIZES.write64k)
+  if (need > chain.size) throw new Error('write regions exceed the disk')
+  const src = join(dir, 'random.src')
+  await must('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SIZES.write1M / MiB}`, 'status=none'])
+  await must('cat', [src]) // page cache
+  // redofs: addredo freezes the top and gives the live file an empty redo log
+  await redofs('addredo', chain.disk)
+  // QSD: a fresh qemu-img child of the same (now frozen) file, outside the store (redofs must not see it)
+  const qdir = join(dir, 'qsd-write')
+  mkdirSync(qdir, { recursive: true })
+  const qtop = join(qdir, 'top.vmdk')
+  await must('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', chain.files[chain.files.length - 1], '-F', 'vmdk', qtop])
+  const servers: Server[] = []
+  try {
+    const q = await mountQsd(qtop, join(dir, 'qsd-write.raw'), true)
+    servers.push(q)
+    const r = await mountRedofs(chain.store, join(dir, 'mnt-redofs-w'))
+    servers.push(r)
+    results.write = await writeMatrix([{ name: 'redofs', file: join(r.mnt, 'vm', 'disk.img') }, { name: 'QSD', file: q.mnt }], src)
+  } finally {
+    for (const s of servers.reverse()) await s.stop()
+  }
+  await must('sync', [])
+  rmSync(qdir, { recursive: true, force: true })
+}
+
+// ---------------------------------------------------------------------------------------------
+// commit
+
+async function benchCommit (dir: string, chain: TestChain): Promise<void> {
+  section('commit')
+  // base + the 25 % redo log (generation 1 of the read chain), copied fresh for every run
+  const files = [chain.files[0], chain.files[1]]
+  const mb = Math.round(statSync(files[1]).size / 1e6)
+  const fresh = async (tag: string): Promise<string> => {
+    const vm = join(dir, `commit-${tag}`, 'store', 'vm')
+    rmSync(join(dir, `commit-${tag}`), { recursive: true, force: true })
+    mkdirSync(vm, { recursive: true })
+    for (const f of files) copyFileSync(f, join(vm, f.split('/').pop() as string))
+    await must('sync', [])
+    return vm
+  }
+  const ours: number[] = []
+  const theirs: number[] = []
+  for (let r = 0; r < runs; r++) {
+    let vm = await fresh('redofs')
+    let t0 = process.hrtime.bigint()
+    await redofs('commit', join(vm, 'disk'), 'level=0')
+    ours.push(Number(process.hrtime.bigint() - t0) / 1e9)
+    vm = await fresh('qemu')
+    t0 = process.hrtime.bigint()
+    await must('qemu-img', ['commit', '-q', '-f', 'vmdk', join(vm, 'disk-000001.vmdk')])
+    theirs.push(Number(process.hrtime.bigint() - t0) / 1e9)
+    log(`  commit run ${r}: redofs ${ours[r].toFixed(2)} s, qemu-img ${theirs[r].toFixed(2)} s (redo log file ${mb} MB)`)
+  }
+  rmSync(join(dir, 'commit-redofs'), { recursive: true, force: true })
+  rmSync(join(dir, 'commit-qemu'), { recursive: true, force: true })
+  results.commit = { 'redofs commit': cell(ours, 's'), 'qemu-img commit': cell(theirs, 's'), 'redo log MB': cell([mb], 'MiB') }
+}
+
+// ---------------------------------------------------------------------------------------------
+// open
+
+async function benchOpen (dir: string): Promise<void> {
+  section('open')
+  const vmDir = join(dir, 'open', 'store', 'vm')
+  const disk = join(vmDir, 'disk')
+  await redofs('create', disk, '--size', '2T')
+  await redofs('addredo', disk)
+  const pieces = 1024
+  const step = Math.floor((2 * 2 ** 40) / pieces / MiB) * MiB
+  const cmds: string[] = []
+  for (let i = 0; i < pieces; i++) cmds.push('-c', `write -P ${(i % 250) + 1} ${i * step} 1M`)
+  await must('qemu-io', ['-t', 'unsafe', '-f', 'vmdk', ...cmds, join(vmDir, 'disk-000001.vmdk')])
+  await must('sync', [])
+  const ms: number[] = []
+  const rss: number[] = []
+  const hwm: number[] = []
+  const rssAfterRead: number[] = []
+  for (let r = 0; r < SIZES.openRuns; r++) {
+    dropCaches()
+    await withServer(async () => await mountRedofs(join(dir, 'open', 'store'), join(dir, 'open', 'mnt')), async s => {
+      const m = s as Server & { readyMs: number }
+      ms.push(m.readyMs)
+      const pid = s.child.pid as number
+      rss.push(rssOf(pid).rssMiB)
+      // read 64 MiB scattered over the disk (touching many grain tables)
+      await must('sh', ['-c', `for i in $(seq 0 63); do dd if="${join(s.mnt, 'vm', 'disk.img')}" of=/dev/null bs=1M count=1 skip=$((i * ${step / MiB} * 16)) status=none; done`])
+      const after = rssOf(pid)
+      rssAfterRead.push(after.rssMiB)
+      hwm.push(after.hwmMiB)
+    })
+    log(`  open run ${r}: mounted in ${ms[r].toFixed(0)} ms, RSS ${rss[r].toFixed(0)} MiB (after reads ${rssAfterRead[r].toFixed(0)}, peak ${hwm[r].toFixed(0)})`)
+  }
+  const base = spawnSync(process.execPath, ['-e', 'console.log(process.resourceUsage().maxRSS / 1024)'], { encoding: 'utf8' })
+  results.open = {
+    'mount ms': cell(ms, 'ms'),
+    'RSS MiB': cell(rss, 'MiB'),
+    'RSS after reads MiB': cell(rssAfterRead, 'MiB'),
+    'peak RSS MiB': cell(hwm, 'MiB'),
+    'bare node peak RSS MiB': cell([Number(base.stdout)], 'MiB')
+  }
+  rmSync(join(dir, 'open'), { recursive: true, force: true })
+}
+
+// ---------------------------------------------------------------------------------------------
+// soak
+
+async function benchSoak (chain: TestChain): Promise<void> {
+  section('soak')
+  const o = soakOptions(quick, quick ? { rounds: 4 } : { rounds: 6 })
+  const out: SoakVariant[] = []
+  for (const v of ['stock', 'patched'] as const) out.push(await soakVariant(chain, v, o))
+  results.soak = out
+}
+
+// ---------------------------------------------------------------------------------------------
+// profile
+
+/** selfPct: share of the JS thread's busy (non-idle) samples; the '(idle)' line gives idle as a share of all. */
+interface ProfileLine { selfPct: number, selfMs: number, fn: string, where: string }
+
+interface CpuProfile {
+  nodes: Array<{ id: number, callFrame: { functionName: string, url: string, lineNumber: number }, hitCount?: number }>
+  samples: number[]
+  timeDeltas: number[]
+}
+
+/** Self time per function of a .cpuprofile, top `n`. */
+export function summariseProfile (file: string, n = 15): ProfileLine[] {
+  const p = JSON.parse(readFileSync(file, 'utf8')) as CpuProfile
+  const byId = new Map(p.nodes.map(x => [x.id, x]))
+  const self = new Map<string, number>()
+  let total = 0
+  for (let i = 0; i < p.samples.length; i++) {
+    const node = byId.get(p.samples[i])
+    const dt = p.timeDeltas[i] ?? 0
+    if (node === undefined) continue
+    const cf = node.callFrame
+    const where = cf.url === '' ? '' : `${cf.url.replace(/^file:\/\//, '').replace(ROOT + '/', '')}:${cf.lineNumber + 1}`
+    const key = `${cf.functionName === '' ? '(anonymous)' : cf.functionName}\t${where}`
+    self.set(key, (self.get(key) ?? 0) + dt)
+    total += dt
+  }
+  const idleKey = '(idle)\t'
+  const idle = self.get(idleKey) ?? 0
+  self.delete(idleKey)
+  const busy = total - idle
+  const lines = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, n).map(([k, us]) => {
+    const [fn, where] = k.split('\t')
+    return { selfPct: Math.round(1000 * us / busy) / 10, selfMs: Math.round(us / 1000), fn, where }
+  })
+  return [{ selfPct: Math.round(1000 * idle / total) / 10, selfMs: Math.round(idle / 1000), fn: '(idle)', where: 'share of all samples; the lines below are shares of the busy ones' }, ...lines]
+}
+
+async function benchProfile (dir: string, chain: TestChain): Promise<void> {
+  section('profile (node --cpu-prof on the redofs server)')
+  results.profile = {}
+  const src = join(dir, 'random.src')
+  if (!existsSync(src)) await must('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SIZES.write1M / MiB}`, 'status=none'])
+  const workloads: Record<string, (file: string) => Promise<void>> = {
+    read: async file => {
+      await ddRead(file, MiB, SIZES.seq)
+      await ddRead(file, 128 * 1024, SIZES.seq)
+      await fioRandRead(file, { seconds: 3, direct: false, size: SIZES.randRegion })
+    },
+    write: async file => {
+      // the top after benchWrite already holds the first regions: write beyond them (allocating)
+      const base = runs * (SIZES.write1M + SIZES.write64k)
+      await ddWrite(src, file, MiB, SIZES.write1M, base)
+      await ddWrite(src, file, 64 * 1024, SIZES.write64k, base + SIZES.write1M)
+      await ddWrite(src, file, MiB, SIZES.write1M, base) // overwrite
+    }
+  }
+  for (const [name, work] of Object.entries(workloads)) {
+    const profDir = join(dir, `prof-${name}`)
+    rmSync(profDir, { recursive: true, force: true })
+    await withServer(async () => await mountRedofs(chain.store, join(dir, `mnt-prof-${name}`), { nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${profDir}`] }), async s => {
+      await work(join(s.mnt, 'vm', 'disk.img'))
+    })
+    await sleep(500)
+    const f = readdirSync(profDir).find(x => x.endsWith('.cpuprofile'))
+    if (f === undefined) { log(`  no profile written for ${name}`); continue }
+    const keepAs = join(ROOT, '.bench', `redofs-${name}.cpuprofile`)
+    mkdirSync(dirname(keepAs), { recursive: true })
+    copyFileSync(join(profDir, f), keepAs)
+    results.profile[name] = summariseProfile(keepAs)
+    log(`  ${name}: ${keepAs}`)
+    for (const l of results.profile[name]) log(`    ${String(l.selfPct).padStart(5)} %  ${l.fn}  ${l.where}`)
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// report
+
+function fmt (x: number | undefined): string {
+  if (x === undefined || Number.isNaN(x)) return '-'
+  if (x >= 100) return String(Math.round(x))
+  if (x >= 10) return x.toFixed(1)
+  return x.toFixed(2)
+}
+
+const ratio = (a: number | undefined, b: number | undefined): number => (a === undefined || b === undefined || b === 0) ? NaN : a / b
+
+function report (): string {
+  const out: string[] = []
+  const R = results.read
+  if (R !== undefined) {
+    const cols = ['redofs live', 'redofs frozen', 'QSD live', 'QSD frozen', 'passthrough', 'passthrough cached', 'raw file']
+    out.push(`### Reads (MB/s; rand 4k in IOPS; median of ${runs})`, '',
+      `| workload | ${cols.join(' | ')} | live/QSD | frozen/QSD | live/passthrough |`,
+      `| --- |${cols.map(() => ' ---: |').join('')} ---: | ---: | ---: |`)
+    for (const w of Object.keys(R['redofs live'])) {
+      const v = (c: string): number | undefined => R[c]?.[w]?.median
+      const a = ratio(v('redofs live'), v('QSD live'))
+      const b = ratio(v('redofs frozen'), v('QSD frozen'))
+      const c = ratio(v('redofs live'), v('passthrough'))
+      results.ratios[`read ${w} live/QSD`] = a
+      results.ratios[`read ${w} frozen/QSD`] = b
+      results.ratios[`read ${w} live/passthrough`] = c
+      out.push(`| ${w} | ${cols.map(c => fmt(v(c))).join(' | ')} | ${fmt(a)} | ${fmt(b)} | ${fmt(c)} |`)
+    }
+    const cat = R['raw file']
+    out.push('', `cat of the raw reference (kernel ceiling): cold ${fmt(cat['cat cold']?.median)} MB/s, warm ${fmt(cat['cat warm']?.median)} MB/s.`,
+      '"passthrough cached" serves the frozen generation\'s raw copy without direct_io and with kernel_cache (pages survive close/open): the ceiling for an immutable frozen generation.', '')
+  }
+  const W = results.write
+  if (W !== undefined) {
+    out.push(`### Writes into the top (MB/s, median of ${runs})`, '', '| workload | redofs | QSD | redofs/QSD |', '| --- | ---: | ---: | ---: |')
+    for (const w of Object.keys(W.redofs)) {
+      const a = ratio(W.redofs[w]?.median, W.QSD[w]?.median)
+      results.ratios[`write ${w} redofs/QSD`] = a
+      out.push(`| ${w} | ${fmt(W.redofs[w]?.median)} | ${fmt(W.QSD[w]?.median)} | ${fmt(a)} |`)
+    }
+    out.push('')
+  }
+  const C = results.commit
+  if (C !== undefined) {
+    const a = ratio(C['qemu-img commit'].median, C['redofs commit'].median)
+    results.ratios['commit qemu-img/redofs (speedup)'] = a
+    out.push(`### Commit of a ${C['redo log MB'].median} MB redo log (s, median of ${runs})`, '', '| redofs commit | qemu-img commit | speedup |', '| ---: | ---: | ---: |',
+      `| ${fmt(C['redofs commit'].median)} | ${fmt(C['qemu-img commit'].median)} | ${fmt(a)} |`, '')
+  }
+  const O = results.open
+  if (O !== undefined) {
+    out.push(`### 2 TiB chain with 1 GiB allocated (median of ${SIZES.openRuns})`, '', '| mount (until "mounted") | RSS after mount | RSS after 64 scattered 1 MiB reads | peak RSS | bare node |', '| ---: | ---: | ---: | ---: | ---: |',
+      `| ${fmt(O['mount ms'].median)} ms | ${fmt(O['RSS MiB'].median)} MiB | ${fmt(O['RSS after reads MiB'].median)} MiB | ${fmt(O['peak RSS MiB'].median)} MiB | ${fmt(O['bare node peak RSS MiB'].median)} MiB |`, '')
+  }
+  if (results.soak !== undefined) out.push('### Handle-leak soak (first round vs median of the last two)', '', soakTable(results.soak), '')
+  // targets of the issue
+  const t = results.targets
+  const add = (target: string, v: number, goal: number, unit = '×', lower = false): void => {
+    if (v === undefined || Number.isNaN(v)) return
+    t.push({ target, value: `${fmt(v)}${unit}`, pass: lower ? v < goal : v >= goal })
+  }
+  add('live seq read 1M warm ≥ 1.2× QSD', results.ratios['read seq 1M warm live/QSD'], 1.2)
+  add('live seq read 1M cold ≥ 1.2× QSD', results.ratios['read seq 1M cold live/QSD'], 1.2)
+  add('live seq read 1M warm ≥ 80 % of passthrough', results.ratios['read seq 1M warm live/passthrough'], 0.8)
+  add('live seq read 128k warm ≥ 1.2× QSD', results.ratios['read seq 128k warm live/QSD'], 1.2)
+  add('frozen re-read (1M, warm) ≥ 5× QSD', results.ratios['read seq 1M warm frozen/QSD'], 5)
+  add('allocating writes 1M ≥ 3× QSD', results.ratios['write alloc 1M redofs/QSD'], 3)
+  add('allocating writes 64k ≥ 3× QSD', results.ratios['write alloc 64k redofs/QSD'], 3)
+  add('commit ≥ 1.5× faster than qemu-img', results.ratios['commit qemu-img/redofs (speedup)'], 1.5)
+  if (O !== undefined) {
+    add('2 TiB chain mounts < 2 s', O['mount ms'].median / 1000, 2, ' s', true)
+    add('RSS < 200 MB (peak)', O['peak RSS MiB'].median * 1.048576, 200, ' MB', true)
+  }
+  if (t.length > 0) {
+    out.push('### Targets', '', '| target | measured | |', '| --- | ---: | --- |')
+    for (const x of t) out.push(`| ${x.target} | ${x.value} | ${x.pass ? 'met' : 'NOT met'} |`)
+    out.push('')
+  }
+  return out.join('\n')
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async function main (): Promise<void> {
+  if (process.getuid?.() !== 0) throw new Error('run as root (drop_caches, FUSE mounts)')
+  ensureTools({ fio: 'fio', 'qemu-img': 'qemu-utils', 'qemu-io': 'qemu-utils', 'qemu-storage-daemon': 'qemu-system-common', fusermount: 'fuse' })
+  const chk = await run('bash', [join(ROOT, 'scripts', 'build-fuse-native.sh'), '--check'])
+  results.env.fuseNative = chk.code === 0 ? 'patched build (scripts/build-fuse-native.sh)' : 'STOCK PREBUILD (leaks handles; run scripts/build-fuse-native.sh)'
+  if (chk.code !== 0) log(`bench: WARNING: ${chk.stderr.trim()}`)
+  results.env.qemu = spawnSync('qemu-img', ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0]
+  const dir = benchDir('main')
+  process.on('exit', sweepMounts)
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(sig, () => {
+      sweepMounts()
+      if (!keep) rmSync(dir, { recursive: true, force: true })
+      process.exit(130)
+    })
+  }
+  const t0 = Date.now()
+  try {
+    let chain: TestChain | undefined
+    const needChain = only.has('read') || only.has('write') || only.has('commit') || only.has('soak') || profile
+    if (needChain) {
+      section('building the 2 GiB chain')
+      const tb = Date.now()
+      chain = await buildChain(dir)
+      log(`  ${chain.files.length} files, grains rewritten per redo log: ${chain.grainsPerRedo.join(', ')} (${((Date.now() - tb) / 1000).toFixed(1)} s)`)
+    }
+    if (only.has('read') && chain !== undefined) await benchRead(dir, chain)
+    if (only.has('commit') && chain !== undefined) await benchCommit(dir, chain)
+    if (only.has('soak') && chain !== undefined) await benchSoak(chain)
+    if (only.has('write') && chain !== undefined) await benchWrite(dir, chain)
+    if (only.has('open')) await benchOpen(dir)
+    if (profile && chain !== undefined) await benchProfile(dir, chain)
+  } finally {
+    sweepMounts()
+    if (!keep) rmSync(dir, { recursive: true, force: true })
+    else log(`bench: kept ${dir}`)
+  }
+  results.env.seconds = Math.round((Date.now() - t0) / 1000)
+  results.env.loadavgEnd = loadavg().map(x => Math.round(x * 100) / 100)
+  const text = report()
+  process.stdout.write(`\n${text}\n`)
+  const out = value('json') ?? join(ROOT, '.bench', 'results.json')
+  mkdirSync(dirname(out), { recursive: true })
+  writeFileSync(out, JSON.stringify(results, null, 2))
+  writeFileSync(out.replace(/\.json$/, '.md'), text)
+  log(`bench: ${results.env.seconds} s; wrote ${out} (and .md)`)
+}
+
+main().catch(e => {
+  process.stderr.write(`bench: ${(e as Error).stack}\n`)
+  sweepMounts()
+  process.exit(1)
+})
