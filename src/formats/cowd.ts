@@ -7,7 +7,7 @@ import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
 import { Mutex, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
-import { BAD, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
 export const COWD_HEADER_BYTES = 2048
@@ -173,8 +173,7 @@ export class CowdExtent implements Extent {
   }
 
   private entry (grain: number): number {
-    const gt = this.gts[Math.floor(grain / COWD_GT_ENTRIES)]
-    return gt === undefined ? 0 : gt[grain % COWD_GT_ENTRIES]
+    return entryOf(this.tables, grain)
   }
 
   private grainTables?: GrainTables

@@ -10,7 +10,7 @@ import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
 import { Mutex, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
-import { BAD, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const KDMV_MAGIC = 0x564d444b
 const GD_AT_END = 0xffffffffffffffffn
@@ -310,9 +310,7 @@ export class SparseExtent implements Extent {
   }
 
   private entry (grain: number): number {
-    const per = this.header.numGTEsPerGT
-    const gt = this.gts[Math.floor(grain / per)]
-    return gt === undefined ? 0 : gt[grain % per]
+    return entryOf(this.tables, grain)
   }
 
   private grainTables?: GrainTables
