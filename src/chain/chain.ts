@@ -10,7 +10,7 @@ import { Layer, resolveContained } from '../formats/layer'
 import { log } from '../log'
 import { Index, mapOf, overlay, type MapEntry } from './view'
 import { readJournal, type CommitJournal } from './journal'
-import { parentCandidates } from './peek'
+import { childrenOf, parentCandidates } from './peek'
 
 export interface ChainOptions {
   writable?: boolean
@@ -57,10 +57,7 @@ export class Chain {
       const { layers, journals } = await walk(resolve(top), opts)
       if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
         const chain = new Chain(layers, opts, journals)
-        if (opts.writable === true) {
-          const { childrenOf } = await import('./peek')
-          chain.topChildren = await childrenOf(chain.top.path, opts.root)
-        }
+        if (opts.writable === true) chain.topChildren = await childrenOf(chain.top.path, opts.root)
         return chain
       }
       for (const l of layers) await l.close()
