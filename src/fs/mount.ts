@@ -196,8 +196,10 @@ export class RedoMount {
         if (h.kind === 'image') {
           if (!h.write) return -9
           if (pos >= h.disk.size) return -28 // ENOSPC: a block device does not grow
-          await h.disk.write(buf, 0, pos, len)
-          return len
+          // a write across the end stops there, as on a block device (the caller gets ENOSPC next)
+          const n = Math.min(len, h.disk.size - pos)
+          await h.disk.write(buf, 0, pos, n)
+          return n
         }
         if (h.kind !== 'command') return EACCES
         const text = buf.toString('utf8', 0, len)
