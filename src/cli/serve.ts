@@ -32,6 +32,10 @@ export function isMounted (mnt: string): boolean {
 }
 
 export async function serve (storeDir: string, mnt: string, sopts: StoreOptions, mopts: MountOptions, announce: (m: string) => void): Promise<void> {
+  // a stray rejection must not take every disk down with the process: report it and serve on
+  process.on('unhandledRejection', e => {
+    process.stderr.write(`redofs: internal error (still serving): ${(e as Error)?.stack ?? String(e)}\n`)
+  })
   const store = await Store.open(storeDir, sopts)
   const m = new RedoMount(store, resolve(mnt), mopts)
   try {
