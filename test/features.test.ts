@@ -228,7 +228,7 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     await createDisk(store, 'vm', 'disk', '16M')
     const vm = path.join(store, 'vm')
     await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 5 0 4M', path.join(vm, 'disk.vmdk')])
-    await redofsOk('addredo', path.join(vm, 'disk'))
+    await redofsOk('addredo', path.join(vm, 'disk'), 'record=1')
     await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 6 1M 1M', path.join(vm, 'disk-000001.vmdk')])
     const restamp = async (file: string): Promise<void> => {
       // what copying with a tool that re-stamps CIDs does: same content, new CID

@@ -1,7 +1,8 @@
 /**
  * Content records of frozen generations, for `redofs relink`: one hash per 1 MiB block of the
- * generation, kept beside its top layer as `<layer>.redofs-digest`. Unallocated blocks are not
- * read (they hash as zeros). A record follows its content: a commit moves the merged child's
+ * generation, kept beside its top layer as `<layer>.redofs-digest`, written when addredo is
+ * asked to (`record=1`: it reads every allocated byte of the generation, so it is not the
+ * default). Unallocated blocks are not read (they hash as zeros). A record follows its content: a commit moves the merged child's
  * record to the parent, a layer that becomes live loses its record.
  */
 import { createHash } from 'node:crypto'

@@ -50,7 +50,7 @@ function parseValue (v: string, kind: ArgKind, key: string, command: string): Ar
 
 /** Usage text of each command, printed by `cat` of a control file and by the CLI. */
 export const USAGE: Record<string, string> = {
-  addredo: 'addredo [label=NAME]: freeze the live generation and add an empty redo log on top',
+  addredo: 'addredo [label=NAME] [record=1]: freeze the live generation and add an empty redo log on top (record=1: also hash its content, for relink)',
   commit: 'commit [level=K|level=all] [freeze=0|1] [wait=0|1] [force=1]: merge the redo log K levels below the top into its parent',
   discard: 'discard [to=G|to=LABEL]: delete the top redo log, or every redo log above generation G',
   label: 'label gen=G name=NAME: name a generation',

@@ -183,9 +183,9 @@ export class Disk {
   private async dispatch (kind: string, text: string): Promise<void> {
     switch (kind) {
       case 'addredo': {
-        const a = parseArgs(text, { label: 'name' }, 'addredo')
+        const a = parseArgs(text, { label: 'name', record: 'bool' }, 'addredo')
         this.precheck('addredo')
-        return await this.runJob('addredo', text, async () => await this.doAddRedo(a.label as string | undefined))
+        return await this.runJob('addredo', text, async () => await this.doAddRedo(a.label as string | undefined, a.record === true))
       }
       case 'label': {
         const a = parseArgs(text, { gen: 'gen', name: 'name' }, 'label')
@@ -317,14 +317,15 @@ export class Disk {
   /** Bumped whenever the chain changes shape: background work on a generation number stops. */
   private shape = 0
 
-  async doAddRedo (label?: string): Promise<void> {
+  /** `record`: also write a content record of the generation frozen (read in the background). */
+  async doAddRedo (label?: string, record = false): Promise<void> {
     await this.gate.freezeLive(async () => {
       await addRedo(this.chain, { label, format: this.opts.redoFormat })
       this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
       this.shape++
     })
     await this.topChanged()
-    this.recordLater(this.chain.redoCount - 1)
+    if (record) this.recordLater(this.chain.redoCount - 1)
   }
 
   /** Content record of a newly frozen generation (for relink), read in the background. */

@@ -245,7 +245,7 @@ export class Store {
       if (disks.length === 0) throw new RedoError('EINVAL', `${vmName}: the VM has no disks`)
       switch (kind) {
         case 'addredo': {
-          parseArgs(text, {}, 'addredo')
+          parseArgs(text, { label: 'name', record: 'bool' }, 'addredo')
           for (const d of disks) d.precheck('addredo')
           const done: Disk[] = []
           try {

@@ -10,7 +10,7 @@ export const builder = (y: Argv): Argv => y
   .option('redo-format', { choices: ['sparse', 'cowd'], default: 'sparse', describe: 'monolithicSparse (hosted) or vmfsSparse (ESX COWD) redo log' })
 
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[], redoFormat: RedoFormat }) => {
-  const args = parseArgs(a.args ?? [], { label: 'name' }, 'addredo')
-  const path = await withWritableDisk(a.disk, a, 'addredo', async chain => await addRedo(chain, { label: args.label as string | undefined, format: a.redoFormat, record: true }))
+  const args = parseArgs(a.args ?? [], { label: 'name', record: 'bool' }, 'addredo')
+  const path = await withWritableDisk(a.disk, a, 'addredo', async chain => await addRedo(chain, { label: args.label as string | undefined, format: a.redoFormat, record: args.record === true }))
   process.stdout.write(`${path}\n`)
 })

@@ -39,7 +39,7 @@ export const handler = action(async (a: GlobalArgs & { child: string }) => {
       }
       const record = await loadDigest(parentPath)
       if (record === undefined) {
-        throw new RedoError('ENOENT', `${parentPath}: no content record (made when redofs froze it), so its content cannot be verified; not re-linking ${a.child}`, parentPath)
+        throw new RedoError('ENOENT', `${parentPath}: no content record (addredo record=1 makes one when it freezes a generation), so its content cannot be verified; not re-linking ${a.child}`, parentPath)
       }
       if (record.capacity !== parent.size) throw new RedoError('EINVAL', `${parentPath}: content record is for ${record.capacity} bytes, the disk has ${parent.size}`, parentPath)
       // blocks the child covers completely do not matter: it hides them
