@@ -8,13 +8,13 @@ import { dirname, join, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
 import { commit, type RedoFormat } from '../chain/jobs'
 import { diskNameOf } from '../chain/names'
-import { brokenIn, peekDirs } from '../chain/peek'
+import { brokenIn, peekDirs, type Peek } from '../chain/peek'
 import { RedoError, toRedoError } from '../errors'
 import { log } from '../log'
 import { parseArgs } from './args'
 import { Disk, type DiskOptions } from './disk'
 import { StoreLock } from './lock'
-import { chainTops } from './tops'
+import { chainTops, topsAmong } from './tops'
 import { Vmx, type DiskMode } from './vmx'
 
 export interface StoreOptions {
@@ -76,13 +76,15 @@ export class Store {
 
   private async scan (): Promise<void> {
     const entries = await readdir(this.root, { withFileTypes: true })
+    // every descriptor of the store, read once: chains may cross VM directories (linked clones)
+    const all = await peekDirs([this.root, ...await subdirs(this.root)])
     for (const e of entries.sort((a, b) => a.name.localeCompare(b.name))) {
       if (!e.isDirectory() || e.name.startsWith('.')) continue
-      await this.scanVm(e.name, join(this.root, e.name))
+      await this.scanVm(e.name, join(this.root, e.name), all)
     }
   }
 
-  private async scanVm (name: string, dir: string): Promise<void> {
+  private async scanVm (name: string, dir: string, all: Peek[]): Promise<void> {
     let vmx: Vmx | undefined
     const files = await readdir(dir)
     const vmxName = files.includes(`${name}.vmx`) ? `${name}.vmx` : files.find(f => /\.vmx$/i.test(f))
@@ -105,7 +107,7 @@ export class Store {
         wanted.push({ top, mode: d.mode, device: d.device })
       }
     } else {
-      for (const p of await chainTops(dir, [this.root, ...await subdirs(this.root)])) wanted.push({ top: p.path, mode: 'persistent' })
+      for (const p of await topsAmong(dir, all)) wanted.push({ top: p.path, mode: 'persistent' })
     }
     // a file of a disk that cannot be read: the chain cannot be known, so the disk stays out
     const broken = new Map<string, string>()

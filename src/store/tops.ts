@@ -7,7 +7,11 @@ import { peekDirs, type Peek } from '../chain/peek'
 
 /** Chain tops among the descriptors in `dir` (parents found anywhere in `dirs`). */
 export async function chainTops (dir: string, allDirs: string[] = [dir]): Promise<Peek[]> {
-  const all = await peekDirs([...new Set([dir, ...allDirs])])
+  return await topsAmong(dir, await peekDirs([...new Set([dir, ...allDirs])]))
+}
+
+/** Chain tops in `dir` among descriptors already read (a store scan reads them once). */
+export async function topsAmong (dir: string, all: Peek[]): Promise<Peek[]> {
   const parents = new Set<string>()
   for (const p of all) if (p.parent !== undefined) parents.add(await realpath(p.parent).catch(() => resolve(p.parent as string)))
   const out: Peek[] = []
