@@ -84,6 +84,8 @@ export class CowdExtent implements Extent {
   readonly size: number
   private readonly gd: Uint32Array
   private readonly gts: Array<Uint32Array | undefined>
+  /** The grain tables as grains.ts walks them (shared lookup, runs and reads). */
+  private readonly tables: GrainTables
   private allocated = 0
   /** Next free sector: never below anything a table references (VMDK.md §4.4). */
   private cursor = 0
@@ -100,6 +102,7 @@ export class CowdExtent implements Extent {
     this.gts = new Array(header.numGDEntries)
     this.gd = new Uint32Array(header.numGDEntries)
     this.unclean = header.uncleanShutdown
+    this.tables = { path, size: this.size, grainBytes: this.grainBytes, perTable: COWD_GT_ENTRIES, tables: this.gts }
   }
 
   static async open (path: string, writable = false): Promise<CowdExtent> {
@@ -174,12 +177,6 @@ export class CowdExtent implements Extent {
 
   private entry (grain: number): number {
     return entryOf(this.tables, grain)
-  }
-
-  private grainTables?: GrainTables
-  private get tables (): GrainTables {
-    this.grainTables ??= { path: this.path, size: this.size, grainBytes: this.grainBytes, perTable: COWD_GT_ENTRIES, tables: this.gts }
-    return this.grainTables
   }
 
   lookup (pos: number, len: number): { state: State, length: number } {

@@ -163,6 +163,8 @@ export class SparseExtent implements Extent {
   private readonly rgd: Uint32Array | null
   /** Grain tables that hold at least one entry; undefined elsewhere. */
   private readonly gts: Array<Uint32Array | undefined>
+  /** The grain tables as grains.ts walks them (shared lookup, runs and reads). */
+  private readonly tables: GrainTables
   private readonly numGTs: number
   private readonly gtBytes: number
   private fileSize: number
@@ -198,6 +200,7 @@ export class SparseExtent implements Extent {
     this.gtBytes = header.numGTEsPerGT * 4
     this.fileSize = fileSize
     this.nextAlloc = roundUp(Math.max(fileSize, header.overHead * SECTOR), this.grainBytes)
+    this.tables = { path, size: this.size, grainBytes: this.grainBytes, perTable: header.numGTEsPerGT, tables: this.gts }
   }
 
   /** Open the extent file `path`, or reuse `fh` when the descriptor already opened it. */
@@ -311,12 +314,6 @@ export class SparseExtent implements Extent {
 
   private entry (grain: number): number {
     return entryOf(this.tables, grain)
-  }
-
-  private grainTables?: GrainTables
-  private get tables (): GrainTables {
-    this.grainTables ??= { path: this.path, size: this.size, grainBytes: this.grainBytes, perTable: this.header.numGTEsPerGT, tables: this.gts }
-    return this.grainTables
   }
 
   lookup (pos: number, len: number): { state: State, length: number } {

@@ -42,28 +42,24 @@ export class IoGate {
 
   /** Run fn with live I/O held off (frozen generations keep being served). */
   async freezeLive<T> (fn: () => Promise<T>): Promise<T> {
-    while (this.liveHold !== null) await this.liveHold
-    let release!: () => void
-    this.liveHold = new Promise<void>(resolve => { release = resolve })
-    try {
-      await this.waitFor(() => this.live === 0)
-      return await fn()
-    } finally {
-      this.liveHold = null
-      release()
-    }
+    return await this.hold('liveHold', () => this.live === 0, fn)
   }
 
   /** Run fn with every read and write of the disk held off. */
   async freezeAll<T> (fn: () => Promise<T>): Promise<T> {
-    while (this.allHold !== null) await this.allHold
+    return await this.hold('allHold', () => this.all === 0, fn)
+  }
+
+  /** Take a hold (one at a time per kind), wait until the I/O it stops has drained, run fn. */
+  private async hold<T> (kind: 'liveHold' | 'allHold', drained: () => boolean, fn: () => Promise<T>): Promise<T> {
+    while (this[kind] !== null) await this[kind]
     let release!: () => void
-    this.allHold = new Promise<void>(resolve => { release = resolve })
+    this[kind] = new Promise<void>(resolve => { release = resolve })
     try {
-      await this.waitFor(() => this.all === 0)
+      await this.waitFor(drained)
       return await fn()
     } finally {
-      this.allHold = null
+      this[kind] = null
       release()
     }
   }
