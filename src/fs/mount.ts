@@ -2,7 +2,8 @@
  * The FUSE adapter: maps paths to store objects (tree.ts), FUSE calls to disk calls, errors to
  * errnos, and control-file writes to store commands. No format or chain logic lives here.
  */
-import { statfs as statfsAsync } from 'node:fs/promises'
+import { open as openAsync, statfs as statfsAsync } from 'node:fs/promises'
+import { join } from 'node:path'
 import type Fuse from 'fuse-native'
 import { RedoError } from '../errors'
 import { log } from '../log'
@@ -10,6 +11,7 @@ import { USAGE } from '../store/args'
 import type { Disk, Generation } from '../store/disk'
 import type { Store } from '../store/store'
 import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel } from './fuse'
+import { setReadahead } from './mountinfo'
 import { resolvePath, type Node } from './tree'
 
 const S_IFDIR = 0o040000
@@ -31,7 +33,12 @@ type Handle =
 export interface MountOptions {
   allowOther?: boolean
   debug?: boolean
+  /** Kernel readahead window on the mount, KiB (0: the kernel's 128). */
+  readaheadKb?: number
 }
+
+/** A chain switch waiting for the kernel to hold the live file's inode lock (see betweenWrites). */
+interface Barrier { fn: () => Promise<void>, result: Promise<void> | null }
 
 export class RedoMount {
   private fuse: TunedFuse | null = null
@@ -47,6 +54,11 @@ export class RedoMount {
   readonly cacheMode: 'per-open' | 'direct' = patchLevel() >= 2 ? 'per-open' : 'direct'
   /** Per frozen path: the generation its cached pages belong to. */
   private readonly cachedAs = new Map<string, Generation>()
+  /** Disks whose live file changed under the kernel's cache: its next open drops the pages. */
+  private readonly dropLive = new Set<Disk>()
+  private readonly barriers = new Map<Disk, Barrier>()
+  /** Barriers take turns: each holds a thread-pool thread while the kernel waits for a lock. */
+  private barrierTurn: Promise<void> = Promise.resolve()
 
   constructor (readonly store: Store, readonly mnt: string, readonly opts: MountOptions = {}) {}
 
@@ -66,16 +78,68 @@ export class RedoMount {
     this.fuse = fuse
     // the mount callback fires before INIT is answered: let it through before anyone uses it
     await new Promise(resolve => setImmediate(resolve))
+    if ((this.opts.readaheadKb ?? 0) > 0) setReadahead(this.mnt, this.opts.readaheadKb as number)
+    for (const d of this.disks()) {
+      d.liveBarrier = async fn => await this.betweenWrites(d, fn)
+      d.liveChanged = async () => await this.dropLiveCache(d)
+    }
   }
 
   async unmount (): Promise<void> {
     const f = this.fuse
     if (f === null) return
     this.fuse = null
+    for (const d of this.disks()) { d.liveBarrier = null; d.liveChanged = null }
     await new Promise<void>(resolve => f.unmount(err => {
       if (err !== null && err !== undefined) log.fs('unmount: %s', err.message)
       resolve()
     }))
+  }
+
+  private * disks (): Generator<Disk> {
+    for (const vm of this.store.vms.values()) yield * vm.disks.values()
+  }
+
+  private livePath (d: Disk): string { return join(this.mnt, d.vm, `${d.name}.img`) }
+
+  /**
+   * Run fn while the kernel holds the live file's inode lock. Every write(2) to the file holds
+   * that lock from its first FUSE request to its last (the kernel splits a write at max_write
+   * and, through the page cache, at a partial page), and the kernel sends FSYNC holding it too.
+   * So: open the live file through the mount from the thread pool (never synchronously: this
+   * process serves the mount), fsync it, and run fn inside that FSYNC request. Whichever FSYNC
+   * arrives first runs it (a user's fsync holds the same lock).
+   */
+  private async betweenWrites (d: Disk, fn: () => Promise<void>): Promise<void> {
+    const turn = this.barrierTurn
+    let next!: () => void
+    this.barrierTurn = new Promise<void>(resolve => { next = resolve })
+    await turn
+    const b: Barrier = { fn, result: null }
+    this.barriers.set(d, b)
+    try {
+      const fh = await openAsync(this.livePath(d), 'r')
+      try { await fh.sync() } finally { await fh.close() }
+    } catch (e) {
+      log.fs('%s/%s: write barrier: %s; switching without it', d.vm, d.name, (e as Error).message)
+    } finally {
+      if (this.barriers.get(d) === b) this.barriers.delete(d)
+      next()
+    }
+    // the FSYNC never reached us (the kernel gave up on the file): nothing better to do
+    if (b.result === null) b.result = fn()
+    await b.result
+  }
+
+  /** After the live file's content changed other than by writes to it: open it once without keep_cache. */
+  private async dropLiveCache (d: Disk): Promise<void> {
+    this.dropLive.add(d)
+    try {
+      await (await openAsync(this.livePath(d), 'r')).close()
+    } catch (e) {
+      // the flag stays: the next open drops the pages
+      log.fs('%s/%s: dropping cached live pages: %s', d.vm, d.name, (e as Error).message)
+    }
   }
 
   private newHandle (h: Handle): number {
@@ -95,12 +159,11 @@ export class RedoMount {
    * While descriptors of the old generation are still open on a renumbered path, new opens
    * bypass the cache entirely, so neither side ever sees the other's pages.
    */
-  private cacheFlags (path: string, gen: Generation | 'live'): number {
+  private cacheFlags (disk: Disk, path: string, gen: Generation | 'live'): number {
     if (this.cacheMode !== 'per-open') return 0
-    // The live file stays direct: through the page cache the kernel splits an unaligned write
-    // at its first partial page into several requests, and an addredo falling between them
-    // would freeze half of one write(2).
-    if (gen === 'live') return FH_DIRECT_IO
+    // The live file changes only through writes to it (write-through: they update the cache)
+    // and discards (which drop the cache), so its pages are kept across opens too.
+    if (gen === 'live') return this.dropLive.delete(disk) ? 0 : FH_KEEP_CACHE
     for (const h of this.handles.values()) {
       if (h.kind === 'image' && h.path === path && h.gen !== gen) return FH_DIRECT_IO
     }
@@ -171,7 +234,7 @@ export class RedoMount {
               return EROFS
             }
             n.disk.opened(n.gen)
-            const flags = this.cacheFlags(path, n.gen)
+            const flags = this.cacheFlags(n.disk, path, n.gen)
             return [0, this.newHandle({ kind: 'image', disk: n.disk, gen: n.gen, write: wantsWrite, path }) | flags]
           }
           case 'info':
@@ -215,7 +278,14 @@ export class RedoMount {
       flush: (_path, _fh, cb) => cb(0),
       fsync: (_path, _datasync, fh, cb) => once('fsync', cb, async () => {
         const h = this.handle(fh)
-        if (h?.kind === 'image' && h.gen === 'live') await h.disk.fsync()
+        if (h?.kind !== 'image' || h.gen !== 'live') return 0
+        const b = this.barriers.get(h.disk)
+        if (b !== undefined && b.result === null) {
+          // the kernel holds the file's inode lock until we answer: no write(2) is half done
+          b.result = b.fn()
+          await b.result.catch(() => {})
+        }
+        await h.disk.fsync()
         return 0
       }),
       truncate: (path, size, cb) => once('truncate', cb, async () => this.truncate(lookup(path), size)),

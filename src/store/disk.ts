@@ -61,6 +61,13 @@ export class Disk {
   private flushTimer: NodeJS.Timeout | null = null
   /** Called when the chain top file changes (to keep the .vmx pointing at it). */
   onTopChanged: (() => Promise<void>) | null = null
+  /**
+   * Set by the mount. `liveBarrier` runs fn at a moment no write(2) to the live file is half
+   * done (the kernel may split one write into several requests); `liveChanged` makes the kernel
+   * drop what it cached of the live file. Without a mount, neither is needed.
+   */
+  liveBarrier: ((fn: () => Promise<void>) => Promise<void>) | null = null
+  liveChanged: (() => Promise<void>) | null = null
 
   constructor (
     readonly vm: string,
@@ -319,11 +326,11 @@ export class Disk {
 
   /** `record`: also write a content record of the generation frozen (read in the background). */
   async doAddRedo (label?: string, record = false): Promise<void> {
-    await this.gate.freezeLive(async () => {
+    await this.betweenWrites(async () => await this.gate.freezeLive(async () => {
       await addRedo(this.chain, { label, format: this.opts.redoFormat })
       this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
       this.shape++
-    })
+    }))
     await this.topChanged()
     if (record) this.recordLater(this.chain.redoCount - 1)
   }
@@ -376,13 +383,21 @@ export class Disk {
   }
 
   async doDiscard (to: number, force = false): Promise<void> {
-    await this.gate.freezeAll(async () => {
+    await this.betweenWrites(async () => await this.gate.freezeAll(async () => {
       const dropped = await discard(this.chain, to, { force })
       this.frozen = this.frozen.slice(0, to)
       this.shape++
       if (dropped !== undefined) this.notice(`label "${dropped}" dropped: discard made generation ${to} live again`)
-    })
+    }))
+    // the live file now reads as generation `to`: pages cached from the discarded top must go
+    if (this.liveChanged !== null) await this.liveChanged()
     await this.topChanged()
+  }
+
+  /** Run a chain switch between two write(2) calls to the live file, not inside one. */
+  private async betweenWrites (fn: () => Promise<void>): Promise<void> {
+    if (this.liveBarrier === null) await fn()
+    else await this.liveBarrier(fn)
   }
 
   // ---- status ----------------------------------------------------------------------------
