@@ -11,7 +11,6 @@ import { USAGE } from '../store/args'
 import type { Disk, Generation } from '../store/disk'
 import type { Store } from '../store/store'
 import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel } from './fuse'
-import { setReadahead } from './mountinfo'
 import { resolvePath, type Node } from './tree'
 
 const S_IFDIR = 0o040000
@@ -33,8 +32,6 @@ type Handle =
 export interface MountOptions {
   allowOther?: boolean
   debug?: boolean
-  /** Kernel readahead window on the mount, KiB (0: the kernel's 128). */
-  readaheadKb?: number
 }
 
 /** A chain switch waiting for the kernel to hold the live file's inode lock (see betweenWrites). */
@@ -78,7 +75,6 @@ export class RedoMount {
     this.fuse = fuse
     // the mount callback fires before INIT is answered: let it through before anyone uses it
     await new Promise(resolve => setImmediate(resolve))
-    if ((this.opts.readaheadKb ?? 0) > 0) setReadahead(this.mnt, this.opts.readaheadKb as number)
     for (const d of this.disks()) {
       d.liveBarrier = async fn => await this.betweenWrites(d, fn)
       d.liveChanged = async () => await this.dropLiveCache(d)

@@ -14,10 +14,9 @@ export const builder = (y: Argv): Argv => y
   .option('redo-limit-hard', { type: 'boolean', default: false, describe: 'writes past --redo-limit fail with ENOSPC' })
   .option('allow-other', { type: 'boolean', default: false, describe: 'let other users reach the files (as their modes permit)' })
   .option('read-only', { type: 'boolean', default: false })
-  .option('readahead', { type: 'number', default: Number(process.env.REDOFS_READAHEAD ?? 1024), describe: 'kernel readahead on the mount in KiB (0: kernel default); needs root' })
   .option('redo-format', { choices: ['sparse', 'cowd'], default: 'sparse', describe: 'format of the redo logs addredo creates' })
 
-export const handler = action(async (a: GlobalArgs & { store: string, mnt: string, maxRedos: number, redoLimit?: string, redoLimitHard: boolean, allowOther: boolean, readOnly: boolean, redoFormat: RedoFormat, readahead: number }) => {
+export const handler = action(async (a: GlobalArgs & { store: string, mnt: string, maxRedos: number, redoLimit?: string, redoLimitHard: boolean, allowOther: boolean, readOnly: boolean, redoFormat: RedoFormat }) => {
   await serve(a.store, a.mnt, {
     readOnly: a.readOnly,
     ignoreCid: a.ignoreCid === true,
@@ -25,7 +24,7 @@ export const handler = action(async (a: GlobalArgs & { store: string, mnt: strin
     redoLimit: a.redoLimit !== undefined ? parseSize(a.redoLimit) : undefined,
     redoLimitHard: a.redoLimitHard,
     redoFormat: a.redoFormat
-  }, { allowOther: a.allowOther, readaheadKb: a.readahead }, msg => process.stdout.write(`${msg}\n`))
+  }, { allowOther: a.allowOther }, msg => process.stdout.write(`${msg}\n`))
   // keep running: the FUSE loop and signal handlers hold the process
   return await new Promise<number>(() => {})
 })
