@@ -36,6 +36,8 @@ export interface JobControl {
 const COPY_CHUNK = 4 << 20
 /** Chunks a commit keeps in flight. */
 const COPY_WINDOW = 4
+/** Bytes copied between background flushes of the parent during a commit. */
+const FLUSH_BEHIND = 64 << 20
 
 /** Flush the top, freeze it, and add an empty monolithicSparse redo log above it. Returns its path. */
 export type RedoFormat = 'sparse' | 'cowd'
@@ -166,6 +168,16 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
   // several chunks in flight: reads of the child and in-place writes of the parent overlap
   // (allocating writes still take the parent's allocation lock one at a time)
   const free: Buffer[] = Array.from({ length: COPY_WINDOW }, () => Buffer.alloc(COPY_CHUNK))
+  // Flush as we go, one flush at a time: the disk writes back what was copied while the rest is
+  // copied, so the final flush finds little left to do (the same ordered flush as at the end).
+  let unflushed = 0
+  let flushing: Promise<void> | null = null
+  const flushBehind = (len: number): void => {
+    unflushed += len
+    if (unflushed < FLUSH_BEHIND || flushing !== null) return
+    unflushed = 0
+    flushing = parent.flush().catch(e => { failure ??= e }).finally(() => { flushing = null })
+  }
   let next = 0
   let stop = false
   let failure: unknown
@@ -184,11 +196,13 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
         if (!c.zero) free.push(b)
       }
       done += c.len
+      flushBehind(c.len)
       faultPoint('commit.copy')
       opts.onProgress?.({ done, total })
     }
   }
   await Promise.all(Array.from({ length: COPY_WINDOW }, worker))
+  await flushing
   if (failure !== undefined) throw failure
   await parent.flush()
   await parent.endSession()

@@ -1,25 +1,21 @@
 /** redofs command line (yargs): one module per command under commands/. */
 import yargs from 'yargs'
 import { hideBin } from 'yargs/helpers'
-import * as addredo from './commands/addredo'
-import * as check from './commands/check'
-import * as commit from './commands/commit'
-import * as create from './commands/create'
-import * as discard from './commands/discard'
-import * as exportCmd from './commands/export'
-import * as importCmd from './commands/import'
-import * as info from './commands/info'
-import * as mount from './commands/mount'
-import * as umount from './commands/umount'
-import * as demo from './commands/demo'
-import * as label from './commands/label'
-import * as mapCmd from './commands/map'
-import * as backup from './commands/backup'
-import * as restore from './commands/restore'
-import * as clone from './commands/clone'
-import * as relink from './commands/relink'
+import type { CommandModule } from 'yargs'
 
-export const commands = [mount, umount, create, importCmd, info, check, exportCmd, addredo, commit, discard, label, mapCmd, backup, restore, clone, relink, demo]
+/**
+ * Command name → module. Only the command being run is loaded (a `redofs commit` does not load
+ * the FUSE addon or the backup code); help and unknown words load them all.
+ */
+const COMMANDS = ['mount', 'umount', 'create', 'import', 'info', 'check', 'export', 'addredo', 'commit', 'discard', 'label', 'map', 'backup', 'restore', 'clone', 'relink', 'demo'] as const
+
+const load = (name: string): CommandModule => require(`./commands/${name}`) as CommandModule
+
+export function commandsFor (argv: string[]): CommandModule[] {
+  const first = argv.find(a => !a.startsWith('-'))
+  const names: readonly string[] = first !== undefined && (COMMANDS as readonly string[]).includes(first) ? [first] : COMMANDS
+  return names.map(load)
+}
 
 export async function main (argv: string[]): Promise<void> {
   let y = yargs(argv)
@@ -37,7 +33,7 @@ export async function main (argv: string[]): Promise<void> {
       process.stderr.write(`redofs: ${msg} (run "redofs --help" for usage)\n`)
       process.exit(2)
     })
-  for (const c of commands) y = y.command(c as never)
+  for (const c of commandsFor(argv)) y = y.command(c as never)
   await y.parseAsync()
 }
 
