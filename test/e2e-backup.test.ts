@@ -4,9 +4,10 @@
  */
 import test from 'ava'
 import { createHash } from 'node:crypto'
+import { spawn } from 'node:child_process'
 import { readFile } from 'node:fs/promises'
 import path from 'node:path'
-import { e2e, requireFuse, sh } from './helpers/mount'
+import { e2e, readRange, requireFuse, sh, sleep } from './helpers/mount'
 import { convertToRaw, describe, mustRun, qemuCheck, qemuWrite, sameContent } from './helpers/qemu'
 import { storeChain } from './helpers/store'
 import { Writer, blockData } from './helpers/writer'
@@ -36,10 +37,9 @@ test('two-redo hot backup in shell under a continuous writer: live = shadow copy
   const backupDir = path.join(root, 'backup')
   await mustRun('mkdir', ['-p', backupDir])
 
-  // writes of at most 64 KiB (17 pages) reach the server as ONE FUSE request each: a bigger write(2)
-  // is split by the kernel (128 KiB requests) and, like a write in flight on a block device, may be
-  // torn by a snapshot taken between its requests; the exact-prefix check below assumes no tearing
-  const w = await Writer.start({ target: srv.img('vm1', 'disk'), shadow, size: SIZE, seed: 31, minLen: 1, maxLen: 64 * 1024 })
+  // writes up to 1 MiB: the kernel splits them into several FUSE requests, and the exact-prefix
+  // check below holds only because an addredo never falls between two requests of one write(2)
+  const w = await Writer.start({ target: srv.img('vm1', 'disk'), shadow, size: SIZE, seed: 31, minLen: 1, maxLen: M })
   await w.waitWrites(20)
   t.deepEqual(w.errors, [], 'writer errors before the backup')
 
@@ -124,5 +124,58 @@ test('cp of a frozen generation while another process writes to the live file co
   t.log(`writer: ${n1 - n0} writes completed while cp ran`)
   const same = await sameContent(copy, want)
   t.true(same.same, `copy of disk@1.img vs qemu-img convert of ${path.basename(c.files[1])}: ${same.detail}`)
+  await srv.stopClean(t)
+})
+
+test('a write(2) bigger than one FUSE request is never split by addredo: each frozen generation holds all of it or none', async t => {
+  const root = await ctx.tmp()
+  const c = await storeChain(root, SIZE, [{ writes: [{ pattern: 0x11, offset: 0, length: 8 * M }] }])
+  const srv = await ctx.mount(c.store, path.join(root, 'mnt'))
+  // one unaligned region rewritten over and over, each write(2) a different byte value: the
+  // kernel sends each as ~17 requests (a partial first page, then 128 KiB pieces)
+  const POS = 3 * M + 777
+  const LEN = 2 * M + 4321
+  const writer = `
+    const fs = require('fs'); const [file, ms] = process.argv.slice(1)
+    const fd = fs.openSync(file, 'r+'); const b = Buffer.alloc(${LEN}); let i = 0
+    const end = Date.now() + Number(ms)
+    while (Date.now() < end) {
+      b.fill(i % 250 + 1)
+      const n = fs.writeSync(fd, b, 0, b.length, ${POS})
+      if (n !== b.length) throw new Error('short write: ' + n)
+      if (i++ === 0) console.log('started')
+    }
+    console.log(i)`
+  const proc = spawn(process.execPath, ['-e', writer, srv.img('vm1', 'disk'), '4000'], { stdio: ['ignore', 'pipe', 'pipe'] })
+  let out = ''
+  let err = ''
+  proc.stdout.setEncoding('utf8').on('data', (d: string) => { out += d })
+  proc.stderr.setEncoding('utf8').on('data', (d: string) => { err += d })
+  const exited = new Promise<number | null>(resolve => proc.on('exit', code => resolve(code)))
+  for (let i = 0; i < 100 && !out.includes('started'); i++) await sleep(20)
+  t.true(out.includes('started'), `the writer did not start: ${err}`)
+  const ADDS = 6
+  for (let k = 0; k < ADDS; k++) {
+    await srv.commandOk('vm1', 'disk', 'addredo')
+    await sleep(150 + 97 * k)
+  }
+  t.is(await exited, 0, `writer: ${err}`)
+  const writes = Number(out.trim().split('\n').pop())
+  t.log(`${writes} writes of ${LEN} bytes, ${ADDS} addredos`)
+  t.true(writes > ADDS, 'the writer kept writing across the addredos')
+
+  const seen = new Set<number>()
+  // generation g is what the disk held at addredo number g + 1 (the writer wrote into the base first)
+  for (let g = 0; g < ADDS; g++) {
+    const b = await readRange(srv.img('vm1', 'disk', g), POS, LEN)
+    const uniform = b.equals(Buffer.alloc(LEN, b[0]))
+    const mixed = uniform ? '' : [...new Set(b)].join(', ')
+    t.true(uniform, `generation ${g} holds parts of different writes (byte values ${mixed})`)
+    t.not(b[0], 0x11, `generation ${g} holds none of the writes`)
+    seen.add(b[0])
+  }
+  const live = await readRange(srv.img('vm1', 'disk'), POS, LEN)
+  t.true(live.equals(Buffer.alloc(LEN, (writes - 1) % 250 + 1)), 'the live file holds the last write')
+  t.true(seen.size > 1, 'the generations froze different writes')
   await srv.stopClean(t)
 })
