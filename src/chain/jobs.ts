@@ -172,11 +172,12 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
   // copied, so the final flush finds little left to do (the same ordered flush as at the end).
   let unflushed = 0
   let flushing: Promise<void> | null = null
+  let flushFailure: unknown
   const flushBehind = (len: number): void => {
     unflushed += len
     if (unflushed < FLUSH_BEHIND || flushing !== null) return
     unflushed = 0
-    flushing = parent.flush().catch(e => { failure ??= e }).finally(() => { flushing = null })
+    flushing = parent.flush().catch(e => { flushFailure ??= e }).finally(() => { flushing = null })
   }
   let next = 0
   let stop = false
@@ -204,6 +205,9 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
   await Promise.all(Array.from({ length: COPY_WINDOW }, worker))
   await flushing
   if (failure !== undefined) throw failure
+  // a failed early flush fails the commit, unless it was cancelled: the final flush below then
+  // decides, so a cancel still ends as a cancel when the disk recovered
+  if (flushFailure !== undefined && opts.cancelled?.() !== true) throw flushFailure
   await parent.flush()
   await parent.endSession()
 }

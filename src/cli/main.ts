@@ -3,6 +3,11 @@ import yargs from 'yargs'
 import { hideBin } from 'yargs/helpers'
 import type { CommandModule } from 'yargs'
 
+// The FUSE server waits in the thread pool for its own mount now and then (the write barrier
+// of src/fs/mount.ts holds up to two threads per disk); the default four leave too little for
+// the backing-file I/O that must go on meanwhile. Read by libuv when the pool first starts.
+process.env.UV_THREADPOOL_SIZE ??= '16'
+
 /**
  * Command name → module. Only the command being run is loaded (a `redofs commit` does not load
  * the FUSE addon or the backup code); help and unknown words load them all.
@@ -11,8 +16,11 @@ const COMMANDS = ['mount', 'umount', 'create', 'import', 'info', 'check', 'expor
 
 const load = (name: string): CommandModule => require(`./commands/${name}`) as CommandModule
 
+/** Global options that take a value in the next word (`--store DIR`). */
+const VALUED = new Set(['--store'])
+
 export function commandsFor (argv: string[]): CommandModule[] {
-  const first = argv.find(a => !a.startsWith('-'))
+  const first = argv.find((a, i) => !a.startsWith('-') && !VALUED.has(argv[i - 1]))
   const names: readonly string[] = first !== undefined && (COMMANDS as readonly string[]).includes(first) ? [first] : COMMANDS
   return names.map(load)
 }

@@ -2,7 +2,7 @@
  * The FUSE adapter: maps paths to store objects (tree.ts), FUSE calls to disk calls, errors to
  * errnos, and control-file writes to store commands. No format or chain logic lives here.
  */
-import { open as openAsync, statfs as statfsAsync } from 'node:fs/promises'
+import { open as openAsync, statfs as statfsAsync, type FileHandle } from 'node:fs/promises'
 import { join } from 'node:path'
 import type Fuse from 'fuse-native'
 import { RedoError } from '../errors'
@@ -35,7 +35,7 @@ export interface MountOptions {
 }
 
 /** A chain switch waiting for the kernel to hold the live file's inode lock (see betweenWrites). */
-interface Barrier { fn: () => Promise<void>, result: Promise<void> | null }
+interface Barrier { fn: () => Promise<void>, dropCache: boolean, result: Promise<void> | null, dropFh: FileHandle | null }
 
 export class RedoMount {
   private fuse: TunedFuse | null = null
@@ -54,8 +54,7 @@ export class RedoMount {
   /** Disks whose live file changed under the kernel's cache: its next open drops the pages. */
   private readonly dropLive = new Set<Disk>()
   private readonly barriers = new Map<Disk, Barrier>()
-  /** Barriers take turns: each holds a thread-pool thread while the kernel waits for a lock. */
-  private barrierTurn: Promise<void> = Promise.resolve()
+  private readonly barrierTurns = new Map<Disk, Promise<void>>()
 
   constructor (readonly store: Store, readonly mnt: string, readonly opts: MountOptions = {}) {}
 
@@ -76,8 +75,7 @@ export class RedoMount {
     // the mount callback fires before INIT is answered: let it through before anyone uses it
     await new Promise(resolve => setImmediate(resolve))
     for (const d of this.disks()) {
-      d.liveBarrier = async fn => await this.betweenWrites(d, fn)
-      d.liveChanged = async () => await this.dropLiveCache(d)
+      d.liveBarrier = async (fn, dropCache) => await this.betweenWrites(d, fn, dropCache)
     }
   }
 
@@ -85,7 +83,7 @@ export class RedoMount {
     const f = this.fuse
     if (f === null) return
     this.fuse = null
-    for (const d of this.disks()) { d.liveBarrier = null; d.liveChanged = null }
+    for (const d of this.disks()) d.liveBarrier = null
     await new Promise<void>(resolve => f.unmount(err => {
       if (err !== null && err !== undefined) log.fs('unmount: %s', err.message)
       resolve()
@@ -104,37 +102,55 @@ export class RedoMount {
    * and, through the page cache, at a partial page), and the kernel sends FSYNC holding it too.
    * So: open the live file through the mount from the thread pool (never synchronously: this
    * process serves the mount), fsync it, and run fn inside that FSYNC request. Whichever FSYNC
-   * arrives first runs it (a user's fsync holds the same lock).
+   * arrives first runs it (a user's fsync holds the same lock). With `dropCache` (the live
+   * content changed), the file is opened once more without keep_cache before FSYNC is
+   * answered, so the kernel drops its pages before any write or fsync caller goes on; that
+   * descriptor is closed after the answer (close takes the inode lock).
+   * One barrier per disk at a time: each holds up to two thread-pool threads while it waits.
    */
-  private async betweenWrites (d: Disk, fn: () => Promise<void>): Promise<void> {
-    const turn = this.barrierTurn
+  private async betweenWrites (d: Disk, fn: () => Promise<void>, dropCache: boolean): Promise<void> {
+    const turn = this.barrierTurns.get(d) ?? Promise.resolve()
     let next!: () => void
-    this.barrierTurn = new Promise<void>(resolve => { next = resolve })
+    const mine = new Promise<void>(resolve => { next = resolve })
+    this.barrierTurns.set(d, mine)
     await turn
-    const b: Barrier = { fn, result: null }
+    const b: Barrier = { fn, dropCache, result: null, dropFh: null }
     this.barriers.set(d, b)
+    let problem = ''
     try {
-      const fh = await openAsync(this.livePath(d), 'r')
-      try { await fh.sync() } finally { await fh.close() }
-    } catch (e) {
-      log.fs('%s/%s: write barrier: %s; switching without it', d.vm, d.name, (e as Error).message)
+      try {
+        const fh = await openAsync(this.livePath(d), 'r')
+        try { await fh.sync() } finally { await fh.close() }
+      } catch (e) {
+        problem = (e as Error).message
+      } finally {
+        if (this.barriers.get(d) === b) this.barriers.delete(d)
+      }
+      if (b.result === null) {
+        // the FSYNC never reached us: switch anyway, and say what was not guaranteed
+        d.notice(`the write barrier on ${d.name}.img failed (${problem}); a write(2) in flight during the switch may have been split`)
+        b.result = this.runBarrier(d, b)
+      } else if (problem !== '') {
+        log.fs('%s/%s: fsync after the switch: %s', d.vm, d.name, problem)
+      }
+      await b.result
     } finally {
-      if (this.barriers.get(d) === b) this.barriers.delete(d)
+      await b.dropFh?.close().catch(e => log.fs('%s/%s: %s', d.vm, d.name, (e as Error).message))
+      if (this.barrierTurns.get(d) === mine) this.barrierTurns.delete(d)
       next()
     }
-    // the FSYNC never reached us (the kernel gave up on the file): nothing better to do
-    if (b.result === null) b.result = fn()
-    await b.result
   }
 
-  /** After the live file's content changed other than by writes to it: open it once without keep_cache. */
-  private async dropLiveCache (d: Disk): Promise<void> {
+  /** The switch, then (if asked) an open without keep_cache that drops the live file's pages. */
+  private async runBarrier (d: Disk, b: Barrier): Promise<void> {
+    await b.fn()
+    if (!b.dropCache) return
     this.dropLive.add(d)
     try {
-      await (await openAsync(this.livePath(d), 'r')).close()
+      b.dropFh = await openAsync(this.livePath(d), 'r')
     } catch (e) {
-      // the flag stays: the next open drops the pages
-      log.fs('%s/%s: dropping cached live pages: %s', d.vm, d.name, (e as Error).message)
+      // the flag stays set: the next open of the file drops the pages
+      d.notice(`could not drop the kernel's cached pages of ${d.name}.img (${(e as Error).message}); descriptors opened before the change may read old data until the file is opened again`)
     }
   }
 
@@ -278,7 +294,7 @@ export class RedoMount {
         const b = this.barriers.get(h.disk)
         if (b !== undefined && b.result === null) {
           // the kernel holds the file's inode lock until we answer: no write(2) is half done
-          b.result = b.fn()
+          b.result = this.runBarrier(h.disk, b)
           await b.result.catch(() => {})
         }
         await h.disk.fsync()

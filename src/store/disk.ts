@@ -62,12 +62,11 @@ export class Disk {
   /** Called when the chain top file changes (to keep the .vmx pointing at it). */
   onTopChanged: (() => Promise<void>) | null = null
   /**
-   * Set by the mount. `liveBarrier` runs fn at a moment no write(2) to the live file is half
-   * done (the kernel may split one write into several requests); `liveChanged` makes the kernel
-   * drop what it cached of the live file. Without a mount, neither is needed.
+   * Set by the mount: runs fn at a moment no write(2) to the live file is half done (the kernel
+   * may split one write into several requests) and, with `dropCache`, makes the kernel drop
+   * what it cached of the live file before writers go on. Without a mount, nothing is needed.
    */
-  liveBarrier: ((fn: () => Promise<void>) => Promise<void>) | null = null
-  liveChanged: (() => Promise<void>) | null = null
+  liveBarrier: ((fn: () => Promise<void>, dropCache: boolean) => Promise<void>) | null = null
 
   constructor (
     readonly vm: string,
@@ -326,7 +325,7 @@ export class Disk {
 
   /** `record`: also write a content record of the generation frozen (read in the background). */
   async doAddRedo (label?: string, record = false): Promise<void> {
-    await this.betweenWrites(async () => await this.gate.freezeLive(async () => {
+    await this.betweenWrites(false, async () => await this.gate.freezeLive(async () => {
       await addRedo(this.chain, { label, format: this.opts.redoFormat })
       this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
       this.shape++
@@ -377,27 +376,28 @@ export class Disk {
     await this.topChanged()
   }
 
-  private notice (msg: string): void {
+  notice (msg: string): void {
     this.notices.push(`${new Date().toISOString()} ${msg}`)
     if (this.notices.length > 20) this.notices.shift()
   }
 
   async doDiscard (to: number, force = false): Promise<void> {
-    await this.betweenWrites(async () => await this.gate.freezeAll(async () => {
+    // the live file then reads as generation `to`: pages cached from the discarded top must go
+    await this.betweenWrites(true, async () => await this.gate.freezeAll(async () => {
+      // checked again: a generation may have been opened while the barrier waited
+      this.refuseIfOpen(this.frozen.slice(to), 'discard')
       const dropped = await discard(this.chain, to, { force })
       this.frozen = this.frozen.slice(0, to)
       this.shape++
       if (dropped !== undefined) this.notice(`label "${dropped}" dropped: discard made generation ${to} live again`)
     }))
-    // the live file now reads as generation `to`: pages cached from the discarded top must go
-    if (this.liveChanged !== null) await this.liveChanged()
     await this.topChanged()
   }
 
   /** Run a chain switch between two write(2) calls to the live file, not inside one. */
-  private async betweenWrites (fn: () => Promise<void>): Promise<void> {
+  private async betweenWrites (dropCache: boolean, fn: () => Promise<void>): Promise<void> {
     if (this.liveBarrier === null) await fn()
-    else await this.liveBarrier(fn)
+    else await this.liveBarrier(fn, dropCache)
   }
 
   // ---- status ----------------------------------------------------------------------------
