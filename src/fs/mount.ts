@@ -128,7 +128,7 @@ export class RedoMount {
       }
       if (b.result === null) {
         // the FSYNC never reached us: switch anyway, and say what was not guaranteed
-        d.notice(`the write barrier on ${d.name}.img failed (${problem}); a write(2) in flight during the switch may have been split`)
+        d.notice(`the write barrier on ${d.name}.img failed (${problem === '' ? 'the kernel sent no FSYNC' : problem}); a write(2) in flight during the switch may have been split`)
         b.result = this.runBarrier(d, b)
       } else if (problem !== '') {
         log.fs('%s/%s: fsync after the switch: %s', d.vm, d.name, problem)
