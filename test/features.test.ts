@@ -231,10 +231,16 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     await redofsOk('addredo', path.join(vm, 'disk'), 'record=1')
     await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 6 1M 1M', path.join(vm, 'disk-000001.vmdk')])
     const restamp = async (file: string): Promise<void> => {
-      // what copying with a tool that re-stamps CIDs does: same content, new CID
+      // what copying with a tool that re-stamps CIDs does: same content, new CID. qemu writes
+      // CIDs unpadded, so the new one keeps the old one's length (each digit + 1, mod 16)
       const b = await readFile(file)
-      const i = b.indexOf('CID=')
-      b.write('0badc0de', i + 4, 'latin1')
+      const i = b.indexOf('CID=') + 4
+      let j = i
+      while (/[0-9a-f]/i.test(String.fromCharCode(b[j]))) j++
+      const old = b.toString('latin1', i, j)
+      let next = [...old].map(c => ((parseInt(c, 16) + 1) % 16).toString(16)).join('')
+      if (/^f+$/.test(next)) next = '1'.repeat(next.length)
+      b.write(next, i, 'latin1')
       await writeFile(file, b)
     }
     const good = path.join(dir, 'good')
