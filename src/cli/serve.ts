@@ -3,11 +3,11 @@
  * or an external fusermount -u, unmount and power everything off cleanly.
  */
 import { mkdir, readFile, unlink, writeFile } from 'node:fs/promises'
+import { readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { patchLevel } from '../fs/fuse'
 import { RedoMount, type MountOptions } from '../fs/mount'
-import { mountDevice } from '../fs/mountinfo'
 import { log } from '../log'
 import { Store, type StoreOptions } from '../store/store'
 
@@ -23,7 +23,13 @@ export interface Served {
 
 /** Is `mnt` a mountpoint right now? Reads mountinfo; never touches the path itself. */
 export function isMounted (mnt: string): boolean {
-  return mountDevice(mnt) !== undefined
+  // mountinfo escapes these four characters in paths as octal
+  const target = resolve(mnt).replace(/\\/g, '\\134').replace(/ /g, '\\040').replace(/\t/g, '\\011').replace(/\n/g, '\\012')
+  try {
+    return readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some(l => l.split(' ')[4] === target)
+  } catch {
+    return false
+  }
 }
 
 export async function serve (storeDir: string, mnt: string, sopts: StoreOptions, mopts: MountOptions, announce: (m: string) => void): Promise<void> {
