@@ -10,6 +10,7 @@ import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
 import { Mutex, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { DirectWriter } from './direct'
 import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const KDMV_MAGIC = 0x564d444b
@@ -174,6 +175,8 @@ export class SparseExtent implements Extent {
   private allocated = 0
   private readonly mutex = new Mutex()
   private readonly flushMutex = new Mutex()
+  /** Direct-I/O writer for new grains: undefined until the first allocation, null if refused. */
+  private direct: DirectWriter | null | undefined = undefined
   private streamCache = new Map<number, Buffer>()
   /** On-disk values of entries held as BAD in memory: flushes write these back, never BAD. */
   private readonly badOriginal = new Map<number, number>()
@@ -401,7 +404,7 @@ export class SparseExtent implements Extent {
         this.nextAlloc += bytes
         faultPoint('sparse.grain')
         // on failure the space is leaked (never referenced) and the next batch starts after it
-        await writeExactv(this.fh, batch, at)
+        if (!await this.writeDirect(batch, at)) await writeExactv(this.fh, batch, at)
         if (at + bytes > this.fileSize) this.fileSize = at + bytes
         const per = this.header.numGTEsPerGT
         batchGrains.forEach((grain, i) => {
@@ -453,6 +456,22 @@ export class SparseExtent implements Extent {
       }
       await flushBatch()
     })
+  }
+
+  /** New grains around the page cache when the file system allows it (see direct.ts). */
+  private async writeDirect (bufs: Buffer[], at: number): Promise<boolean> {
+    if (this.direct === undefined) this.direct = await DirectWriter.open(this.path)
+    if (this.direct === null) return false
+    try {
+      return await this.direct.write(bufs, at)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e
+      log.formats('%s: direct write refused (%s); new grains go through the page cache from now on', this.path, (e as Error).message)
+      const d = this.direct
+      this.direct = null
+      await d.close()
+      return false
+    }
   }
 
   private allAllocated (pos: number, len: number): boolean {
@@ -551,6 +570,9 @@ export class SparseExtent implements Extent {
   }
 
   async close (): Promise<void> {
+    const d = this.direct
+    this.direct = null
+    if (d !== null && d !== undefined) await d.close()
     await this.fh.close()
   }
 

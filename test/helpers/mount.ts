@@ -176,13 +176,13 @@ export class Server {
   }
 
   /** `node bin/redofs mount <store> <mnt> ...args`; resolves when "mounted ..." is printed. */
-  static async start (store: string, mnt: string, args: string[] = [], timeoutMs = 30_000): Promise<Server> {
+  static async start (store: string, mnt: string, args: string[] = [], timeoutMs = 30_000, extraEnv: Record<string, string> = {}): Promise<Server> {
     const problem = fuseProblem()
     if (problem !== null) throw new Error(`FUSE is not usable: ${problem}\n${FUSE_INSTALL_HINT}`)
     installExitHook()
     await mkdir(mnt, { recursive: true })
     trackMount(mnt)
-    const env = { ...process.env }
+    const env = { ...process.env, ...extraEnv }
     delete env.NODE_OPTIONS
     const proc = spawn(process.execPath, [REDOFS_BIN, 'mount', store, mnt, ...args], { stdio: ['pipe', 'pipe', 'pipe'], env })
     const s = new Server(store, path.resolve(mnt), args, proc)
@@ -320,8 +320,11 @@ export interface DiskStatus {
 export interface E2E {
   /** A fresh /tmp/redofs-test-* directory, removed after the file's tests (unless KEEP_TMP=1). */
   tmp: () => Promise<string>
-  /** Start a server; it is shut down in after.always if the test leaves it running. */
-  mount: (store: string, mnt: string, args?: string[]) => Promise<Server>
+  /**
+   * Start a server (env: extra variables for it); it is shut down in after.always if the test
+   * leaves it running.
+   */
+  mount: (store: string, mnt: string, args?: string[], env?: Record<string, string>) => Promise<Server>
 }
 
 /**
@@ -357,8 +360,8 @@ export function e2e (test: TestFn): E2E {
       dirs.push(d)
       return d
     },
-    mount: async (store, mnt, args = []) => {
-      const s = await Server.start(store, mnt, args)
+    mount: async (store, mnt, args = [], env = {}) => {
+      const s = await Server.start(store, mnt, args, undefined, env)
       servers.push(s)
       return s
     }

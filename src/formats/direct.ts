@@ -1,0 +1,104 @@
+/**
+ * Writing newly allocated grains around the page cache (O_DIRECT).
+ *
+ * Data written into the live file is already cached once, by the kernel, in the mounted file's
+ * own pages. Appending the same bytes to the redo log through the page cache caches them a
+ * second time, in pages that must first be found and zeroed; on a virtual machine those fresh
+ * pages are the dearest part of an allocating write (native-notes/performance.md). New grains
+ * are therefore written with O_DIRECT from one reusable, aligned buffer. Everything else (reads,
+ * overwrites inside grains, metadata) keeps using the ordinary descriptor; the kernel keeps the
+ * two coherent (a direct write writes back and drops cached pages of its range first).
+ *
+ * Node cannot align a buffer, so the writer finds an aligned start inside a larger one by
+ * trying small direct reads at successive offsets (the buffer never moves). Where direct I/O is
+ * refused (tmpfs before 6.6, some network and FUSE filesystems, odd alignments), `open` returns
+ * null and the caller writes through the page cache as before; REDOFS_NO_DIRECT=1 in the
+ * environment does the same on purpose (for a file system that accepts O_DIRECT but serves it
+ * badly, and to measure the difference).
+ */
+import { constants } from 'node:fs'
+import { open, type FileHandle } from 'node:fs/promises'
+import { log } from '../log'
+
+/** Largest alignment probed: covers 512-byte and 4 KiB logical blocks. */
+const ALIGN = 4096
+/** Bytes one direct write carries; longer batches are split. */
+export const DIRECT_CHUNK = 1 << 20
+
+export class DirectWriter {
+  private constructor (
+    private readonly fh: FileHandle,
+    private readonly slab: Buffer,
+    private readonly path: string
+  ) {}
+
+  static async open (path: string): Promise<DirectWriter | null> {
+    if (process.env.REDOFS_NO_DIRECT === '1') return null
+    let fh: FileHandle
+    try {
+      fh = await open(path, constants.O_RDWR | constants.O_DIRECT)
+    } catch (e) {
+      log.formats('%s: no direct I/O (%s); new grains go through the page cache', path, (e as Error).message)
+      return null
+    }
+    try {
+      const big = Buffer.allocUnsafeSlow(DIRECT_CHUNK + ALIGN)
+      // the header's first 4 KiB exist in every sparse extent: read them into big at offset k
+      for (let k = 0; k < ALIGN; k += 16) {
+        try {
+          await fh.read(big, k, ALIGN, 0)
+          return new DirectWriter(fh, big.subarray(k, k + DIRECT_CHUNK), path)
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e
+        }
+      }
+      throw new Error('no aligned offset found')
+    } catch (e) {
+      log.formats('%s: direct I/O unusable (%s); new grains go through the page cache', path, (e as Error).message)
+      await fh.close()
+      return null
+    }
+  }
+
+  /**
+   * Write bufs back to back at pos. Returns false, having written nothing, when this write
+   * cannot go direct (unaligned position or length): the caller writes it the ordinary way.
+   */
+  async write (bufs: Buffer[], pos: number): Promise<boolean> {
+    const total = bufs.reduce((n, b) => n + b.length, 0)
+    if (pos % ALIGN !== 0 || total % 512 !== 0) return false
+    let at = pos
+    let fill = 0
+    const send = async (): Promise<void> => {
+      let done = 0
+      const len = roundUp512(fill)
+      while (done < len) {
+        const { bytesWritten } = await this.fh.write(this.slab, done, len - done, at + done)
+        if (bytesWritten <= 0) throw new Error(`${this.path}: direct write made no progress`)
+        done += bytesWritten
+      }
+      at += fill
+      fill = 0
+    }
+    for (const b of bufs) {
+      let o = 0
+      while (o < b.length) {
+        const n = Math.min(b.length - o, this.slab.length - fill)
+        b.copy(this.slab, fill, o, o + n)
+        fill += n
+        o += n
+        if (fill === this.slab.length) await send()
+      }
+    }
+    if (fill > 0) await send()
+    return true
+  }
+
+  async close (): Promise<void> {
+    await this.fh.close()
+  }
+}
+
+function roundUp512 (n: number): number {
+  return Math.ceil(n / 512) * 512
+}
