@@ -107,6 +107,27 @@ test.serial('an fd opened before discard reads the reverted content after it', a
   t.is((await srv.status('vm1', 'disk')).redoLogs, 0)
 })
 
+test.serial('control files read whole right after they change: no size the kernel cached cuts them (cat and readFile)', async t => {
+  const ctl = path.join(srv.mnt, '.ctl', 'vm1', 'disk')
+  const count = (text: string): number => (JSON.parse(text) as { generations: unknown[] }).generations.length
+  const before = count((await sh('cat "$1"', [path.join(ctl, 'status')])).stdout)
+  // stat caches the size for the attribute timeout (1 s; a read just before would make the
+  // kernel ask again, hence the pause); addredo makes the status text longer
+  const seq = 'sleep 1.2; stat -c %s "$1" >/dev/null && echo > "$2" && stat -c %s "$1" >/dev/null && '
+  const r = await sh(seq + 'cat "$1"', [path.join(ctl, 'status'), path.join(ctl, 'addredo')])
+  t.is(r.code, 0, describe(r))
+  let after = -1
+  t.notThrows(() => { after = count(r.stdout) }, `cat of status right after addredo is not whole JSON:\n${r.stdout.slice(-300)}`)
+  t.is(after, before + 1, 'the first read after addredo lists the new generation')
+  // the same through readFile, which sizes its read from fstat
+  const viaNode = await sh(seq + `node -e 'require("fs").promises.readFile(process.argv[1], "utf8").then(t => process.stdout.write(t))' "$1"`, [path.join(ctl, 'status'), path.join(ctl, 'addredo')])
+  t.is(viaNode.code, 0, describe(viaNode))
+  t.notThrows(() => { after = count(viaNode.stdout) }, `readFile of status right after addredo is not whole JSON:\n${viaNode.stdout.slice(-300)}`)
+  t.is(after, before + 2)
+  // leave the chain as the next test expects it
+  for (let i = 0; i < 2; i++) await srv.commandOk('vm1', 'disk', 'discard')
+})
+
 test.serial('the server unmounts cleanly', async t => {
   await srv.stopClean(t)
 })

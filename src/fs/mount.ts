@@ -206,7 +206,10 @@ export class RedoMount {
       case 'command':
         return { ...base, mode: S_IFREG | 0o600, size: Buffer.byteLength(this.usage(node)) }
       case 'info':
-        return { ...base, mode: S_IFREG | 0o444, size: Buffer.byteLength(node.text()), mtime: new Date(), ctime: new Date() }
+        // size 0, like /proc: the text can change between this stat and the open, and a size the
+        // kernel (or a reader sizing its buffer by fstat) took from here would cut it; readers
+        // read to the end instead, and direct_io (see open) lets reads past this size through
+        return { ...base, mode: S_IFREG | 0o444, size: 0, mtime: new Date(), ctime: new Date() }
       case 'link':
         return { ...base, mode: S_IFLNK | 0o777, size: node.target.length }
     }
@@ -251,7 +254,7 @@ export class RedoMount {
           }
           case 'info':
             if (wantsWrite) return EACCES
-            return [0, this.newHandle({ kind: 'text', data: Buffer.from(n.text()) })]
+            return [0, this.newHandle({ kind: 'text', data: Buffer.from(n.text()) }) | (this.cacheMode === 'per-open' ? FH_DIRECT_IO : 0)]
           case 'command':
             return [0, this.newHandle({ kind: 'command', node: n })]
         }
