@@ -174,6 +174,7 @@ if (ok) {
       t.is(await generations(store), 3, `crash point ${n}: commit not finished at the next open`)
       t.deepEqual(await exportAll(store, 3), survivors, `crash point ${n}: surviving generations changed`)
       t.deepEqual((await readdir(path.join(store, 'vm'))).filter(f => f.includes('redofs-commit')), [], 'journal left behind')
+      t.deepEqual((await readdir(path.join(store, 'vm'))).filter(f => f.includes('redofs-dropped')), [], `crash point ${n}: a dropped file was not deleted at the next open`)
       const top = (await readdir(path.join(store, 'vm'))).filter(f => /-\d{6}\.vmdk$/.test(f)).sort().pop() as string
       const q = await sh('qemu-img convert -O raw "$1" "$2" && sha256sum "$2"', [path.join(store, 'vm', top), path.join(dir, 'q.raw')])
       t.is(q.code, 0, `qemu reads through every parent after recovery (crash point ${n})\n${describe(q)}`)
@@ -183,5 +184,29 @@ if (ok) {
     t.true(finished, 'the commit never completed without a crash')
     t.true(points >= 8, `only ${points} crash points were exercised`)
     await writeFile(path.join(dir, 'points.txt'), String(points))
+  })
+
+  test.serial('crash between dropping and deleting a discarded redo log: the chain is already short, the file goes at the next open', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'disk', '8M')
+    const vm = path.join(store, 'vm')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 7 0 8M', path.join(vm, 'disk.vmdk')])
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 9 1M 2M', path.join(vm, 'disk-000001.vmdk')])
+    const r = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(vm, 'disk')], {
+      env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'layer.dropped' }
+    })
+    t.true(r.code === -1 && r.stderr.includes('crashing at layer.dropped'), `discard did not die between drop and delete\n${describe(r)}`)
+    t.deepEqual((await readdir(vm)).filter(f => f.endsWith('.redofs-dropped')), ['disk-000001.vmdk.redofs-dropped'], 'the crash left the dropped file')
+    const info = await run(process.execPath, [REDOFS_BIN, 'info', '--json', path.join(vm, 'disk')])
+    t.is(info.code, 0, describe(info))
+    t.is((JSON.parse(info.stdout) as { layers: unknown[] }).layers.length, 1, 'the discarded redo log is no longer part of the chain')
+    const server = await env.mount(store, path.join(dir, 'mnt'))
+    const head = await readFile(server.img('vm', 'disk')).then(b => b.subarray(0, 4 << 20))
+    t.true(head.equals(Buffer.alloc(4 << 20, 7)), 'the live file reads as the base')
+    await server.stopClean(t)
+    t.deepEqual((await readdir(vm)).filter(f => f.endsWith('.redofs-dropped')), [], 'the writable open deleted the dropped file')
+    await checkFiles(t, store)
   })
 }

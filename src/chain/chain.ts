@@ -6,7 +6,7 @@ import { realpath, stat } from 'node:fs/promises'
 import { basename, dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
-import { Layer, resolveContained } from '../formats/layer'
+import { Layer, reapDroppedIn, resolveContained } from '../formats/layer'
 import { log } from '../log'
 import { Index, mapOf, overlay, type MapEntry } from './view'
 import { readJournal, type CommitJournal } from './journal'
@@ -57,7 +57,10 @@ export class Chain {
       const { layers, journals } = await walk(resolve(top), opts)
       if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
         const chain = new Chain(layers, opts, journals)
-        if (opts.writable === true) chain.topChildren = await childrenOf(chain.top.path, opts.root)
+        if (opts.writable === true) {
+          chain.topChildren = await childrenOf(chain.top.path, opts.root)
+          if (opts.noRecovery !== true) for (const dir of new Set(layers.map(l => dirname(l.path)))) await reapDroppedIn(dir)
+        }
         return chain
       }
       for (const l of layers) await l.close()

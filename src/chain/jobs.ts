@@ -7,7 +7,7 @@ import { dirname, resolve } from 'node:path'
 import { RedoError } from '../errors'
 import { createCowdLayer, createSparseLayer } from '../formats/create'
 import { newCid } from '../formats/descriptor'
-import { Layer, parentHintFor } from '../formats/layer'
+import { Layer, parentHintFor, reapDropped } from '../formats/layer'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
@@ -138,12 +138,15 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   }
   const droppedLabel = labelOf(parent)
   const swap = opts.switchOver ?? (async (fn: () => Promise<void>) => await fn())
+  let dropped: string[] = []
   await swap(async () => {
-    await relinkAndDrop(j, parent, child, above)
+    dropped = await relinkAndDrop(j, parent, child, above)
     chain.layers.splice(i, 1)
     chain.invalidate()
     if (above === undefined) chain.topChildren = others
   })
+  // deleting the merged file can take a while: after the switch, with I/O flowing again
+  await reapDropped(dropped)
   log.chain('commit: %s merged into %s', child.path, parent.path)
   return { droppedLabel }
 }
@@ -212,8 +215,11 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
   await parent.endSession()
 }
 
-/** Re-link the layer above to the parent, then delete the merged child, then the journal. */
-async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | undefined, above: Layer | undefined): Promise<void> {
+/**
+ * Re-link the layer above to the parent, then drop the merged child (Layer.drop), then delete
+ * the journal. Returns the dropped files, for the caller to reap.
+ */
+async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | undefined, above: Layer | undefined): Promise<string[]> {
   if (j.above !== null) {
     let a = above
     let own = false
@@ -239,13 +245,15 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
   }
   await moveDigest(j.child, parent.path)
   faultPoint('commit.drop')
-  if (child !== undefined) await child.destroy()
+  let dropped: string[] = []
+  if (child !== undefined) dropped = await child.drop()
   else if (await exists(j.child)) {
     const c = await Layer.open(j.child, {})
-    await c.destroy()
+    dropped = await c.drop()
   }
   faultPoint('commit.unjournal')
   await removeJournal(parent.path)
+  return dropped
 }
 
 async function exists (p: string): Promise<boolean> {
@@ -263,7 +271,7 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
       const parent = pchain.top
       const below = pchain.redoCount > 0 ? pchain.index(pchain.redoCount - 1) : undefined
       await copyInto(child, parent, j.parentCID, pchain.layers, below, {})
-      await relinkAndDrop(j, parent, child, undefined)
+      await reapDropped(await relinkAndDrop(j, parent, child, undefined))
     } finally {
       await child.close().catch(() => {})
       await pchain.close()
@@ -271,15 +279,25 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
   } else {
     const parent = await Layer.open(j.parent, { writable: true, root: opts.root })
     try {
-      await relinkAndDrop(j, parent, undefined, undefined)
+      await reapDropped(await relinkAndDrop(j, parent, undefined, undefined))
     } finally {
       await parent.close()
     }
   }
 }
 
-/** Delete the top redo log, or every redo log above generation `to`. */
-export async function discard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<string | undefined> {
+export interface DiscardResult {
+  /** Label of the generation that became live again (labels name frozen generations only). */
+  droppedLabel?: string
+  /** The discarded layers' files, dropped (Layer.drop): the caller reaps them (reapDropped). */
+  files: string[]
+}
+
+/**
+ * Remove the top redo log, or every redo log above generation `to`. The files are only dropped
+ * (renamed), so a caller holding I/O off can reap them after resuming it.
+ */
+export async function discard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<DiscardResult> {
   const N = chain.redoCount
   if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to discard`)
   const g = to ?? N - 1
@@ -291,16 +309,17 @@ export async function discard (chain: Chain, to?: number, opts: { force?: boolea
     throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)
   }
   // top first: every intermediate state is a valid, shorter chain
+  const files: string[] = []
   while (chain.layers.length - 1 > g) {
     const l = chain.layers[chain.layers.length - 1]
-    await l.destroy()
+    files.push(...await l.drop())
     chain.layers.pop()
   }
   chain.invalidate()
   chain.topChildren = others
   const live = chain.top
   await dropDigest(live.path)
-  const dropped = labelOf(live)
-  if (live.hasCids && (dropped !== undefined || live.descriptor.get('ddb.redofs.frozen') !== undefined)) await setMeta(live, { label: null, frozen: null })
-  return dropped
+  const droppedLabel = labelOf(live)
+  if (live.hasCids && (droppedLabel !== undefined || live.descriptor.get('ddb.redofs.frozen') !== undefined)) await setMeta(live, { label: null, frozen: null })
+  return { droppedLabel, files }
 }

@@ -2,8 +2,8 @@
  * A layer: one descriptor (stand-alone or embedded in a KDMV file) and its extents, seen as one
  * byte range. This is what chain/ stacks; it knows nothing about parents beyond their names.
  */
-import { open, rename, realpath, stat, unlink, type FileHandle } from 'node:fs/promises'
-import { basename, dirname, isAbsolute, relative, resolve, sep } from 'node:path'
+import { open, readdir, rename, realpath, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
@@ -313,12 +313,30 @@ export class Layer {
   }
 
   /** Close and delete every file of the layer: descriptor first, then extents (VMDK.md §9.1 rule 7). */
+  /** Delete the layer's files (drop, then reap). */
   async destroy (): Promise<void> {
+    await reapDropped(await this.drop())
+  }
+
+  /**
+   * Take the layer's files out of the store by renaming them to `<file>.redofs-dropped`: atomic
+   * and cheap, where deleting a large file is not (the file system frees every extent, and the
+   * kernel evicts its cached pages). Callers that hold I/O off while the chain changes drop
+   * inside that pause and reap after it; whatever a crash leaves is reaped at the next writable
+   * open. Returns the new names.
+   */
+  async drop (): Promise<string[]> {
     await this.closeWithoutFlush()
+    const out: string[] = []
     for (const f of [...this.files, `${this.path}.redofs-digest`]) {
-      try { await unlink(f) } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e }
+      try {
+        await rename(f, f + DROPPED)
+        out.push(f + DROPPED)
+      } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e }
     }
     await syncDir(dirname(this.path))
+    faultPoint('layer.dropped')
+    return out
   }
 
   private async closeWithoutFlush (): Promise<void> {
@@ -397,6 +415,27 @@ export async function writeFileDurable (path: string, text: string | Buffer): Pr
     throw e
   }
   await syncDir(dirname(path))
+}
+
+/** Suffix of files a chain no longer uses, awaiting deletion (Layer.drop). */
+export const DROPPED = '.redofs-dropped'
+
+/** Delete dropped files (missing ones are fine: a reap may already have run). */
+export async function reapDropped (paths: string[]): Promise<void> {
+  for (const p of paths) {
+    if (!p.endsWith(DROPPED)) throw new Error(`${p}: not a dropped file`)
+    try { await unlink(p) } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e }
+  }
+}
+
+/** Reap what a crash left between drop and reap in `dir`. */
+export async function reapDroppedIn (dir: string): Promise<void> {
+  const names = await readdir(dir).catch(() => [] as string[])
+  const left = names.filter(n => n.endsWith(DROPPED)).map(n => join(dir, n))
+  if (left.length === 0) return
+  log.formats('%s: deleting %d file(s) an interrupted commit or discard dropped', dir, left.length)
+  // garbage either way: a file that cannot be deleted now is not a reason to refuse the disk
+  await reapDropped(left).catch(e => log.formats('%s: %s', dir, (e as Error).message))
 }
 
 export async function syncDir (dir: string): Promise<void> {

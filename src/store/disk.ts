@@ -10,6 +10,7 @@ import { recordGeneration } from '../chain/digest'
 import { frozenAtOf, labelGeneration, labelOf, resolveGeneration } from '../chain/labels'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
+import { reapDropped } from '../formats/layer'
 import { log } from '../log'
 import { parseArgs, type ArgValue } from './args'
 import { IoGate } from './gate'
@@ -383,14 +384,18 @@ export class Disk {
 
   async doDiscard (to: number, force = false): Promise<void> {
     // the live file then reads as generation `to`: pages cached from the discarded top must go
+    let files: string[] = []
     await this.betweenWrites(true, async () => await this.gate.freezeAll(async () => {
       // checked again: a generation may have been opened while the barrier waited
       this.refuseIfOpen(this.frozen.slice(to), 'discard')
-      const dropped = await discard(this.chain, to, { force })
+      const r = await discard(this.chain, to, { force })
+      files = r.files
       this.frozen = this.frozen.slice(0, to)
       this.shape++
-      if (dropped !== undefined) this.notice(`label "${dropped}" dropped: discard made generation ${to} live again`)
+      if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: discard made generation ${to} live again`)
     }))
+    // deleting the discarded files can take a while: not while I/O is held off
+    await reapDropped(files)
     await this.topChanged()
   }
 

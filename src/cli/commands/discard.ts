@@ -1,6 +1,7 @@
 import type { Argv } from 'yargs'
 import { discard } from '../../chain/jobs'
 import { resolveGeneration } from '../../chain/labels'
+import { reapDropped } from '../../formats/layer'
 import { parseArgs } from '../../store/args'
 import { action, withWritableDisk, type GlobalArgs } from '../common'
 
@@ -11,6 +12,7 @@ export const builder = (y: Argv): Argv => y.positional('disk', { type: 'string',
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[] }) => {
   const args = parseArgs(a.args ?? [], { to: 'gen', force: 'bool' }, 'discard')
   await withWritableDisk(a.disk, a, 'discard', async chain => {
-    await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined, { force: args.force === true })
+    const r = await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined, { force: args.force === true })
+    await reapDropped(r.files)
   })
 })
