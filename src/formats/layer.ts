@@ -313,11 +313,6 @@ export class Layer {
   }
 
   /** Close and delete every file of the layer: descriptor first, then extents (VMDK.md §9.1 rule 7). */
-  /** Delete the layer's files (drop, then reap). */
-  async destroy (): Promise<void> {
-    await reapDropped(await this.drop())
-  }
-
   /**
    * Take the layer's files out of the store by renaming them to `<file>.redofs-dropped`: atomic
    * and cheap, where deleting a large file is not (the file system frees every extent, and the
@@ -420,11 +415,18 @@ export async function writeFileDurable (path: string, text: string | Buffer): Pr
 /** Suffix of files a chain no longer uses, awaiting deletion (Layer.drop). */
 export const DROPPED = '.redofs-dropped'
 
-/** Delete dropped files (missing ones are fine: a reap may already have run). */
+/**
+ * Delete dropped files. Never fails the caller: the chain already changed, and a file left
+ * behind (missing ones are fine too) is deleted at the next writable open.
+ */
 export async function reapDropped (paths: string[]): Promise<void> {
   for (const p of paths) {
     if (!p.endsWith(DROPPED)) throw new Error(`${p}: not a dropped file`)
-    try { await unlink(p) } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e }
+    try {
+      await unlink(p)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') log.formats('%s: not deleted yet: %s', p, (e as Error).message)
+    }
   }
 }
 
@@ -434,8 +436,7 @@ export async function reapDroppedIn (dir: string): Promise<void> {
   const left = names.filter(n => n.endsWith(DROPPED)).map(n => join(dir, n))
   if (left.length === 0) return
   log.formats('%s: deleting %d file(s) an interrupted commit or discard dropped', dir, left.length)
-  // garbage either way: a file that cannot be deleted now is not a reason to refuse the disk
-  await reapDropped(left).catch(e => log.formats('%s: %s', dir, (e as Error).message))
+  await reapDropped(left)
 }
 
 export async function syncDir (dir: string): Promise<void> {
