@@ -12,6 +12,7 @@ import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, isMounted, requireFuse, sh, Server } from './helpers/mount'
 import { prng } from './helpers/model'
 import { mustRun, qemuCheck, run, sha256File, describe } from './helpers/qemu'
+import { storeChain } from './helpers/store'
 
 const ok = requireFuse(test)
 const env = e2e(test)
@@ -188,12 +189,10 @@ if (ok) {
 
   test.serial('crash between dropping and deleting a discarded redo log: the chain is already short, the file goes at the next open', async t => {
     const dir = await env.tmp()
-    const store = path.join(dir, 'store')
-    await createDisk(store, 'vm', 'disk', '8M')
-    const vm = path.join(store, 'vm')
-    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 7 0 8M', path.join(vm, 'disk.vmdk')])
-    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
-    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 9 1M 2M', path.join(vm, 'disk-000001.vmdk')])
+    const { store, vmDir: vm } = await storeChain(dir, 8 << 20, [
+      { writes: [{ pattern: 7, offset: 0, length: 8 << 20 }] },
+      { writes: [{ pattern: 9, offset: 1 << 20, length: 2 << 20 }] }
+    ], 'vm')
     const r = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(vm, 'disk')], {
       env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'layer.dropped' }
     })

@@ -19,17 +19,17 @@
 import { constants } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { log } from '../log'
+import { writeExact } from './extent'
 
 /** Largest alignment probed: covers 512-byte and 4 KiB logical blocks. */
 const ALIGN = 4096
 /** Bytes one direct write carries; longer batches are split. */
-export const DIRECT_CHUNK = 1 << 20
+const DIRECT_CHUNK = 1 << 20
 
 export class DirectWriter {
   private constructor (
     private readonly fh: FileHandle,
-    private readonly slab: Buffer,
-    private readonly path: string
+    private readonly slab: Buffer
   ) {}
 
   static async open (path: string): Promise<DirectWriter | null> {
@@ -47,7 +47,7 @@ export class DirectWriter {
       for (let k = 0; k < ALIGN; k += 16) {
         try {
           await fh.read(big, k, ALIGN, 0)
-          return new DirectWriter(fh, big.subarray(k, k + DIRECT_CHUNK), path)
+          return new DirectWriter(fh, big.subarray(k, k + DIRECT_CHUNK))
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e
         }
@@ -70,13 +70,7 @@ export class DirectWriter {
     let at = pos
     let fill = 0
     const send = async (): Promise<void> => {
-      let done = 0
-      const len = roundUp512(fill)
-      while (done < len) {
-        const { bytesWritten } = await this.fh.write(this.slab, done, len - done, at + done)
-        if (bytesWritten <= 0) throw new Error(`${this.path}: direct write made no progress`)
-        done += bytesWritten
-      }
+      await writeExact(this.fh, this.slab, 0, fill, at) // fill is a multiple of 512 (checked above)
       at += fill
       fill = 0
     }
@@ -97,8 +91,4 @@ export class DirectWriter {
   async close (): Promise<void> {
     await this.fh.close()
   }
-}
-
-function roundUp512 (n: number): number {
-  return Math.ceil(n / 512) * 512
 }

@@ -312,9 +312,9 @@ export class Layer {
     return out
   }
 
-  /** Close and delete every file of the layer: descriptor first, then extents (VMDK.md §9.1 rule 7). */
   /**
-   * Take the layer's files out of the store by renaming them to `<file>.redofs-dropped`: atomic
+   * Close the layer and take its files out of the store, descriptor first, then extents (VMDK.md
+   * §9.1 rule 7), by renaming them to `<file>.redofs-dropped`: atomic
    * and cheap, where deleting a large file is not (the file system frees every extent, and the
    * kernel evicts its cached pages). Callers that hold I/O off while the chain changes drop
    * inside that pause and reap after it; whatever a crash leaves is reaped at the next writable
