@@ -20,6 +20,9 @@
  *   commit  offline `redofs commit <disk> level=0` of the 25 % redo log (512 MiB) against
  *           `qemu-img commit` of an identical copy, and against `qemu-img commit` then `rm` of the
  *           redo log (the same end state: redofs deletes the merged redo log, qemu-img keeps it).
+ *           Also the same commit online, `echo level=0 > .ctl/vm/disk/commit` on a mounted copy
+ *           (timed from the write to its return: the merge, the relink and the deletion; no
+ *           process start, the chain is already open).
  *   open    2 TiB sparse chain with 1 GiB allocated: time until `redofs mount` announces
  *           "mounted", and the server's RSS.
  *   soak    the handle-leak soak (scripts/bench-soak.ts), stock prebuild and patched build.
@@ -299,6 +302,7 @@ async function benchCommit (dir: string, chain: TestChain): Promise<void> {
     return vm
   }
   const ours: number[] = []
+  const online: number[] = []
   const theirs: number[] = []
   const theirsRm: number[] = []
   for (let r = 0; r < runs; r++) {
@@ -306,17 +310,29 @@ async function benchCommit (dir: string, chain: TestChain): Promise<void> {
     let t0 = process.hrtime.bigint()
     await redofs('commit', join(vm, 'disk'), 'level=0')
     ours.push(Number(process.hrtime.bigint() - t0) / 1e9)
+    vm = await fresh('online')
+    const mnt = join(dir, 'commit-online', 'mnt')
+    const srv = await mountRedofs(dirname(vm), mnt)
+    try {
+      t0 = process.hrtime.bigint()
+      await must('sh', ['-c', `echo level=0 > ${join(mnt, '.ctl', 'vm', 'disk', 'commit')}`])
+      online.push(Number(process.hrtime.bigint() - t0) / 1e9)
+    } finally {
+      await srv.stop()
+    }
+    if (existsSync(join(vm, 'disk-000001.vmdk'))) throw new Error('online commit left the redo log in place')
     vm = await fresh('qemu')
     t0 = process.hrtime.bigint()
     await must('qemu-img', ['commit', '-q', '-f', 'vmdk', join(vm, 'disk-000001.vmdk')])
     theirs.push(Number(process.hrtime.bigint() - t0) / 1e9)
     await must('rm', [join(vm, 'disk-000001.vmdk')])
     theirsRm.push(Number(process.hrtime.bigint() - t0) / 1e9)
-    log(`  commit run ${r}: redofs ${ours[r].toFixed(2)} s, qemu-img ${theirs[r].toFixed(2)} s, with rm ${theirsRm[r].toFixed(2)} s (redo log file ${mb} MB)`)
+    log(`  commit run ${r}: redofs ${ours[r].toFixed(2)} s, online ${online[r].toFixed(2)} s, qemu-img ${theirs[r].toFixed(2)} s, with rm ${theirsRm[r].toFixed(2)} s (redo log file ${mb} MB)`)
   }
   rmSync(join(dir, 'commit-redofs'), { recursive: true, force: true })
   rmSync(join(dir, 'commit-qemu'), { recursive: true, force: true })
-  results.commit = { 'redofs commit': cell(ours, 's'), 'qemu-img commit': cell(theirs, 's'), 'qemu-img commit + rm': cell(theirsRm, 's'), 'redo log MB': cell([mb], 'MiB') }
+  rmSync(join(dir, 'commit-online'), { recursive: true, force: true })
+  results.commit = { 'redofs commit': cell(ours, 's'), 'redofs online commit': cell(online, 's'), 'qemu-img commit': cell(theirs, 's'), 'qemu-img commit + rm': cell(theirsRm, 's'), 'redo log MB': cell([mb], 'MiB') }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -499,12 +515,18 @@ function report (): string {
   if (C !== undefined) {
     const a = ratio(C['qemu-img commit'].median, C['redofs commit'].median)
     const b = ratio(C['qemu-img commit + rm'].median, C['redofs commit'].median)
+    const c = ratio(C['qemu-img commit'].median, C['redofs online commit'].median)
+    const d = ratio(C['qemu-img commit + rm'].median, C['redofs online commit'].median)
     results.ratios['commit qemu-img/redofs (speedup)'] = a
     results.ratios['commit qemu-img+rm/redofs (speedup, same end state)'] = b
+    results.ratios['online commit qemu-img/redofs (speedup)'] = c
+    results.ratios['online commit qemu-img+rm/redofs (speedup, same end state)'] = d
     out.push(`### Commit of a ${C['redo log MB'].median} MB redo log (s, median of ${runs})`, '',
-      'redofs deletes the merged redo log (ESX semantics); qemu-img keeps it, so "+ rm" is the same end state.', '',
-      '| redofs commit | qemu-img commit | qemu-img commit + rm | speedup | speedup, same end state |', '| ---: | ---: | ---: | ---: | ---: |',
-      `| ${fmt(C['redofs commit'].median)} | ${fmt(C['qemu-img commit'].median)} | ${fmt(C['qemu-img commit + rm'].median)} | ${fmt(a)} | ${fmt(b)} |`, '')
+      'redofs deletes the merged redo log (ESX semantics); qemu-img keeps it, so "+ rm" is the same end state.',
+      'Offline is the whole `redofs commit` command (node start included); online is `echo level=0 > .ctl/vm/disk/commit` on a mounted store.', '',
+      '| redofs | qemu-img commit | qemu-img commit + rm | speedup | speedup, same end state |', '| --- | ---: | ---: | ---: | ---: |',
+      `| offline ${fmt(C['redofs commit'].median)} | ${fmt(C['qemu-img commit'].median)} | ${fmt(C['qemu-img commit + rm'].median)} | ${fmt(a)} | ${fmt(b)} |`,
+      `| online ${fmt(C['redofs online commit'].median)} | | | ${fmt(c)} | ${fmt(d)} |`, '')
   }
   const O = results.open
   if (O !== undefined) {
@@ -527,6 +549,8 @@ function report (): string {
   add('allocating writes 64k ≥ 3× QSD', results.ratios['write alloc 64k redofs/QSD'], 3)
   add('commit ≥ 1.5× faster than qemu-img', results.ratios['commit qemu-img/redofs (speedup)'], 1.5)
   add('commit ≥ 1.5× faster than qemu-img + rm (same end state)', results.ratios['commit qemu-img+rm/redofs (speedup, same end state)'], 1.5)
+  add('online commit ≥ 1.5× faster than qemu-img', results.ratios['online commit qemu-img/redofs (speedup)'], 1.5)
+  add('online commit ≥ 1.5× faster than qemu-img + rm (same end state)', results.ratios['online commit qemu-img+rm/redofs (speedup, same end state)'], 1.5)
   if (O !== undefined) {
     add('2 TiB chain mounts < 2 s', O['mount ms'].median / 1000, 2, ' s', true)
     add('RSS < 200 MB (peak)', O['peak RSS MiB'].median * 1.048576, 200, ' MB', true)
