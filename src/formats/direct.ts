@@ -9,22 +9,33 @@
  * overwrites inside grains, metadata) keeps using the ordinary descriptor; the kernel keeps the
  * two coherent (a direct write writes back and drops cached pages of its range first).
  *
- * Node cannot align a buffer, so the writer finds an aligned start inside a larger one by
- * trying small direct reads at successive offsets (the buffer never moves). Where direct I/O is
- * refused (tmpfs before 6.6, some network and FUSE filesystems, odd alignments), `open` returns
- * null and the caller writes through the page cache as before; REDOFS_NO_DIRECT=1 in the
- * environment does the same on purpose (for a file system that accepts O_DIRECT but serves it
- * badly, and to measure the difference).
+ * The buffer must start on a page boundary, not merely on a sector: ext4 accepts a buffer
+ * aligned to 512 bytes, but on the test VM a direct write that extends the file then took 3.7 ms
+ * per 128 KiB instead of 0.2 ms (native-notes/performance.md). Node cannot align a Buffer; a
+ * WebAssembly memory can serve, since V8 maps it whole, so it starts on a page. A direct read of
+ * the header into it checks that the file system takes it. Where direct I/O is refused (tmpfs
+ * before 6.6, some network and FUSE filesystems, larger alignments), `open` returns null and the
+ * caller writes through the page cache as before; REDOFS_NO_DIRECT=1 in the environment does the
+ * same on purpose (for a file system that accepts O_DIRECT but serves it badly, and to measure
+ * the difference).
  */
 import { constants } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { log } from '../log'
 import { writeExact } from './extent'
 
-/** Largest alignment probed: covers 512-byte and 4 KiB logical blocks. */
+/** Bytes the alignment check reads: covers 512-byte and 4 KiB logical blocks. */
 const ALIGN = 4096
 /** Bytes one direct write carries; longer batches are split. */
 const DIRECT_CHUNK = 1 << 20
+/** WebAssembly memory comes in pages of 64 KiB. */
+const WASM_PAGE = 65536
+
+/** `bytes` of page-aligned memory (see the module comment). */
+function pageAligned (bytes: number): Buffer {
+  const pages = Math.ceil(bytes / WASM_PAGE)
+  return Buffer.from(new WebAssembly.Memory({ initial: pages, maximum: pages }).buffer, 0, bytes)
+}
 
 export class DirectWriter {
   private constructor (
@@ -42,17 +53,10 @@ export class DirectWriter {
       return null
     }
     try {
-      const big = Buffer.allocUnsafeSlow(DIRECT_CHUNK + ALIGN)
-      // the header's first 4 KiB exist in every sparse extent: read them into big at offset k
-      for (let k = 0; k < ALIGN; k += 16) {
-        try {
-          await fh.read(big, k, ALIGN, 0)
-          return new DirectWriter(fh, big.subarray(k, k + DIRECT_CHUNK))
-        } catch (e) {
-          if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw e
-        }
-      }
-      throw new Error('no aligned offset found')
+      const slab = pageAligned(DIRECT_CHUNK)
+      // the header's first 4 KiB exist in every sparse extent
+      await fh.read(slab, 0, ALIGN, 0)
+      return new DirectWriter(fh, slab)
     } catch (e) {
       log.formats('%s: direct I/O unusable (%s); new grains go through the page cache', path, (e as Error).message)
       await fh.close()
