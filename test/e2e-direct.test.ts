@@ -1,9 +1,10 @@
 /**
- * New grains of the live redo log are written around the page cache (src/formats/direct.ts):
- * the mounted file already caches what was written, so the redo log must not keep a second
- * copy. Checked with fincore (util-linux) on the redo log after writing through the mount, and
- * against a server told not to (REDOFS_NO_DIRECT=1), which shows that the measurement can tell
- * the two apart. Both ways must leave the same bytes in files qemu-img accepts.
+ * With REDOFS_DIRECT=1 new grains of the live redo log are written around the page cache
+ * (src/formats/direct.ts): the mounted file already caches what was written, so the redo log
+ * keeps no second copy. Checked with fincore (util-linux) on the redo log after writing through
+ * the mount, against a server left at the default (the page cache), which shows that the
+ * measurement can tell the two apart. Both ways must leave the same bytes in files qemu-img
+ * accepts.
  */
 import test from 'ava'
 import { randomBytes } from 'node:crypto'
@@ -44,14 +45,14 @@ async function writeThrough (data: string, env: Record<string, string>): Promise
   return { top, cached, root }
 }
 
-test('new grains bypass the page cache: the redo log keeps no second cached copy of what was written', async t => {
+test('REDOFS_DIRECT=1: new grains bypass the page cache, the redo log keeps no second cached copy of what was written', async t => {
   const root = await ctx.tmp()
   const data = path.join(root, 'data.bin')
   await writeFile(data, randomBytes(WRITE))
-  const direct = await writeThrough(data, {})
-  const buffered = await writeThrough(data, { REDOFS_NO_DIRECT: '1' })
-  t.log(`redo log cached after a ${WRITE / M} MiB write: ${(direct.cached / M).toFixed(1)} MiB direct, ${(buffered.cached / M).toFixed(1)} MiB with REDOFS_NO_DIRECT=1`)
-  t.true(buffered.cached >= WRITE * 0.75, 'through the page cache the written grains stay cached (else this test could not tell)')
+  const direct = await writeThrough(data, { REDOFS_DIRECT: '1' })
+  const buffered = await writeThrough(data, {})
+  t.log(`redo log cached after a ${WRITE / M} MiB write: ${(direct.cached / M).toFixed(1)} MiB with REDOFS_DIRECT=1, ${(buffered.cached / M).toFixed(1)} MiB by default`)
+  t.true(buffered.cached >= WRITE * 0.75, 'by default the written grains stay cached (else this test could not tell)')
   t.true(direct.cached <= WRITE * 0.1, 'written directly, the grains are not cached a second time')
   for (const top of [direct.top, buffered.top]) {
     const c = await qemuCheck(top)

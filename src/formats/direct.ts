@@ -1,24 +1,27 @@
 /**
- * Writing newly allocated grains around the page cache (O_DIRECT).
+ * Writing newly allocated grains around the page cache (O_DIRECT), when asked to
+ * (REDOFS_DIRECT=1 in the server's environment).
  *
  * Data written into the live file is already cached once, by the kernel, in the mounted file's
  * own pages. Appending the same bytes to the redo log through the page cache caches them a
- * second time, in pages that must first be found and zeroed; on a virtual machine those fresh
- * pages are the dearest part of an allocating write (native-notes/performance.md). New grains
- * are therefore written with O_DIRECT from one reusable, aligned buffer. Everything else (reads,
- * overwrites inside grains, metadata) keeps using the ordinary descriptor; the kernel keeps the
- * two coherent (a direct write writes back and drops cached pages of its range first).
+ * second time. Written directly, the redo log keeps no second copy: half the page-cache memory
+ * for fresh writes, and none of the first touches of fresh pages that make allocating writes
+ * slow on a VM whose free memory goes back to its host. But each allocating request then waits
+ * for the device, the overwrites that follow must allocate the pages the first write skipped,
+ * and a generation frozen right after reads its new grains from the disk. Measured side by side
+ * (native-notes/performance.md), allocating writes came out about even and overwrites 3× slower,
+ * so the page cache is the default and direct writes are a choice for hosts short of memory.
+ * Everything else (reads, overwrites inside grains, metadata) always uses the ordinary
+ * descriptor; the kernel keeps the two coherent (a direct write writes back and drops cached
+ * pages of its range first).
  *
  * The buffer must start on a page boundary, not merely on a sector: ext4 accepts a buffer
  * aligned to 512 bytes, but on the test VM a direct write that extends the file then took 3.7 ms
- * per 128 KiB instead of 0.2 ms (native-notes/performance.md). Node cannot align a Buffer; a
- * WebAssembly memory can serve, since V8 maps it whole, so it starts on a page. A direct read of
- * the header into it checks that the file system takes it. Where direct I/O is refused (tmpfs
- * before 6.6, some network and FUSE filesystems, larger alignments), `open` returns null and the
- * caller writes through the page cache as before; REDOFS_NO_DIRECT=1 in the environment does the
- * same on purpose (for a file system that accepts O_DIRECT but serves it badly, and to measure
- * the difference).
- */
+ * per 128 KiB instead of 0.2 ms. Node cannot align a Buffer; a WebAssembly memory can serve,
+ * since V8 maps it whole, so it starts on a page. A direct read of the header into it checks
+ * that the file system takes it. Where direct I/O is refused (tmpfs before 6.6, some network and
+ * FUSE filesystems, larger alignments), `open` returns null and the caller writes through the
+ * page cache. */
 import { constants } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { log } from '../log'
@@ -44,7 +47,7 @@ export class DirectWriter {
   ) {}
 
   static async open (path: string): Promise<DirectWriter | null> {
-    if (process.env.REDOFS_NO_DIRECT === '1') return null
+    if (process.env.REDOFS_DIRECT !== '1') return null
     let fh: FileHandle
     try {
       fh = await open(path, constants.O_RDWR | constants.O_DIRECT)
