@@ -21,7 +21,8 @@
  * since V8 maps it whole, so it starts on a page. A direct read of the header into it checks
  * that the file system takes it. Where direct I/O is refused (tmpfs before 6.6, some network and
  * FUSE filesystems, larger alignments), `open` returns null and the caller writes through the
- * page cache. */
+ * page cache.
+ */
 import { constants } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { log } from '../log'
