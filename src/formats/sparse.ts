@@ -506,8 +506,13 @@ export class SparseExtent implements Extent {
       p += n
     }
     if (runLen > 0) writes.push(writeExact(this.fh, buf, runBuf, runLen, runFile))
-    this.dataDirty = true
-    await settleAll(writes)
+    try {
+      await settleAll(writes)
+    } finally {
+      // only now: a flush that took its snapshot while these writes were in flight may have
+      // synced before they reached the page cache, so the next one must sync again
+      this.dataDirty = true
+    }
   }
 
   async beginWrite (): Promise<void> {
