@@ -27,7 +27,7 @@ if (ok) {
     const unmountTmpfs = await tmpfs(store, '24M')
     t.teardown(unmountTmpfs)
     await createDisk(store, 'vm', 'disk', '64M')
-    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'disk')])
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'disk'), 'label=before'])
     const filler = path.join(store, 'filler')
     await shOk('dd if=/dev/zero of="$1" bs=1M count=8 status=none', [filler])
     const server = await env.mount(store, path.join(dir, 'mnt'))
@@ -44,10 +44,12 @@ if (ok) {
     t.is(again.stdout.split(' ')[0], known, 'data written before the store filled changed')
     const status = JSON.parse(await readFile(path.join(server.mnt, '.ctl', 'status'), 'utf8')) as { vms: unknown[] }
     t.is(status.vms.length, 1, 'status still answers')
-    // addredo refuses before it starts
-    const add = await server.command('vm', 'disk', 'addredo')
+    // addredo refuses before it starts, even the label it would move stays where it was
+    const add = await server.command('vm', 'disk', 'addredo', 'label=before')
     t.not(add.code, 0, 'addredo on a full store succeeded')
     t.regex(await server.errorText('vm', 'disk'), /free|space|ENOSPC/i)
+    const gens = (await server.status('vm', 'disk')).generations
+    t.deepEqual(gens.map(g => g.label), ['before', null], 'the refused addredo moved the label')
     // commit estimates what it needs and refuses up front
     const files = await snapshotTree(path.join(store, 'vm'))
     const com = await server.command('vm', 'disk', 'commit', 'level=0')

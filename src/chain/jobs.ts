@@ -51,14 +51,15 @@ export async function addRedo (chain: Chain, opts: { label?: string, format?: Re
   }
   await top.flush()
   await top.endSession()
+  // refused for space before anything changes (a label moved by a refused addredo would be lost)
+  const dir = dirname(top.path)
+  await ensureSpace(dir, 2 << 20, 'addredo')
+  const path = await nextRedoPath(dir, diskNameOf(top.path))
   if (opts.label !== undefined) {
     const old = findLabel(chain, opts.label)
     if (old !== undefined) await setMeta(chain.layers[old], { label: null })
   }
   if (top.hasCids) await setMeta(top, { frozen: new Date(), label: opts.label })
-  const dir = dirname(top.path)
-  const path = await nextRedoPath(dir, diskNameOf(top.path))
-  await ensureSpace(dir, 2 << 20, 'addredo')
   const link = { hint: parentHintFor(dir, top.path), cid: top.cid }
   if (opts.format === 'cowd') await createCowdLayer(path, top.size, link)
   else await createSparseLayer(path, top.size, link)

@@ -290,6 +290,7 @@ export interface GenerationStatus {
   allocated: number
   live: boolean
   frozenAt: string | null
+  label: string | null
 }
 
 export interface JobStatus {
