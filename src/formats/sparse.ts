@@ -259,18 +259,33 @@ export class SparseExtent implements Extent {
   /** Read every grain table (in large chunks) and keep the non-empty ones. */
   private async loadTables (fh: FileHandle): Promise<void> {
     const gtBytes = this.gtBytes
+    const h = this.header
+    // In a hosted sparse extent every table lies in the metadata area, below overHead, and every
+    // grain above it (VMDK.md §3.4). Anything else would make a write or a flush overwrite
+    // metadata or another grain's data. Only enforced where overHead covers the grain directory.
+    const metaEnd = this.kind === 'sparse' && h.overHead > h.gdOffset ? h.overHead : Infinity
+    const gtSectors = ceilDiv(gtBytes, SECTOR)
     const order: number[] = []
     for (let i = 0; i < this.numGTs; i++) {
       const s = this.gd[i]
       if (s === 0) continue
-      if (s * SECTOR + gtBytes > this.fileSize) {
-        this.problems.push(`${this.path}: grain directory entry ${i} points to sector ${s}, past the end of the file`)
+      const where = s * SECTOR + gtBytes > this.fileSize ? 'past the end of the file' : s + gtSectors > metaEnd ? `outside the metadata area (which ends at sector ${metaEnd})` : undefined
+      if (where !== undefined) {
+        this.problems.push(`${this.path}: grain directory entry ${i} points to sector ${s}, ${where}`)
         const t = new Uint32Array(this.header.numGTEsPerGT).fill(BAD)
         this.gts[i] = t
         this.badTables.add(i)
         continue
       }
       order.push(i)
+    }
+    if (this.rgd !== null) {
+      for (let i = 0; i < this.numGTs; i++) {
+        const r = this.rgd[i]
+        if (r === 0 || (r * SECTOR + gtBytes <= this.fileSize && r + gtSectors <= metaEnd)) continue
+        this.problems.push(`${this.path}: redundant grain directory entry ${i} points to sector ${r}, outside the metadata area`)
+        this.rgd[i] = 0 // never written there
+      }
     }
     order.sort((a, b) => this.gd[a] - this.gd[b])
     const limitGte = Math.ceil(this.fileSize / SECTOR)
@@ -301,8 +316,9 @@ export class SparseExtent implements Extent {
           if (grain * gb >= this.size) { gt[t] = 0; continue } // entries past the capacity mean nothing
           if (e === 1) { if (!zeroGteAllowed) log.formats('%s: GTE 1 without the zeroed-grain flag, read as zeros', this.path); continue }
           const need = this.kind === 'stream' ? 1 : ceilDiv(Math.min(gb, this.size - grain * gb), SECTOR)
-          if (e === BAD || e + need > limitGte) {
-            this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, past the end of the file (${this.fileSize} bytes)`)
+          const where = e === BAD || e + need > limitGte ? `past the end of the file (${this.fileSize} bytes)` : metaEnd !== Infinity && e < h.overHead ? `inside the metadata area (below sector ${h.overHead})` : undefined
+          if (where !== undefined) {
+            this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, ${where}`)
             this.badOriginal.set(grain, e)
             gt[t] = BAD
             continue
@@ -313,6 +329,40 @@ export class SparseExtent implements Extent {
       }
       k = j
     }
+    if (this.kind === 'sparse') this.holdOverlaps()
+  }
+
+  /**
+   * Grains whose sectors overlap: writing one would overwrite the other. Both are held BAD
+   * (reads there fail EIO, writes are refused) and reported. One sort of the allocated entries.
+   */
+  private holdOverlaps (): void {
+    const per = this.header.numGTEsPerGT
+    const gs = this.header.grainSize
+    const live = (e: number): boolean => e > 1 && e !== BAD
+    let n = 0
+    for (const gt of this.gts) if (gt !== undefined) for (let t = 0; t < per; t++) if (live(gt[t])) n++
+    if (n < 2) return
+    const starts = new Uint32Array(n)
+    n = 0
+    for (const gt of this.gts) if (gt !== undefined) for (let t = 0; t < per; t++) if (live(gt[t])) starts[n++] = gt[t]
+    starts.sort()
+    const clash = new Set<number>()
+    for (let i = 1; i < n; i++) if (starts[i] < starts[i - 1] + gs) { clash.add(starts[i - 1]); clash.add(starts[i]) }
+    if (clash.size === 0) return
+    const gb = this.grainBytes
+    this.gts.forEach((gt, gdi) => {
+      if (gt === undefined) return
+      for (let t = 0; t < per; t++) {
+        const e = gt[t]
+        if (!live(e) || !clash.has(e)) continue
+        const grain = gdi * per + t
+        this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, which another grain also uses`)
+        this.badOriginal.set(grain, e)
+        gt[t] = BAD
+        this.allocated -= Math.min(gb, this.size - grain * gb)
+      }
+    })
   }
 
   private entry (grain: number): number {
@@ -671,22 +721,7 @@ export class SparseExtent implements Extent {
         if (!rb.equals(pb)) problems.push(`${this.path}: grain table ${gdi} differs from its redundant copy`)
       }
     }
-    // no two entries may share a grain, and none may point into the metadata area
-    if (this.kind === 'sparse') {
-      const seen = new Set<number>()
-      const per = h.numGTEsPerGT
-      for (let gdi = 0; gdi < this.numGTs; gdi++) {
-        const gt = this.gts[gdi]
-        if (gt === undefined) continue
-        for (let t = 0; t < per; t++) {
-          const e = gt[t]
-          if (e <= 1 || e === BAD) continue
-          if (e < h.overHead) problems.push(`${this.path}: grain table ${gdi} entry ${t} points into the metadata area (sector ${e})`)
-          if (seen.has(e)) problems.push(`${this.path}: sector ${e} is used by two grains`)
-          seen.add(e)
-        }
-      }
-    }
+    // entries inside the metadata area or sharing sectors were listed (and held BAD) at open
     return problems
   }
 

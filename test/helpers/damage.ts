@@ -99,6 +99,29 @@ export const damageCases: DamageCase[] = [
     }
   },
   {
+    title: 'grain table entry pointing into the metadata area',
+    infoRefuses: true,
+    build: async root => {
+      const { child } = await twoLevels(root)
+      // grain 64 "stored" on the grain directory: a write there would overwrite the directory
+      const gd = (await readKdmvHeader(child)).gdOffset
+      for (const redundant of [false, true]) await writeU32(child, await gtePosition(child, 64, redundant), gd)
+      const keyword = /metadata/i
+      return { top: child, root, error: { mustName: ['disk-000001.vmdk'], keyword }, checkProblem: { mustNameOneOf: ['disk-000001.vmdk'], keyword } }
+    }
+  },
+  {
+    title: 'two grain table entries pointing at the same grain',
+    infoRefuses: true,
+    build: async root => {
+      const { child } = await twoLevels(root)
+      // grain 64 shares grain 1's sectors: writing either would change both
+      for (const redundant of [false, true]) await writeU32(child, await gtePosition(child, 64, redundant), await readU32(child, await gtePosition(child, 1)))
+      const keyword = /another grain/i
+      return { top: child, root, error: { mustName: ['disk-000001.vmdk'], keyword }, checkProblem: { mustNameOneOf: ['disk-000001.vmdk'], keyword } }
+    }
+  },
+  {
     title: 'descriptor naming a missing extent',
     infoRefuses: true,
     build: async root => {
