@@ -16,3 +16,23 @@ export function faultPoint (name: string): void {
     process.kill(process.pid, 'SIGKILL')
   }
 }
+
+/**
+ * REDOFS_FAIL_ONCE=a,b#3: the first failPoint named a, and the third named b, throws an EIO
+ * error the way a failed system call would, for the tests of error paths. Without the variable
+ * a no-op.
+ */
+const failAt = new Map((process.env.REDOFS_FAIL_ONCE ?? '').split(',').filter(s => s !== '').map(s => {
+  const [name, nth] = s.split('#')
+  return [name, Number(nth ?? '1')] as const
+}))
+
+export function failPoint (name: string): void {
+  const n = failAt.get(name)
+  if (n === undefined) return
+  if (n > 1) { failAt.set(name, n - 1); return }
+  failAt.delete(name)
+  const e = new Error(`${name}: injected I/O error (REDOFS_FAIL_ONCE)`) as NodeJS.ErrnoException
+  e.code = 'EIO'
+  throw e
+}

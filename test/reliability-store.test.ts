@@ -92,6 +92,31 @@ if (ok) {
     await t.throwsAsync(stat(path.join(store, '.redofs.lock')), undefined, 'lock not released after the command')
   })
 
+  test.serial('a failed write-back stays failed: later fsyncs fail too, status names the file, the rest keeps serving', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'disk', '64M')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'disk')])
+    // the server's second fdatasync fails, as a disk error during write-back would: the first
+    // marks the redo log in use (at the first write), the second is the first flush of data
+    const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'datasync#2' })
+    const img = server.img('vm', 'disk')
+    const data = path.join(dir, 'data.raw')
+    await shOk('dd if=/dev/urandom of="$1" bs=64k count=16 status=none', [data])
+    const first = await sh('dd if="$2" of="$1" bs=64k seek=4 conv=notrunc,fsync status=none', [img, data])
+    t.not(first.code, 0, 'the fsync whose write-back failed succeeded')
+    // Linux would now answer the next fdatasync with success over the lost pages: redofs must not
+    const second = await sh('dd if="$2" of="$1" bs=64k seek=40 conv=notrunc,fsync status=none', [img, data])
+    t.not(second.code, 0, 'a later fsync succeeded after a write-back failure')
+    t.regex(second.stderr, /Input\/output error/)
+    const st = await server.status('vm', 'disk')
+    t.true(st.problems.some(p => p.includes('disk-000001.vmdk') && /writing back/.test(p)), `status problems: ${JSON.stringify(st.problems)}`)
+    const frozen = await sh('dd if="$1" bs=1M count=4 status=none | wc -c', [server.img('vm', 'disk', 0)])
+    t.is(frozen.stdout.trim(), String(4 * 1024 * 1024), 'the frozen generation stopped serving')
+    t.true(server.running, 'the server died')
+    await server.stop()
+  })
+
   test.serial('redo growth: --redo-limit warns in status; --redo-limit-hard fails writes past it with ENOSPC, without damage', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

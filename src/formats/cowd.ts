@@ -6,7 +6,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { Mutex, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { DataSync, Mutex, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
 import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
@@ -80,6 +80,8 @@ export async function createCowdFile (path: string, sectors: number, parentFileN
 export class CowdExtent implements Extent {
   readonly kind = 'cowd' as const
   readonly problems: string[] = []
+  /** fdatasync that stays failed once write-back failed (extent.ts). */
+  private readonly durable: DataSync
   readonly grainBytes: number
   readonly size: number
   private readonly gd: Uint32Array
@@ -97,6 +99,7 @@ export class CowdExtent implements Extent {
   private unclean: number
 
   private constructor (readonly path: string, private readonly fh: FileHandle, readonly header: CowdHeader, private fileSize: number, readonly writable: boolean) {
+    this.durable = new DataSync(fh, path, this.problems)
     this.grainBytes = header.grainSize * SECTOR
     this.size = header.numSectors * SECTOR
     this.gts = new Array(header.numGDEntries)
@@ -118,7 +121,7 @@ export class CowdExtent implements Extent {
         // after a crash: the cursor was rebuilt from the tables; record it and mark clean
         ext.unclean = 0
         await ext.writeHeaderFields()
-        await fh.datasync()
+        await ext.durable.sync()
       }
       return ext
     } catch (e) {
@@ -284,7 +287,7 @@ export class CowdExtent implements Extent {
     if (this.unclean !== 0) return
     this.unclean = 1
     await this.writeHeaderFields()
-    await this.fh.datasync()
+    await this.durable.sync()
   }
 
   /** Data, then grain tables, then directory entries and freeSector, each step durable. */
@@ -301,10 +304,10 @@ export class CowdExtent implements Extent {
       this.newGD.clear()
       this.dataDirty = false
       try {
-        await this.fh.datasync()
+        await this.durable.sync()
         faultPoint('cowd.gt')
         for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, t.at * SECTOR)
-        await this.fh.datasync()
+        await this.durable.sync()
         if (dirs.length > 0) {
           faultPoint('cowd.gd')
           const sectors = new Set(dirs.map(gdi => Math.floor(gdi * 4 / SECTOR)))
@@ -318,7 +321,7 @@ export class CowdExtent implements Extent {
           }
         }
         await this.writeHeaderFields()
-        await this.fh.datasync()
+        await this.durable.sync()
       } catch (e) {
         for (const t of tables) this.dirtyGTs.add(t.gdi)
         for (const d of dirs) this.newGD.add(d)
@@ -334,7 +337,7 @@ export class CowdExtent implements Extent {
     if (this.unclean !== 0) {
       this.unclean = 0
       await this.writeHeaderFields()
-      await this.fh.datasync()
+      await this.durable.sync()
     }
   }
 

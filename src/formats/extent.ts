@@ -4,6 +4,7 @@
  */
 import type { FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
+import { failPoint } from '../fault'
 
 /** What an extent holds at a position: its own data, zeros that mask the parent, or nothing. */
 export type State = 'data' | 'zero' | 'none' | 'bad'
@@ -100,6 +101,32 @@ export class ZeroExtent implements Extent {
   async close (): Promise<void> {}
   allocatedBytes (): number { return 0 }
   async check (): Promise<string[]> { return [] }
+}
+
+/**
+ * fdatasync that stays failed. Linux reports a failed write-back once per open file: the pages
+ * are marked clean, and the next fdatasync returns success over data that never reached the
+ * disk. A retried flush would then write grain tables pointing at lost grains and tell the guest
+ * its fsync worked. So the first failure is kept: every later sync of the file fails with it,
+ * the failure is listed in the file's problems (status shows it), and only opening the file
+ * again (remounting) clears it.
+ */
+export class DataSync {
+  private failure: RedoError | undefined
+  constructor (private readonly fh: FileHandle, private readonly path: string, private readonly problems: string[]) {}
+
+  async sync (): Promise<void> {
+    if (this.failure !== undefined) throw this.failure
+    try {
+      failPoint('datasync')
+      await this.fh.datasync()
+    } catch (e) {
+      const cause = (e as Error).message
+      this.failure = new RedoError('EIO', `${this.path}: writing back to the disk failed (${cause}); what was written since the last successful flush may be lost, so every later flush of this file fails until it is opened again`, this.path)
+      this.problems.push(this.failure.message)
+      throw this.failure
+    }
+  }
 }
 
 /**

@@ -2,11 +2,13 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { readExact, writeExact, type Extent, type Run, type State } from './extent'
+import { DataSync, readExact, writeExact, type Extent, type Run, type State } from './extent'
 
 export class FlatExtent implements Extent {
   readonly kind = 'flat' as const
   readonly problems: string[] = []
+  /** fdatasync that stays failed once write-back failed (extent.ts). */
+  private readonly durable: DataSync
   readonly grainBytes: number
   private dirty = false
 
@@ -19,6 +21,7 @@ export class FlatExtent implements Extent {
     private fileSize: number,
     private blocks: number
   ) {
+    this.durable = new DataSync(fh, path, this.problems)
     this.grainBytes = size
     if (fileSize < base + size) {
       this.problems.push(`${path}: flat extent is ${fileSize} bytes, shorter than the ${base + size} its descriptor line says`)
@@ -68,7 +71,7 @@ export class FlatExtent implements Extent {
   async flush (): Promise<void> {
     if (!this.dirty) return
     this.dirty = false
-    await this.fh.datasync()
+    await this.durable.sync()
   }
 
   async endWrite (): Promise<void> { await this.flush() }

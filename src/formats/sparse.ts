@@ -9,7 +9,7 @@ import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { Mutex, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { DataSync, Mutex, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
 import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
@@ -157,6 +157,8 @@ export async function createSparseFile (path: string, sectors: number, descripto
 export class SparseExtent implements Extent {
   readonly kind: 'sparse' | 'stream'
   readonly problems: string[] = []
+  /** fdatasync that stays failed once write-back failed (extent.ts). */
+  private readonly durable: DataSync
   readonly grainBytes: number
   readonly size: number
   readonly header: SparseHeader
@@ -192,6 +194,7 @@ export class SparseExtent implements Extent {
     rgd: Uint32Array | null,
     readonly writable: boolean
   ) {
+    this.durable = new DataSync(fh, path, this.problems)
     this.header = header
     this.kind = (header.flags & FLAG_COMPRESSED) !== 0 ? 'stream' : 'sparse'
     this.grainBytes = header.grainSize * SECTOR
@@ -578,7 +581,7 @@ export class SparseExtent implements Extent {
     raw[72] = unclean // change only that byte: keep whatever else the header holds
     faultPoint('sparse.header')
     await writeExact(this.fh, raw, 0, 512, 0)
-    await this.fh.datasync()
+    await this.durable.sync()
     this.header.uncleanShutdown = h.uncleanShutdown
   }
 
@@ -599,16 +602,16 @@ export class SparseExtent implements Extent {
       this.dirtyGTs.clear()
       this.dataDirty = false
       try {
-        await this.fh.datasync()
+        await this.durable.sync()
         if (tables.length === 0) return
         faultPoint('sparse.gt.primary')
         for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.gd[t.gdi] * SECTOR)
         if (this.rgd !== null) {
-          await this.fh.datasync()
+          await this.durable.sync()
           faultPoint('sparse.gt.redundant')
           for (const t of tables) if (this.rgd[t.gdi] !== 0) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.rgd[t.gdi] * SECTOR)
         }
-        await this.fh.datasync()
+        await this.durable.sync()
         faultPoint('sparse.gt.done')
       } catch (e) {
         for (const t of tables) this.dirtyGTs.add(t.gdi)
@@ -748,7 +751,7 @@ export class SparseExtent implements Extent {
     }
     area.write(text, 0, 'utf8')
     await writeExact(this.fh, area, 0, area.length, h.descriptorOffset * SECTOR)
-    await this.fh.datasync()
+    await this.durable.sync()
   }
 
   get handle (): FileHandle { return this.fh }

@@ -313,6 +313,7 @@ export interface DiskStatus {
   error: string
   poweroff?: string
   top?: string
+  problems: string[]
 }
 
 // ---------------------------------------------------------------------------------------------
