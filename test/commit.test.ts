@@ -4,9 +4,9 @@
  * check, qemu reads through every parent, and every parentCID equals its parent's CID.
  */
 import test, { type ExecutionContext } from 'ava'
-import { mkdir } from 'node:fs/promises'
+import { mkdir, readdir } from 'node:fs/promises'
 import path from 'node:path'
-import { requireEnv } from './helpers/env'
+import { REDOFS_BIN, requireEnv } from './helpers/env'
 import { convertToRaw, createChild, describe, qemuCheck, run, sameContent, snapshotTree, type BaseFormat } from './helpers/qemu'
 import { infoJson, redofs } from './helpers/redofs'
 import { convertAll, FOUR_LEVELS, storeChain, type StoreChain } from './helpers/store'
@@ -100,6 +100,33 @@ test('commit level=0 of a redo log with zeroed-grain entries (GTE=1) writes zero
   const r = await redofs(['commit', c.disk, 'level=0'])
   t.is(r.code, 0, describe(r))
   await assertChainAfter(t, c, refs, [0, 2])
+})
+
+test('a commit that fails (an I/O error while copying) leaves no journal: the chain opens as before and a later commit finishes', async t => {
+  const { c, refs } = await fourLevels('monolithicSparse')
+  const top = c.files[3]
+  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_FAIL_ONCE: 'commit.copy' }
+  delete env.DEBUG
+  const r = await run(process.execPath, [REDOFS_BIN, 'commit', top, 'level=1'], { env })
+  t.is(r.code, 1, describe(r))
+  t.regex(r.stderr, /commit of .*disk-000002\.vmdk failed: .*injected I\/O error.*generations 2 and up are unchanged/)
+  t.deepEqual((await readdir(c.vmDir)).filter(f => f.includes('redofs-commit')), [], 'the failed commit left its journal')
+  // no commit is finished behind the user's back: the chain is as long as before and reads the same
+  const info = await infoJson(top)
+  t.is(info.layers.length, 4)
+  t.deepEqual(await cidLinkProblems(top), [])
+  for (const g of [0, 2, 3]) {
+    const out = path.join(c.root, `failed-g${g}.raw`)
+    await convertToRaw(c.files[g], out)
+    const cmp = await sameContent(out, refs[g])
+    t.true(cmp.same, `generation ${g} changed: ${cmp.detail}`)
+  }
+  const chk = await redofs(['check', top])
+  t.is(chk.code, 0, describe(chk))
+  // the same commit, without the fault, ends as any commit does
+  const again = await redofs(['commit', top, 'level=1'])
+  t.is(again.code, 0, describe(again))
+  await assertChainAfter(t, c, refs, [0, 2, 3])
 })
 
 test('commit into a parent that another chain shares is refused without force=1 and changes nothing', async t => {

@@ -284,6 +284,10 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     const p2 = (await status(s)).job as { state: string, done: number, total: number, rate: number }
     t.is(p2.done, p1.done, 'a paused commit made progress')
     t.true(p2.total > 0 && typeof p2.rate === 'number')
+    // generation 0 is being merged into: its content is changing, so it does not open
+    const busy = await sh('head -c 1 "$1"', [s.img('vm', 'disk', 0)])
+    t.not(busy.code, 0, 'a generation a running commit changes was opened')
+    t.regex(busy.stderr, /busy/i)
     await s.commandOk('vm', 'disk', 'job', 'resume')
     await s.commandOk('vm', 'disk', 'job', 'cancel')
     for (let i = 0; i < 100 && (await status(s)).job !== null; i++) await new Promise(resolve => setTimeout(resolve, 100))
@@ -291,6 +295,7 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.is((st.lastJob as { state: string }).state, 'cancelled')
     t.is(st.redoLogs, 2, 'a cancelled commit changed the chain shape')
     t.is(await sha256File(s.img('vm', 'disk')), live, 'the live content changed')
+    await shOk('head -c 1 "$1" > /dev/null', [s.img('vm', 'disk', 0)])
     // resumable: the same commit runs to the end afterwards
     await s.commandOk('vm', 'disk', 'commit', 'level=1 freeze=0')
     t.is((await status(s)).redoLogs, 1)

@@ -4,11 +4,11 @@
  */
 import { statfs, stat } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
-import { RedoError } from '../errors'
+import { RedoError, toRedoError } from '../errors'
 import { createCowdLayer, createSparseLayer } from '../formats/create'
 import { newCid } from '../formats/descriptor'
 import { Layer, parentHintFor, reapDropped } from '../formats/layer'
-import { faultPoint } from '../fault'
+import { failPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
@@ -127,14 +127,22 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   await writeJournal(j)
   faultPoint('commit.journal')
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
-  await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts)
+  try {
+    await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts)
+  } catch (e) {
+    // Failed, not crashed: the user is told so, so the next open must not finish this commit
+    // (nor trip over a chain changed since). Undone like a cancel; if even that fails, the
+    // journal stays and the next writable open finishes the commit instead.
+    const err = toRedoError(e)
+    const undone = await abandonCommit(child, parent).then(() => true, () => false)
+    chain.invalidate()
+    throw new RedoError(err.code, `commit of ${child.path} failed: ${err.message}; ` + (undone
+      ? `generations ${i} and up are unchanged; generation ${i - 1} may hold part of generation ${i}'s changes`
+      : 'it could not be undone either: the next writable open finishes it'), err.file)
+  }
   if (opts.cancelled?.() === true) {
-    // The parent holds part of the child's grains, all still masked by the child, so every
-    // generation from the child up reads as before. The parent got a new CID: re-link the child.
-    if (child.hasCids) await child.setParent(child.parentHint as string, parent.cid)
-    if (labelOf(parent) !== undefined) await setMeta(parent, { label: null })
-    await dropDigest(parent.path)
-    await removeJournal(parent.path)
+    chain.invalidate()
+    await abandonCommit(child, parent)
     throw new RedoError('ECANCELED', `commit of ${child.path} cancelled: generations ${i} and up are unchanged; generation ${i - 1} now holds part of generation ${i}'s changes`)
   }
   const droppedLabel = labelOf(parent)
@@ -150,6 +158,19 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   await reapDropped(dropped)
   log.chain('commit: %s merged into %s', child.path, parent.path)
   return { droppedLabel }
+}
+
+/**
+ * Stop a commit whose copy did not finish: the parent holds part of the child's grains, all
+ * still masked by the child, so every generation from the child up reads as before. The parent
+ * got a new CID: re-link the child, drop what described the parent's old content, and remove
+ * the journal.
+ */
+async function abandonCommit (child: Layer, parent: Layer): Promise<void> {
+  if (child.hasCids) await child.setParent(child.parentHint as string, parent.cid)
+  if (labelOf(parent) !== undefined) await setMeta(parent, { label: null })
+  await dropDigest(parent.path)
+  await removeJournal(parent.path)
 }
 
 /** Copy every run the child holds into the parent through the parent's write path. */
@@ -193,6 +214,7 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
       if (opts.cancelled?.() === true) { stop = true; return }
       const b = c.zero ? zeros : free.pop() as Buffer
       try {
+        failPoint('commit.copy')
         if (!c.zero) await child.read(b, 0, c.pos, c.len)
         await parent.write(b, 0, c.pos, c.len, below)
       } catch (e) {

@@ -248,6 +248,11 @@ export class RedoMount {
                 : `${path}: the live file is read-only (${n.disk.opts.readOnly ? 'store mounted --read-only' : 'its top is another chain\'s parent; addredo first'})`
               return EROFS
             }
+            const busy = n.disk.openRefusal(n.gen)
+            if (busy !== undefined) {
+              n.disk.lastError = busy.message
+              return -16 // EBUSY
+            }
             n.disk.opened(n.gen)
             const flags = this.cacheFlags(n.disk, path, n.gen)
             return [0, this.newHandle({ kind: 'image', disk: n.disk, gen: n.gen, write: wantsWrite, path }) | flags]

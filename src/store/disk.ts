@@ -118,6 +118,15 @@ export class Disk {
     else this.opens.set(gen, n)
   }
 
+  /** The generation a running commit merges into: its content changes until the commit ends. */
+  private merging: Generation | null = null
+
+  /** Why `gen` cannot be opened now (a running commit is changing it), or undefined. */
+  openRefusal (gen: Generation | 'live'): RedoError | undefined {
+    if (gen === 'live' || gen !== this.merging) return undefined
+    return new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is being merged by a running commit; open it when the commit has ended`)
+  }
+
   private refuseIfOpen (gens: Generation[], what: string): void {
     for (const gen of gens) {
       if ((this.opens.get(gen) ?? 0) > 0) {
@@ -351,23 +360,36 @@ export class Disk {
     const run = async (): Promise<void> => {
       for (const level of plan.levels) {
         const i = this.chain.redoCount - level
-        const r = await commit(this.chain, level, {
-          force: plan.force,
-          onProgress: p => {
-            st.done = p.done
-            st.total = p.total
-            const secs = (Date.now() - Date.parse(st.started) - this.ctl.pausedMs) / 1000
-            st.rate = secs > 0 ? Math.round(p.done / secs) : 0
-            st.eta = st.rate > 0 ? Math.round((p.total - p.done) / st.rate) : undefined
-          },
-          gate: async () => await this.jobGate(),
-          cancelled: () => this.ctl.cancel,
-          switchOver: async fn => await this.gate.freezeAll(async () => {
-            await fn()
-            this.frozen.splice(i - 1, 1)
-            this.shape++
+        const merged = this.frozen[i - 1]
+        this.merging = merged
+        let r: Awaited<ReturnType<typeof commit>>
+        try {
+          r = await commit(this.chain, level, {
+            force: plan.force,
+            onProgress: p => {
+              st.done = p.done
+              st.total = p.total
+              const secs = (Date.now() - Date.parse(st.started) - this.ctl.pausedMs) / 1000
+              st.rate = secs > 0 ? Math.round(p.done / secs) : 0
+              st.eta = st.rate > 0 ? Math.round((p.total - p.done) / st.rate) : undefined
+            },
+            gate: async () => await this.jobGate(),
+            cancelled: () => this.ctl.cancel,
+            switchOver: async fn => await this.gate.freezeAll(async () => {
+              await fn()
+              this.frozen.splice(i - 1, 1)
+              this.shape++
+            })
           })
-        })
+        } catch (e) {
+          // a commit that stopped may have changed the merged generation: it gets a new
+          // identity, so the kernel drops what it cached of it at the next open
+          const k = this.frozen.indexOf(merged)
+          if (k >= 0) { this.frozen[k] = new Generation(merged.frozenAt); this.shape++ }
+          throw e
+        } finally {
+          this.merging = null
+        }
         if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: commit merged generation ${i - 1} away`)
       }
     }
