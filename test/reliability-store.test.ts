@@ -4,7 +4,7 @@
  */
 import test from 'ava'
 import { spawnSync } from 'node:child_process'
-import { chmod, mkdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
+import { chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
@@ -115,6 +115,29 @@ if (ok) {
     t.is(frozen.stdout.trim(), String(4 * 1024 * 1024), 'the frozen generation stopped serving')
     t.true(server.running, 'the server died')
     await server.stop()
+  })
+
+  test.serial('a discard whose rename fails changes nothing: the live file keeps working and the discard works later', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const vm = path.join(store, 'vm')
+    await createDisk(store, 'vm', 'disk', '64M')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    // the drop renames the redo log, then its digest file: that second rename fails
+    const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'layer.drop#2' })
+    const img = server.img('vm', 'disk')
+    await shOk('dd if=/dev/urandom of="$1" bs=64k count=4 conv=notrunc,fsync status=none', [img])
+    const files = (await readdir(vm)).sort()
+    const before = (await sh('sha256sum < "$1"', [img])).stdout
+    const r = await server.command('vm', 'disk', 'discard')
+    t.not(r.code, 0, 'the discard succeeded')
+    t.regex(await server.errorText('vm', 'disk'), /injected I\/O error/)
+    t.deepEqual((await readdir(vm)).sort(), files, 'the failed discard left renamed files behind')
+    t.is((await sh('sha256sum < "$1"', [img])).stdout, before, 'the live file changed')
+    await shOk('dd if=/dev/urandom of="$1" bs=64k seek=100 count=4 conv=notrunc,fsync status=none', [img])
+    await server.commandOk('vm', 'disk', 'discard')
+    t.is((await server.status('vm', 'disk')).redoLogs, 0)
+    await server.stopClean(t)
   })
 
   test.serial('redo growth: --redo-limit warns in status; --redo-limit-hard fails writes past it with ENOSPC, without damage', async t => {

@@ -5,7 +5,7 @@
 import { open, readdir, rename, realpath, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
-import { faultPoint } from '../fault'
+import { failPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
@@ -321,16 +321,23 @@ export class Layer {
    * open. Returns the new names.
    */
   async drop (): Promise<string[]> {
-    await this.closeWithoutFlush()
+    // renamed while still open, closed after: a rename that fails leaves the layer as it was
+    // (open, in use), so a caller's chain never holds a closed layer
     const out: string[] = []
     for (const f of [...this.files, `${this.path}.redofs-digest`]) {
       try {
+        failPoint('layer.drop')
         await rename(f, f + DROPPED)
         out.push(f + DROPPED)
-      } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e }
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue
+        for (const d of out.reverse()) await rename(d, d.slice(0, -DROPPED.length)).catch(() => {})
+        throw toRedoError(e, f)
+      }
     }
     await syncDir(dirname(this.path))
     faultPoint('layer.dropped')
+    await this.closeWithoutFlush()
     return out
   }
 
