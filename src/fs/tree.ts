@@ -32,11 +32,15 @@ export function resolvePath (store: Store, path: string): Node | undefined {
   if (vm === undefined) return undefined
   if (parts.length === 1) return { kind: 'dir', names: () => imageNames(vm) }
   if (parts.length !== 2) return undefined
-  const m = /^(.+?)(?:@([^@/]+))?\.img$/.exec(parts[1])
+  if (!parts[1].endsWith('.img')) return undefined
+  const stem = parts[1].slice(0, -'.img'.length)
+  // a disk whose own name holds '@' is its live file; otherwise the last '@' names a generation
+  const whole = vm.disks.get(stem)
+  if (whole !== undefined) return { kind: 'image', disk: whole, gen: 'live' }
+  const m = /^(.+)@([^@/]+)$/.exec(stem)
   if (m === null) return undefined
   const disk = vm.disks.get(m[1])
   if (disk === undefined) return undefined
-  if (m[2] === undefined) return { kind: 'image', disk, gen: 'live' }
   if (!/^\d+$/.test(m[2])) {
     const g = disk.labels().get(m[2])
     return g === undefined ? undefined : { kind: 'link', target: `${disk.name}@${g}.img` }
