@@ -2,7 +2,7 @@
  * Serving a store in the foreground: mount, announce, and on SIGINT/SIGTERM, `redofs umount`
  * or an external fusermount -u, unmount and power everything off cleanly.
  */
-import { mkdir, readFile, unlink, writeFile } from 'node:fs/promises'
+import { mkdir, readFile, realpath, unlink, writeFile } from 'node:fs/promises'
 import { readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -21,14 +21,18 @@ export interface Served {
   mnt: string
 }
 
-/** Is `mnt` a mountpoint right now? Reads mountinfo; never touches the path itself. */
-export function isMounted (mnt: string): boolean {
+/**
+ * Is `mnt` a mountpoint right now? Reads mountinfo; never touches the path itself (so callers
+ * pass the canonical path: mountinfo holds it with symbolic links resolved). `unknown` answers
+ * when mountinfo cannot be read.
+ */
+export function isMounted (mnt: string, unknown = false): boolean {
   // mountinfo escapes these four characters in paths as octal
   const target = resolve(mnt).replace(/\\/g, '\\134').replace(/ /g, '\\040').replace(/\t/g, '\\011').replace(/\n/g, '\\012')
   try {
     return readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some(l => l.split(' ')[4] === target)
   } catch {
-    return false
+    return unknown
   }
 }
 
@@ -39,8 +43,10 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
   })
   const store = await Store.open(storeDir, sopts)
   const m = new RedoMount(store, resolve(mnt), mopts)
+  let canonical = resolve(mnt)
   try {
     await mkdir(resolve(mnt), { recursive: true })
+    canonical = await realpath(resolve(mnt)) // before mounting: afterwards the path is ours to serve
     await m.mount()
   } catch (e) {
     await store.close().catch(() => {})
@@ -61,7 +67,8 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
     return await stopping
   }
   const watch = setInterval(() => {
-    if (!isMounted(mnt)) void stop('unmounted from outside').then(() => process.exit(0), () => process.exit(1))
+    // an unreadable mountinfo is no reason to stop serving
+    if (!isMounted(canonical, true)) void stop('unmounted from outside').then(() => process.exit(0), () => process.exit(1))
   }, 1000)
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.on(sig, () => {

@@ -3,6 +3,7 @@
  * `fileName` value of a disk whose chain top changed and keeps every other byte as it found it.
  */
 import { readFile } from 'node:fs/promises'
+import { Mutex } from '../formats/extent'
 import { writeFileDurable } from '../formats/layer'
 
 export type DiskMode = 'persistent' | 'nonpersistent' | 'undoable' | 'append'
@@ -31,6 +32,9 @@ export function parseMode (v: string | undefined): DiskMode {
 }
 
 export class Vmx {
+  /** One rewrite at a time: every rewrite goes through the same temporary file. */
+  private readonly writing = new Mutex()
+
   constructor (readonly path: string, private lines: string[]) {}
 
   static async read (path: string): Promise<Vmx> {
@@ -59,13 +63,17 @@ export class Vmx {
 
   /** Point `device`'s fileName at `fileName`, durably; other lines are untouched. */
   async setFileName (device: string, fileName: string): Promise<void> {
+    await this.writing.run(async () => await this.rewrite(device, fileName))
+  }
+
+  private async rewrite (device: string, fileName: string): Promise<void> {
     let changed = false
     this.lines = this.lines.map(l => {
       const m = DEVICE_RE.exec(l)
       if (m === null || m[1].toLowerCase() !== device.toLowerCase() || m[2].toLowerCase() !== 'filename') return l
       if (m[3] === fileName) return l
       changed = true
-      return l.replace(/"[^"]*"(\s*)$/, `"${fileName}"$1`)
+      return l.replace(/"[^"]*"(\s*)$/, (_all, tail: string) => `"${fileName}"${tail}`) // a function: '$' in names stays literal
     })
     if (changed) await writeFileDurable(this.path, this.lines.join('\n'))
   }
