@@ -182,6 +182,33 @@ test('undoable: the session redo log is kept by default and appended to; powerof
   await srv.stopClean(t)
 })
 
+test('redo logs a user adds during a nonpersistent or undoable session belong to it: discarded or committed with it at power off', async t => {
+  // nonpersistent: everything written in the session goes, however many redo logs it used
+  const np = await makeVm('nonpersistent')
+  let srv = await powerOn(np)
+  const scratch = Buffer.from(np.orig)
+  await writeLive(srv, scratch, 100, 300000)
+  await srv.commandOk('vm1', 'disk', 'addredo')
+  await writeLive(srv, scratch, 7 * M, 300000)
+  t.is((await srv.status('vm1', 'disk')).redoLogs, 2)
+  await srv.stopClean(t)
+  t.deepEqual(await redoFiles(np), [], 'a redo log of the session was kept')
+  t.is(await vmxFileName(np), 'disk.vmdk')
+  await fileEquals(t, np, 'disk.vmdk', np.orig, 'the base after a nonpersistent session')
+  // undoable with poweroff=commit: both redo logs of the session reach the base
+  const un = await makeVm('undoable')
+  srv = await powerOn(un)
+  const model = Buffer.from(un.orig)
+  await writeLive(srv, model, 2 * M + 1, 65536)
+  await srv.commandOk('vm1', 'disk', 'addredo')
+  await writeLive(srv, model, 11 * M, 4096)
+  await srv.commandOk('vm1', 'disk', 'poweroff', 'commit')
+  await srv.stopClean(t)
+  t.deepEqual(await redoFiles(un), [], 'a redo log of the session was left')
+  t.is(await vmxFileName(un), 'disk.vmdk')
+  await fileEquals(t, un, 'disk.vmdk', model, 'the base after poweroff=commit')
+})
+
 test('append: the redo log is added once, kept at unmount and appended to at the next mount', async t => {
   const vm = await makeVm('append')
   const model = Buffer.from(vm.orig)

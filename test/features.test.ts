@@ -4,6 +4,7 @@
  */
 import test from 'ava'
 import { copyFile, mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises'
+import { spawn } from 'node:child_process'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, requireFuse, sh, shOk, type Server } from './helpers/mount'
@@ -311,5 +312,71 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     const tty = await run('script', ['-qec', `${process.execPath} ${REDOFS_BIN} commit ${path.join(vm, 'disk')} level=0`, '/dev/null'])
     t.is(tty.code, 0, describe(tty))
     t.regex(tty.stdout, /commit \[#*\.*\] +\d+% .*ETA/)
+  })
+
+  test.serial('unmount with a paused commit: the commit is cancelled, the server exits, the chain is as before', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'disk', '256M')
+    const vm = path.join(store, 'vm')
+    await redofsOk('addredo', path.join(vm, 'disk'))
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 5 0 192M', path.join(vm, 'disk-000001.vmdk')])
+    await redofsOk('addredo', path.join(vm, 'disk'))
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const live = await sha256File(s.img('vm', 'disk'))
+    await shOk('echo "level=1 freeze=0 wait=0" > "$1/commit" && echo pause > "$1/job"', [path.join(s.mnt, '.ctl', 'vm', 'disk')])
+    t.is(((await status(s)).job as { state: string }).state, 'paused')
+    // nobody can resume it once the mount is gone: waiting for it would never end
+    await s.stopClean(t, 30_000)
+    t.deepEqual((await readdir(vm)).filter(f => f.includes('redofs-')), [], 'the stopped commit left its journal or dropped files')
+    const again = await env.mount(store, path.join(dir, 'mnt2'))
+    t.is((await status(again)).redoLogs, 2)
+    t.is(await sha256File(again.img('vm', 'disk')), live)
+    await again.stopClean(t)
+  })
+
+  test.serial('a disk whose name holds "@" is served under that name, its generations after a further "@"', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'data@2024', '16M')
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const img = s.img('vm', 'data@2024')
+    await shOk('printf hello | dd of="$1" bs=1 seek=4096 conv=notrunc status=none', [img])
+    await s.commandOk('vm', 'data@2024', 'addredo')
+    await shOk('printf world | dd of="$1" bs=1 seek=4096 conv=notrunc status=none', [img])
+    t.deepEqual((await readdir(path.join(s.mnt, 'vm'))).sort(), ['data@2024.img', 'data@2024@0.img'])
+    t.is((await sh('dd if="$1" bs=1 skip=4096 count=5 status=none', [img])).stdout, 'world')
+    t.is((await sh('dd if="$1" bs=1 skip=4096 count=5 status=none', [s.img('vm', 'data@2024', 0)])).stdout, 'hello')
+    await s.stopClean(t)
+  })
+
+  test.serial('a VM-wide discard is all or none: a generation open on one disk refuses it before any disk changes', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    for (const d of ['a', 'b']) {
+      await createDisk(store, 'vm', d, '16M')
+      await redofsOk('addredo', path.join(store, 'vm', d))
+    }
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    // a reader holds b@0.img open
+    const holder = spawn('sh', ['-c', 'exec 3<"$1"; echo open; exec sleep 60', 'sh', s.img('vm', 'b', 0)], { stdio: ['ignore', 'pipe', 'inherit'] })
+    t.teardown(() => { holder.kill() })
+    await new Promise<void>(resolve => holder.stdout.once('data', () => resolve()))
+    const r = await s.command('vm', undefined, 'discard')
+    t.not(r.code, 0, 'the VM-wide discard succeeded with a generation open')
+    t.regex(await s.errorText('vm'), /generation 0 is open/)
+    t.is((await status(s, 'vm', 'a')).redoLogs, 1, 'disk a lost its redo log although the discard was refused')
+    holder.kill()
+    await new Promise(resolve => holder.once('exit', resolve))
+    // the kernel sends RELEASE after the holder is gone, not before its exit is reported
+    let again = await s.command('vm', undefined, 'discard')
+    for (let i = 0; i < 50 && again.code !== 0; i++) {
+      await new Promise(resolve => setTimeout(resolve, 100))
+      again = await s.command('vm', undefined, 'discard')
+    }
+    t.is(again.code, 0, describe(again))
+    t.is((await status(s, 'vm', 'a')).redoLogs, 0)
+    t.is((await status(s, 'vm', 'b')).redoLogs, 0)
+    await s.stopClean(t)
   })
 }

@@ -118,13 +118,16 @@ export class Disk {
     else this.opens.set(gen, n)
   }
 
-  /** The generation a running commit merges into: its content changes until the commit ends. */
-  private merging: Generation | null = null
+  /**
+   * Frozen generations the running job changes or removes (a commit's merged generations, a
+   * discard's), from the moment it is accepted until it ends: they do not open meanwhile.
+   */
+  private changing = new Set<Generation>()
 
-  /** Why `gen` cannot be opened now (a running commit is changing it), or undefined. */
+  /** Why `gen` cannot be opened now (a running job is changing it), or undefined. */
   openRefusal (gen: Generation | 'live'): RedoError | undefined {
-    if (gen === 'live' || gen !== this.merging) return undefined
-    return new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is being merged by a running commit; open it when the commit has ended`)
+    if (gen === 'live' || !this.changing.has(gen)) return undefined
+    return new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is being changed by a running ${this.job?.kind ?? 'job'}; open it when that has ended`)
   }
 
   private refuseIfOpen (gens: Generation[], what: string): void {
@@ -206,7 +209,7 @@ export class Disk {
       case 'label': {
         const a = parseArgs(text, { gen: 'gen', name: 'name' }, 'label')
         if (a.gen === undefined || a.name === undefined) throw new RedoError('EINVAL', 'label: needs gen=G and name=NAME')
-        if (this.opts.readOnly) throw new RedoError('EROFS', 'label: the store is mounted read-only')
+        this.precheck('label') // a running commit or discard moves and drops labels itself
         const g = resolveGeneration(this.chain, a.gen as number | string, 'label')
         await labelGeneration(this.chain, g, a.name as string)
         return
@@ -214,19 +217,14 @@ export class Disk {
       case 'commit': {
         const a = parseArgs(text, { level: 'level', freeze: 'bool', wait: 'bool', force: 'bool' }, 'commit')
         const plan = this.planCommit(a)
-        const job = this.runJob('commit', text, async (st) => await this.doCommit(plan, st))
+        const job = this.runJob('commit', text, async (st) => await this.doCommit(plan, st), plan.removed)
         if (a.wait === false) { job.catch(() => {}); return }
         return await job
       }
       case 'discard': {
         const a = parseArgs(text, { to: 'gen', force: 'bool' }, 'discard')
-        this.precheck('discard')
-        const N = this.chain.redoCount
-        if (N === 0) throw new RedoError('EINVAL', `${this.vm}/${this.name}: the disk has no redo log to discard`)
-        const to = a.to !== undefined ? resolveGeneration(this.chain, a.to as number | string, 'discard') : N - 1
-        if (to < 0 || to >= N) throw new RedoError('EINVAL', `discard: to=${to} is out of range (0..${N - 1})`)
-        this.refuseIfOpen(this.frozen.slice(to), 'discard')
-        return await this.runJob('discard', text, async () => await this.doDiscard(to, a.force === true))
+        const to = this.planDiscard(a.to as number | string | undefined)
+        return await this.runJob('discard', text, async () => await this.doDiscard(to, a.force === true), this.frozen.slice(to))
       }
       case 'job': {
         const w = text.trim()
@@ -262,8 +260,19 @@ export class Disk {
     }
   }
 
+  /** Validate a discard before accepting it: the generation that becomes live (its number). */
+  planDiscard (toArg: number | string | undefined): number {
+    this.precheck('discard')
+    const N = this.chain.redoCount
+    if (N === 0) throw new RedoError('EINVAL', `${this.vm}/${this.name}: the disk has no redo log to discard`)
+    const to = toArg !== undefined ? resolveGeneration(this.chain, toArg, 'discard') : N - 1
+    if (to < 0 || to >= N) throw new RedoError('EINVAL', `discard: to=${to} is out of range (0..${N - 1})`)
+    this.refuseIfOpen(this.frozen.slice(to), 'discard')
+    return to
+  }
+
   /** Validate a commit before accepting it (so wait=0 refusals still fail the write). */
-  planCommit (a: Record<string, ArgValue>): { levels: number[], freeze: boolean, force: boolean } {
+  planCommit (a: Record<string, ArgValue>): { levels: number[], freeze: boolean, force: boolean, removed: Generation[] } {
     this.precheck('commit')
     const N = this.chain.redoCount
     if (N === 0) throw new RedoError('EINVAL', `${this.vm}/${this.name}: the disk has no redo log to commit`)
@@ -276,7 +285,7 @@ export class Disk {
     const removed = level === 'all' ? this.frozen.slice() : [this.frozen[N - (level as number) - 1]]
     this.refuseIfOpen(removed, 'commit')
     const lvl0 = levels.some(l => l === 0)
-    return { levels, freeze: a.freeze !== false || lvl0, force: a.force === true }
+    return { levels, freeze: a.freeze !== false || lvl0, force: a.force === true, removed }
   }
 
   private resumeJob (): void {
@@ -295,10 +304,12 @@ export class Disk {
     while (this.ctl.paused && !this.ctl.cancel) await new Promise<void>(resolve => { this.ctl.wake.push(resolve) })
   }
 
-  private runJob (kind: JobState['kind'], args: string, body: (st: JobState) => Promise<void>): Promise<void> {
+  /** `changing`: the frozen generations the job changes or removes (they do not open meanwhile). */
+  private runJob (kind: JobState['kind'], args: string, body: (st: JobState) => Promise<void>, changing: Generation[] = []): Promise<void> {
     this.ctl = { paused: false, cancel: false, wake: [], pausedMs: 0, pausedAt: 0, freezing: false }
     const st: JobState = { kind, args: args.trim(), state: 'running', done: 0, total: 0, started: new Date().toISOString() }
     this.job = st
+    this.changing = new Set(changing)
     const p = (async () => {
       try {
         await body(st)
@@ -313,6 +324,7 @@ export class Disk {
       } finally {
         st.finished = new Date().toISOString()
         this.job = null
+        this.changing = new Set()
         this.lastJob = st
         this.running = null
       }
@@ -356,12 +368,23 @@ export class Disk {
   /** Set at unmount: background work stops. */
   closing = false
 
+  /**
+   * Unmount: a paused commit is cancelled (nobody could resume it any more), jobs end, and
+   * from then on every read and write fails with EIO once those in flight are done: a
+   * descriptor opened before the (lazy) unmount must not write while the disk powers off.
+   */
+  async shutdown (): Promise<void> {
+    this.closing = true
+    if (this.ctl.paused) { this.ctl.cancel = true; this.resumeJob() }
+    await this.idle()
+    await this.gate.close(`${this.vm}/${this.name}: the store is being unmounted`)
+  }
+
   private async doCommit (plan: { levels: number[], freeze: boolean, force: boolean }, st: JobState): Promise<void> {
     const run = async (): Promise<void> => {
       for (const level of plan.levels) {
         const i = this.chain.redoCount - level
         const merged = this.frozen[i - 1]
-        this.merging = merged
         let r: Awaited<ReturnType<typeof commit>>
         try {
           r = await commit(this.chain, level, {
@@ -387,8 +410,6 @@ export class Disk {
           const k = this.frozen.indexOf(merged)
           if (k >= 0) { this.frozen[k] = new Generation(merged.frozenAt); this.shape++ }
           throw e
-        } finally {
-          this.merging = null
         }
         if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: commit merged generation ${i - 1} away`)
       }

@@ -1,16 +1,21 @@
 /**
  * Holding I/O off a disk while its chain changes: live I/O can be paused for a whole job
- * (freeze), all I/O for the moment the layers switch. Paused I/O waits; it never fails.
+ * (freeze), all I/O for the moment the layers switch. Paused I/O waits; it never fails, until
+ * the gate is closed at unmount.
  */
+import { RedoError } from '../errors'
+
 export class IoGate {
   private liveHold: Promise<void> | null = null
   private allHold: Promise<void> | null = null
   private live = 0
   private all = 0
   private drained: Array<() => void> = []
+  private closedBy: string | null = null
 
   async enter (isLive: boolean): Promise<void> {
     for (;;) {
+      if (this.closedBy !== null) throw new RedoError('EIO', this.closedBy)
       if (this.allHold !== null) { await this.allHold; continue }
       if (isLive && this.liveHold !== null) { await this.liveHold; continue }
       break
@@ -38,6 +43,15 @@ export class IoGate {
 
   private async waitFor (cond: () => boolean): Promise<void> {
     while (!cond()) await new Promise<void>(resolve => this.drained.push(resolve))
+  }
+
+  /**
+   * Refuse all I/O from now on (EIO with `why`) and wait for what is in flight: at unmount,
+   * descriptors opened before a lazy unmount still reach the server while disks power off.
+   */
+  async close (why: string): Promise<void> {
+    this.closedBy = why
+    await this.waitFor(() => this.all === 0)
   }
 
   /** Run fn with live I/O held off (frozen generations keep being served). */

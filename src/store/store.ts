@@ -184,8 +184,14 @@ export class Store {
     }
   }
 
-  private isSession (disk: Disk): boolean {
-    return disk.chain.redoCount > 0 && disk.chain.top.descriptor.get(SESSION_KEY) !== undefined
+  /**
+   * Layer index of the redo log the power-on of a nonpersistent or undoable disk added, or
+   * undefined. Not necessarily the top: a user's addredo during the session stacks more redo
+   * logs on it, and they belong to the session too.
+   */
+  private sessionStart (disk: Disk): number | undefined {
+    const k = disk.chain.layers.findIndex((l, i) => i > 0 && l.descriptor.get(SESSION_KEY) !== undefined)
+    return k < 0 ? undefined : k
   }
 
   private async markSession (disk: Disk, mode: DiskMode): Promise<void> {
@@ -199,16 +205,18 @@ export class Store {
     switch (disk.mode) {
       case 'persistent':
         return
-      case 'nonpersistent':
-        if (this.isSession(disk)) {
-          log.store('%s/%s: discarding a stale session redo log', disk.vm, disk.name)
-          await disk.doDiscard(disk.chain.redoCount - 1)
+      case 'nonpersistent': {
+        const k = this.sessionStart(disk)
+        if (k !== undefined) {
+          log.store('%s/%s: discarding a stale session', disk.vm, disk.name)
+          await disk.doDiscard(k - 1)
         }
         await disk.doAddRedo()
         await this.markSession(disk, 'nonpersistent')
         return
+      }
       case 'undoable':
-        if (this.isSession(disk)) return // a kept session redo log: append to it
+        if (this.sessionStart(disk) !== undefined) return // a kept session: append to it
         await disk.doAddRedo()
         await this.markSession(disk, 'undoable')
         return
@@ -218,17 +226,16 @@ export class Store {
   }
 
   private async powerOffDisk (disk: Disk): Promise<void> {
-    disk.closing = true
-    await disk.idle()
+    await disk.shutdown()
     if (disk.opts.readOnly) return
-    if (disk.mode === 'nonpersistent' && this.isSession(disk)) {
-      await disk.doDiscard(disk.chain.redoCount - 1)
-    } else if (disk.mode === 'undoable' && this.isSession(disk)) {
-      if (disk.poweroff === 'discard') await disk.doDiscard(disk.chain.redoCount - 1)
-      else if (disk.poweroff === 'commit') {
-        await commit(disk.chain, 0, {})
-        await this.syncVmx(disk)
-      }
+    const k = this.sessionStart(disk)
+    if (k === undefined) return
+    if (disk.mode === 'nonpersistent' || (disk.mode === 'undoable' && disk.poweroff === 'discard')) {
+      await disk.doDiscard(k - 1)
+    } else if (disk.mode === 'undoable' && disk.poweroff === 'commit') {
+      // every redo log of the session, bottom first, into the generation it started from
+      while (disk.chain.redoCount >= k) await commit(disk.chain, disk.chain.redoCount - k, {})
+      await this.syncVmx(disk)
     }
   }
 
@@ -266,12 +273,8 @@ export class Store {
         }
         case 'discard': {
           const a = parseArgs(text, { to: 'gen' }, 'discard')
-          for (const d of disks) {
-            d.precheck('discard')
-            const N = d.chain.redoCount
-            const to = (a.to as number | undefined) ?? N - 1
-            if (N === 0 || typeof a.to === 'string' || to < 0 || to >= N) throw new RedoError('EINVAL', `${vmName}/${d.name}: cannot discard to generation ${String(a.to ?? to)}`)
-          }
+          // every disk checked first, open generations included: all or none
+          for (const d of disks) d.planDiscard(a.to as number | string | undefined)
           for (const d of disks) await d.command('discard', text)
           return
         }
