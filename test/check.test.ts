@@ -9,6 +9,7 @@ import { describe, snapshotTree } from './helpers/qemu'
 import { redofs } from './helpers/redofs'
 import { storeChain, FOUR_LEVELS } from './helpers/store'
 import { tmpDirs } from './helpers/tmp'
+import { gtePosition, readKdmvHeader, readU32, writeAt, writeU32 } from './helpers/vmdk'
 
 requireEnv(test)
 const tmp = tmpDirs(test)
@@ -45,3 +46,24 @@ test('check: a clean 4-level chain is clean, and check modifies nothing', async 
   t.regex(r.stdout, /\bclean\b/, describe(r))
   t.deepEqual(await snapshotTree(c.vmDir), before)
 })
+
+test('recovery after an unclean shutdown leaves damaged grain entries alone: nothing zeroed, still reported', async t => {
+  const dc = damageCases.find(c => c.title === 'two grain table entries pointing at the same grain')
+  if (dc === undefined) throw new Error('damage case missing')
+  const d = await dc.build(await tmp())
+  const grain1 = await gtePosition(d.top, 1)
+  const grain64 = await gtePosition(d.top, 64)
+  const before = [await readU32(d.top, grain1), await readU32(d.top, grain64)]
+  // no redundant tables to fall back on, and the file was not closed cleanly
+  const flags = (await readKdmvHeader(d.top)).flags
+  await writeU32(d.top, 8, flags & ~2)
+  await writeAt(d.top, 72, Buffer.from([1]))
+  // a writable open recovers (and then refuses the damaged chain)
+  const r = await redofs(['addredo', d.top])
+  t.not(r.code, 0, describe(r))
+  t.deepEqual([await readU32(d.top, grain1), await readU32(d.top, grain64)], before, 'recovery rewrote the damaged entries')
+  const chk = await redofs(['check', d.top])
+  t.is(chk.code, 1, describe(chk))
+  t.regex(chk.stdout, /another grain/)
+})
+

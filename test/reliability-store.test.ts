@@ -97,14 +97,15 @@ if (ok) {
     const store = path.join(dir, 'store')
     await createDisk(store, 'vm', 'disk', '64M')
     await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'disk')])
-    // the server's second fdatasync fails, as a disk error during write-back would: the first
-    // marks the redo log in use (at the first write), the second is the first flush of data
-    const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'datasync#2' })
+    // the server's third fdatasync fails, as a disk error during write-back would: the first
+    // two start the write session (the unclean flag, the new CID), the third flushes the data
+    const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'datasync#3' })
     const img = server.img('vm', 'disk')
     const data = path.join(dir, 'data.raw')
     await shOk('dd if=/dev/urandom of="$1" bs=64k count=16 status=none', [data])
     const first = await sh('dd if="$2" of="$1" bs=64k seek=4 conv=notrunc,fsync status=none', [img, data])
     t.not(first.code, 0, 'the fsync whose write-back failed succeeded')
+    t.regex(first.stderr, /fsync failed/, 'the data was refused instead of its flush')
     // Linux would now answer the next fdatasync with success over the lost pages: redofs must not
     const second = await sh('dd if="$2" of="$1" bs=64k seek=40 conv=notrunc,fsync status=none', [img, data])
     t.not(second.code, 0, 'a later fsync succeeded after a write-back failure')

@@ -127,14 +127,16 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   await writeJournal(j)
   faultPoint('commit.journal')
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
+  const parentProblems = parent.problems.length
   try {
     await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts)
   } catch (e) {
     // Failed, not crashed: the user is told so, so the next open must not finish this commit
-    // (nor trip over a chain changed since). Undone like a cancel; if even that fails, the
-    // journal stays and the next writable open finishes the commit instead.
+    // (nor trip over a chain changed since). Undone like a cancel, unless writing the parent
+    // back failed (its new CID may or may not be on the disk: only the journal's roll-forward
+    // is safe then) or the undo fails: the journal stays and the next writable open finishes it.
     const err = toRedoError(e)
-    const undone = await abandonCommit(child, parent).then(() => true, () => false)
+    const undone = parent.problems.length === parentProblems && await abandonCommit(child, parent).then(() => true, () => false)
     chain.invalidate()
     throw new RedoError(err.code, `commit of ${child.path} failed: ${err.message}; ` + (undone
       ? `generations ${i} and up are unchanged; generation ${i - 1} may hold part of generation ${i}'s changes`

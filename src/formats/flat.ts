@@ -71,7 +71,12 @@ export class FlatExtent implements Extent {
   async flush (): Promise<void> {
     if (!this.dirty) return
     this.dirty = false
-    await this.durable.sync()
+    try {
+      await this.durable.sync()
+    } catch (e) {
+      this.dirty = true // and DataSync keeps failing: no later flush reports success
+      throw e
+    }
   }
 
   async endWrite (): Promise<void> { await this.flush() }

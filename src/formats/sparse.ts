@@ -184,6 +184,13 @@ export class SparseExtent implements Extent {
   private readonly badOriginal = new Map<number, number>()
   /** Tables whose directory entry points outside the file: never written. */
   private readonly badTables = new Set<number>()
+  /** Redundant directory entries that point outside the metadata area: never written, never trusted. */
+  private readonly badRedundant = new Set<number>()
+  /**
+   * Grains held BAD because their entry points into the metadata area or shares sectors with
+   * another grain: damage, not the trace of a crash, so recovery leaves them alone.
+   */
+  private readonly heldDamage = new Set<number>()
 
   private constructor (
     readonly path: string,
@@ -283,11 +290,11 @@ export class SparseExtent implements Extent {
       order.push(i)
     }
     if (this.rgd !== null) {
+      // readers use the primary only (as qemu and VMware do): a bad redundant entry is listed by
+      // check, and simply never written or used by recovery
       for (let i = 0; i < this.numGTs; i++) {
         const r = this.rgd[i]
-        if (r === 0 || (r * SECTOR + gtBytes <= this.fileSize && r + gtSectors <= metaEnd)) continue
-        this.problems.push(`${this.path}: redundant grain directory entry ${i} points to sector ${r}, outside the metadata area`)
-        this.rgd[i] = 0 // never written there
+        if (r !== 0 && (r * SECTOR + gtBytes > this.fileSize || r + gtSectors > metaEnd)) this.badRedundant.add(i)
       }
     }
     order.sort((a, b) => this.gd[a] - this.gd[b])
@@ -323,6 +330,7 @@ export class SparseExtent implements Extent {
           if (where !== undefined) {
             this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, ${where}`)
             this.badOriginal.set(grain, e)
+            if (e !== BAD && e + need <= limitGte) this.heldDamage.add(grain) // inside the metadata area
             gt[t] = BAD
             continue
           }
@@ -350,10 +358,17 @@ export class SparseExtent implements Extent {
     n = 0
     for (const gt of this.gts) if (gt !== undefined) for (let t = 0; t < per; t++) if (live(gt[t])) starts[n++] = gt[t]
     starts.sort()
-    const clash = new Set<number>()
-    for (let i = 1; i < n; i++) if (starts[i] < starts[i - 1] + gs) { clash.add(starts[i - 1]); clash.add(starts[i]) }
-    if (clash.size === 0) return
+    // the disk's last grain may be partial, and stored as such (rounded to a sector)
     const gb = this.grainBytes
+    const lastGrain = Math.floor((this.size - 1) / gb)
+    const lastE = this.gts[Math.floor(lastGrain / per)]?.[lastGrain % per] ?? 0
+    const lastNeed = ceilDiv(this.size - lastGrain * gb, SECTOR)
+    const clash = new Set<number>()
+    for (let i = 1; i < n; i++) {
+      const len = starts[i - 1] === lastE ? lastNeed : gs
+      if (starts[i] < starts[i - 1] + len) { clash.add(starts[i - 1]); clash.add(starts[i]) }
+    }
+    if (clash.size === 0) return
     this.gts.forEach((gt, gdi) => {
       if (gt === undefined) return
       for (let t = 0; t < per; t++) {
@@ -362,6 +377,7 @@ export class SparseExtent implements Extent {
         const grain = gdi * per + t
         this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, which another grain also uses`)
         this.badOriginal.set(grain, e)
+        this.heldDamage.add(grain)
         gt[t] = BAD
         this.allocated -= Math.min(gb, this.size - grain * gb)
       }
@@ -609,7 +625,7 @@ export class SparseExtent implements Extent {
         if (this.rgd !== null) {
           await this.durable.sync()
           faultPoint('sparse.gt.redundant')
-          for (const t of tables) if (this.rgd[t.gdi] !== 0) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.rgd[t.gdi] * SECTOR)
+          for (const t of tables) if (this.rgd[t.gdi] !== 0 && !this.badRedundant.has(t.gdi)) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.rgd[t.gdi] * SECTOR)
         }
         await this.durable.sync()
         faultPoint('sparse.gt.done')
@@ -649,7 +665,7 @@ export class SparseExtent implements Extent {
     const gsec = this.header.grainSize
     let repaired = 0
     for (let gdi = 0; gdi < rgd.length; gdi++) {
-      if (this.gd[gdi] === 0 || rgd[gdi] === 0 || this.badTables.has(gdi)) continue
+      if (this.gd[gdi] === 0 || rgd[gdi] === 0 || this.badTables.has(gdi) || this.badRedundant.has(gdi)) continue
       const rb = Buffer.alloc(this.gtBytes)
       if (rgd[gdi] * SECTOR + this.gtBytes > this.fileSize) continue
       await readExact(this.fh, this.path, rb, 0, rb.length, rgd[gdi] * SECTOR)
@@ -657,6 +673,7 @@ export class SparseExtent implements Extent {
       let changed = false
       const fixed = gt ?? new Uint32Array(per)
       for (let t = 0; t < per; t++) {
+        if (this.heldDamage.has(gdi * per + t)) continue
         const p = gt === undefined ? 0 : gt[t]
         const r = rb.readUInt32LE(t * 4)
         if (p === r) continue
@@ -677,11 +694,11 @@ export class SparseExtent implements Extent {
       const gt = this.gts[gdi]
       if (gt === undefined || this.badTables.has(gdi)) continue
       for (let t = 0; t < per; t++) {
-        if (gt[t] === BAD) { gt[t] = 0; this.badOriginal.delete(gdi * per + t); this.dirtyGTs.add(gdi); repaired++ }
+        if (gt[t] === BAD && !this.heldDamage.has(gdi * per + t)) { gt[t] = 0; this.badOriginal.delete(gdi * per + t); this.dirtyGTs.add(gdi); repaired++ }
       }
     }
-    // what is left are tables outside the file: still damage
-    const kept = this.problems.filter(p => /grain directory entry/.test(p))
+    // what is left are tables outside the file and the held damage: still damage
+    const kept = this.problems.filter(p => /grain directory entry|inside the metadata area|another grain also uses/.test(p))
     this.problems.length = 0
     this.problems.push(...kept)
     if (repaired > 0) {
@@ -714,6 +731,10 @@ export class SparseExtent implements Extent {
         }
         if (a !== 0 && a === b) {
           problems.push(`${this.path}: grain directory entry ${gdi}: primary and redundant copies both point to sector ${a} (they must be distinct)`)
+          continue
+        }
+        if (this.badRedundant.has(gdi)) {
+          problems.push(`${this.path}: redundant grain directory entry ${gdi} points to sector ${b}, outside the metadata area or past the end of the file`)
           continue
         }
         if (a === 0 || b * SECTOR + this.gtBytes > this.fileSize) continue

@@ -231,6 +231,7 @@ export class Disk {
         const job = this.job
         if (job === null || job.kind !== 'commit') throw new RedoError('EINVAL', `job: no commit is running on ${this.vm}/${this.name}`)
         if (w === 'pause') {
+          if (this.closing) throw new RedoError('EBUSY', 'job: the store is being unmounted; the commit is being cancelled')
           if (this.ctl.freezing) throw new RedoError('EBUSY', 'job: this commit freezes I/O on the live file; it cannot be paused (use freeze=0 with level >= 1)')
           if (!this.ctl.paused) { this.ctl.paused = true; this.ctl.pausedAt = Date.now(); job.state = 'paused' }
         } else if (w === 'resume') {
@@ -259,6 +260,14 @@ export class Disk {
       throw new RedoError('EBUSY', `${this.vm}/${this.name}: already ${this.chain.redoCount} redo logs (--max-redos ${this.opts.maxRedos})`)
     }
   }
+
+  /**
+   * Hold opens of the generations a discard to `to` removes, before its job starts (a VM-wide
+   * discard checks every disk first, then runs them one after another). Released by the job's
+   * end, or by `releaseHold` when the job never ran.
+   */
+  holdForDiscard (to: number): void { this.changing = new Set(this.frozen.slice(to)) }
+  releaseHold (): void { if (this.job === null) this.changing = new Set() }
 
   /** Validate a discard before accepting it: the generation that becomes live (its number). */
   planDiscard (toArg: number | string | undefined): number {

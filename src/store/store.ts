@@ -273,9 +273,13 @@ export class Store {
         }
         case 'discard': {
           const a = parseArgs(text, { to: 'gen' }, 'discard')
-          // every disk checked first, open generations included: all or none
-          for (const d of disks) d.planDiscard(a.to as number | string | undefined)
-          for (const d of disks) await d.command('discard', text)
+          // every disk checked first, open generations included, and held from then on: all or none
+          try {
+            for (const d of disks) d.holdForDiscard(d.planDiscard(a.to as number | string | undefined))
+            for (const d of disks) await d.command('discard', text)
+          } finally {
+            for (const d of disks) d.releaseHold()
+          }
           return
         }
         default:
