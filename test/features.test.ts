@@ -266,19 +266,28 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.notRegex(refused.stderr, /\b1048576\b/, 'a change the child covers was reported')
   })
 
-  test.serial('commit control: pause, resume and cancel from .ctl; progress with rate and ETA; a progress bar on a terminal', async t => {
-    t.timeout(180_000)
+  /**
+   * A disk of `size` whose first redo log holds `written` of data under a second one, mounted,
+   * with `commit level=1 freeze=0 wait=0` accepted and paused at once (one shell: no process
+   * start between the two). `live`: the live file's hash before the commit.
+   */
+  const pausedCommit = async (size: string, written: string): Promise<{ s: Server, vm: string, live: string, store: string, dir: string }> => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')
-    await createDisk(store, 'vm', 'disk', '1G')
+    await createDisk(store, 'vm', 'disk', size)
     const vm = path.join(store, 'vm')
     await redofsOk('addredo', path.join(vm, 'disk'))
-    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 7 0 768M', path.join(vm, 'disk-000001.vmdk')])
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', `write -P 7 0 ${written}`, path.join(vm, 'disk-000001.vmdk')])
     await redofsOk('addredo', path.join(vm, 'disk'))
     const s = await env.mount(store, path.join(dir, 'mnt'))
     const live = await sha256File(s.img('vm', 'disk'))
-    // accepted at once, paused right away (one shell: no process start between the two)
     await shOk('echo "level=1 freeze=0 wait=0" > "$1/commit" && echo pause > "$1/job"', [path.join(s.mnt, '.ctl', 'vm', 'disk')])
+    return { s, vm, live, store, dir }
+  }
+
+  test.serial('commit control: pause, resume and cancel from .ctl; progress with rate and ETA; a progress bar on a terminal', async t => {
+    t.timeout(180_000)
+    const { s, vm, live } = await pausedCommit('1G', '768M')
     const p1 = (await status(s)).job as { state: string, done: number }
     t.is(p1.state, 'paused')
     await new Promise(resolve => setTimeout(resolve, 500))
@@ -315,16 +324,7 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
   })
 
   test.serial('unmount with a paused commit: the commit is cancelled, the server exits, the chain is as before', async t => {
-    const dir = await env.tmp()
-    const store = path.join(dir, 'store')
-    await createDisk(store, 'vm', 'disk', '256M')
-    const vm = path.join(store, 'vm')
-    await redofsOk('addredo', path.join(vm, 'disk'))
-    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 5 0 192M', path.join(vm, 'disk-000001.vmdk')])
-    await redofsOk('addredo', path.join(vm, 'disk'))
-    const s = await env.mount(store, path.join(dir, 'mnt'))
-    const live = await sha256File(s.img('vm', 'disk'))
-    await shOk('echo "level=1 freeze=0 wait=0" > "$1/commit" && echo pause > "$1/job"', [path.join(s.mnt, '.ctl', 'vm', 'disk')])
+    const { s, vm, live, store, dir } = await pausedCommit('256M', '192M')
     t.is(((await status(s)).job as { state: string }).state, 'paused')
     // nobody can resume it once the mount is gone: waiting for it would never end
     await s.stopClean(t, 30_000)
