@@ -2,7 +2,7 @@
  * One user per store: a lock file created with O_EXCL (also atomic on NFSv3+) naming the
  * holder. A lock left by a dead process on this host is taken over.
  */
-import { open, readFile, rename, unlink } from 'node:fs/promises'
+import { link, open, readFile, rename, unlink } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { RedoError } from '../errors'
@@ -58,8 +58,12 @@ export class StoreLock {
         const aside = `${p}.stale-${process.pid}`
         try {
           await rename(p, aside)
-          await unlink(aside)
-        } catch { /* another process took it over first; retry reads the new holder */ }
+        } catch { continue } // another process took it over first; the retry reads the new holder
+        // Between our read and our rename another taker may have replaced the stale lock with
+        // its own live one: then put that back (link never overwrites) instead of deleting it.
+        const moved = await readFile(aside, 'utf8').then(t => JSON.parse(t) as LockInfo, () => undefined)
+        if (moved !== undefined && (moved.pid !== holder.pid || moved.since !== holder.since)) await link(aside, p).catch(() => {})
+        await unlink(aside).catch(() => {})
         continue
       }
       if (holder === undefined) {
