@@ -83,4 +83,23 @@ if (ok) {
     const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(store, 'vm', 'disk')])
     t.is(c.code, 0, describe(c))
   })
+
+  test.serial('addredo on twenty disks at once completes: the write barriers do not exhaust the thread pool', async t => {
+    t.timeout(120_000)
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const N = 20
+    for (let i = 0; i < N; i++) await createDisk(store, 'vm', `d${i}`, '8M')
+    const server = await env.mount(store, path.join(dir, 'mnt'))
+    // every barrier blocks a thread-pool thread (16) in fsync on the mount until it is answered
+    const ctl = path.join(server.mnt, '.ctl', 'vm')
+    const r = await run('bash', ['-c', `for i in $(seq 0 ${N - 1}); do echo > "$1/d$i/addredo" & done; wait`, 'bash', ctl], { timeoutMs: 60_000 })
+    t.is(r.code, 0, describe(r))
+    for (let i = 0; i < N; i++) {
+      const st = JSON.parse(await readFile(path.join(ctl, `d${i}`, 'status'), 'utf8')) as { redoLogs: number }
+      t.is(st.redoLogs, 1, `disk d${i}`)
+    }
+    await server.stopClean(t)
+  })
 }
+

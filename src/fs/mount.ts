@@ -23,6 +23,8 @@ const EPERM = -1
 const EROFS = -30
 const EACCES = -13
 const EINVAL = -22
+/** Write barriers (betweenWrites) running at once across disks; the thread pool has 16 threads. */
+const MAX_BARRIERS = 4
 
 type Handle =
   | { kind: 'image', disk: Disk, gen: Generation | 'live', write: boolean, path: string }
@@ -55,6 +57,8 @@ export class RedoMount {
   private readonly dropLive = new Set<Disk>()
   private readonly barriers = new Map<Disk, Barrier>()
   private readonly barrierTurns = new Map<Disk, Promise<void>>()
+  private barriersRunning = 0
+  private readonly barrierQueue: Array<() => void> = []
 
   constructor (readonly store: Store, readonly mnt: string, readonly opts: MountOptions = {}) {}
 
@@ -106,7 +110,8 @@ export class RedoMount {
    * content changed), the file is opened once more without keep_cache before FSYNC is
    * answered, so the kernel drops its pages before any write or fsync caller goes on; that
    * descriptor is closed after the answer (close takes the inode lock).
-   * One barrier per disk at a time: each holds up to two thread-pool threads while it waits.
+   * One barrier per disk at a time, MAX_BARRIERS across disks: each holds up to two thread-pool
+   * threads while it waits.
    */
   private async betweenWrites (d: Disk, fn: () => Promise<void>, dropCache: boolean): Promise<void> {
     const turn = this.barrierTurns.get(d) ?? Promise.resolve()
@@ -114,6 +119,10 @@ export class RedoMount {
     const mine = new Promise<void>(resolve => { next = resolve })
     this.barrierTurns.set(d, mine)
     await turn
+    // across disks a few at a time: each blocks up to two of the thread pool's 16 threads in the
+    // kernel until its FSYNC is answered, and answering needs the pool too
+    while (this.barriersRunning >= MAX_BARRIERS) await new Promise<void>(resolve => this.barrierQueue.push(resolve))
+    this.barriersRunning++
     const b: Barrier = { fn, dropCache, result: null, dropFh: null }
     this.barriers.set(d, b)
     let problem = ''
@@ -137,6 +146,8 @@ export class RedoMount {
     } finally {
       await b.dropFh?.close().catch(e => log.fs('%s/%s: %s', d.vm, d.name, (e as Error).message))
       if (this.barrierTurns.get(d) === mine) this.barrierTurns.delete(d)
+      this.barriersRunning--
+      this.barrierQueue.shift()?.()
       next()
     }
   }

@@ -8,7 +8,7 @@
  * the fusectl abort file as a last resort). The same fallback runs in process.on('exit').
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { closeSync, constants, openSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { closeSync, constants, existsSync, openSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { mkdir, open, readFile, rm, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import type { ExecutionContext, TestFn } from 'ava'
@@ -104,6 +104,13 @@ export function isMounted (mnt: string): boolean {
   return mountInfo(mnt) !== undefined
 }
 
+/** Abort FUSE connection `minor` (its pending requests fail), mounting fusectl if needed. */
+function abortConnection (minor: string): void {
+  const dir = '/sys/fs/fuse/connections'
+  if (!existsSync(`${dir}/${minor}`) && readdirSync(dir).length === 0) spawnSync('mount', ['-t', 'fusectl', 'none', dir], { timeout: 10_000 })
+  try { writeFileSync(`${dir}/${minor}/abort`, '1') } catch {}
+}
+
 /** Synchronous, daemon-independent unmount (safe in exit hooks). */
 export function forceUnmountSync (mnt: string): void {
   for (let i = 0; i < 3 && isMounted(mnt); i++) {
@@ -114,12 +121,12 @@ export function forceUnmountSync (mnt: string): void {
     }
     spawnSync('fusermount', ['-u', mnt], { timeout: 10_000 })
     if (!isMounted(mnt)) return
-    spawnSync('fusermount', ['-uz', mnt], { timeout: 10_000 })
-    if (!isMounted(mnt)) return
+    // busy: detach it, and abort its connection, or a server stuck on its own mount (and every
+    // process waiting on it) stays stuck after the detach
     const minor = mountInfo(mnt)?.minor
-    if (minor !== undefined && minor !== '') {
-      try { writeFileSync(`/sys/fs/fuse/connections/${minor}/abort`, '1') } catch {}
-    }
+    spawnSync('fusermount', ['-uz', mnt], { timeout: 10_000 })
+    if (minor !== undefined && minor !== '') abortConnection(minor)
+    if (!isMounted(mnt)) return
     spawnSync('fusermount', ['-uz', mnt], { timeout: 10_000 })
   }
 }
