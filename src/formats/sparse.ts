@@ -191,6 +191,8 @@ export class SparseExtent implements Extent {
    * another grain: damage, not the trace of a crash, so recovery leaves them alone.
    */
   private readonly heldDamage = new Set<number>()
+  /** Problems that recovery of an unclean shutdown does not repair (damage, not a crash trace). */
+  private readonly lasting: string[] = []
 
   private constructor (
     readonly path: string,
@@ -281,7 +283,7 @@ export class SparseExtent implements Extent {
       if (s === 0) continue
       const where = s * SECTOR + gtBytes > this.fileSize ? 'past the end of the file' : s + gtSectors > metaEnd ? `outside the metadata area (which ends at sector ${metaEnd})` : undefined
       if (where !== undefined) {
-        this.problems.push(`${this.path}: grain directory entry ${i} points to sector ${s}, ${where}`)
+        this.damage(`${this.path}: grain directory entry ${i} points to sector ${s}, ${where}`)
         const t = new Uint32Array(this.header.numGTEsPerGT).fill(BAD)
         this.gts[i] = t
         this.badTables.add(i)
@@ -326,11 +328,13 @@ export class SparseExtent implements Extent {
           if (grain * gb >= this.size) { gt[t] = 0; continue } // entries past the capacity mean nothing
           if (e === 1) { if (!zeroGteAllowed) log.formats('%s: GTE 1 without the zeroed-grain flag, read as zeros', this.path); continue }
           const need = this.kind === 'stream' ? 1 : ceilDiv(Math.min(gb, this.size - grain * gb), SECTOR)
-          const where = e === BAD || e + need > limitGte ? `past the end of the file (${this.fileSize} bytes)` : metaEnd !== Infinity && e < h.overHead ? `inside the metadata area (below sector ${h.overHead})` : undefined
-          if (where !== undefined) {
-            this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, ${where}`)
+          const pastEnd = e === BAD || e + need > limitGte
+          if (pastEnd || (metaEnd !== Infinity && e < h.overHead)) {
+            const msg = `${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, `
+            // past the end: what a crash leaves (recovery drops it); inside the metadata: damage
+            if (pastEnd) this.problems.push(msg + `past the end of the file (${this.fileSize} bytes)`)
+            else { this.damage(msg + `inside the metadata area (below sector ${h.overHead})`); this.heldDamage.add(grain) }
             this.badOriginal.set(grain, e)
-            if (e !== BAD && e + need <= limitGte) this.heldDamage.add(grain) // inside the metadata area
             gt[t] = BAD
             continue
           }
@@ -341,6 +345,11 @@ export class SparseExtent implements Extent {
       k = j
     }
     if (this.kind === 'sparse') this.holdOverlaps()
+  }
+
+  private damage (msg: string): void {
+    this.problems.push(msg)
+    this.lasting.push(msg)
   }
 
   /**
@@ -375,7 +384,7 @@ export class SparseExtent implements Extent {
         const e = gt[t]
         if (!live(e) || !clash.has(e)) continue
         const grain = gdi * per + t
-        this.problems.push(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, which another grain also uses`)
+        this.damage(`${this.path}: grain table ${gdi} entry ${t} points to sector ${e}, which another grain also uses`)
         this.badOriginal.set(grain, e)
         this.heldDamage.add(grain)
         gt[t] = BAD
@@ -697,17 +706,16 @@ export class SparseExtent implements Extent {
         if (gt[t] === BAD && !this.heldDamage.has(gdi * per + t)) { gt[t] = 0; this.badOriginal.delete(gdi * per + t); this.dirtyGTs.add(gdi); repaired++ }
       }
     }
-    // what is left are tables outside the file and the held damage: still damage
-    const kept = this.problems.filter(p => /grain directory entry|inside the metadata area|another grain also uses/.test(p))
+    // what is left is damage (tables outside the file or the metadata area, held grains)
     this.problems.length = 0
-    this.problems.push(...kept)
+    this.problems.push(...this.lasting)
     if (repaired > 0) {
       log.formats('%s: unclean shutdown, repaired %d grain tables', this.path, repaired)
       this.allocated = this.runs().reduce((s, r) => s + (r.state === 'data' ? r.length : 0), 0)
       await this.flush()
     }
     // consistent again: the flag goes back to clean until the next write session sets it
-    if (kept.length === 0) await this.writeHeader(0)
+    if (this.lasting.length === 0) await this.writeHeader(0)
   }
 
   async check (): Promise<string[]> {
