@@ -4,7 +4,7 @@
  * G; `redofs check` reports each clean chain clean; `redofs info --json` lists the chain.
  */
 import test from 'ava'
-import { readFile, stat, writeFile } from 'node:fs/promises'
+import { open, readFile, stat, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { requireEnv } from './helpers/env'
 import { applyQWrites, firstDifference, prng } from './helpers/model'
@@ -346,4 +346,46 @@ test('export over an existing, larger file leaves exactly the generation (trunca
   t.is(r.code, 0, describe(r))
   const cmp = await sameContent(out, ref)
   t.true(cmp.same, cmp.detail)
+})
+
+test('a descriptor file qemu rewrote in place with a shorter CID (old bytes left after its NUL) opens, exports and takes writes', async t => {
+  // qemu's vmdk driver rewrites a descriptor file in place when it changes the CID; a CID with
+  // fewer hex digits than the old one leaves the old text's last bytes after the NUL (1 in 16
+  // CIDs). qemu and VMware read up to the NUL, so must we.
+  const root = await tmp()
+  const dir = path.join(root, 'store', 'vm1')
+  await mustRun('mkdir', ['-p', dir])
+  const files = await buildChain(dir, 3 * G, [
+    { name: 'tail.vmdk', format: 'twoGbMaxExtentSparse', writes: [{ pattern: 0x31, offset: 2 * G - 4096, length: 8192 }] },
+    { name: 'tail-000001.vmdk', format: 'twoGbMaxExtentSparse', writes: [{ pattern: 0x32, offset: 2 * G - 100, length: 50 }] }
+  ])
+  const top = files[1]
+  const text = (await readFile(top, 'latin1')).replace(/\0[\s\S]*$/, '')
+  const short = text.replace(/^CID=[0-9a-f]+$/m, 'CID=7')
+  t.not(short, text, 'the CID line was rewritten')
+  const padded = Buffer.alloc(512)
+  padded.write(short + '\0' + text.slice(short.length + 1), 0, 'latin1') // what qemu leaves behind
+  t.true(padded.indexOf(0) < padded.lastIndexOf(0x0a), 'text follows the NUL, as in the file qemu wrote')
+  await writeFile(top, padded)
+
+  const ref = path.join(root, 'ref.raw')
+  await convertToRaw(top, ref) // qemu itself reads the file
+  const got = path.join(root, 'got.raw')
+  const r = await exportGen(top, 1, got)
+  t.is(r.code, 0, describe(r))
+  const cmp = await sameContent(got, ref)
+  t.true(cmp.same, cmp.detail)
+
+  const chain = await openChain(top, { writable: true })
+  try {
+    await chain.view(1).write(Buffer.alloc(300, 0x33), 0, 2 * G - 150, 300)
+  } finally {
+    await chain.close()
+  }
+  const after = path.join(root, 'after.raw')
+  await convertToRaw(top, after)
+  const back = Buffer.alloc(300)
+  const fh = await open(after, 'r')
+  try { await fh.read(back, 0, 300, 2 * G - 150) } finally { await fh.close() }
+  t.is(firstDifference(back, Buffer.alloc(300, 0x33)), -1, 'qemu reads the engine write back')
 })

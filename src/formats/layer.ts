@@ -348,9 +348,15 @@ export class Layer {
   }
 }
 
+/**
+ * A descriptor is text up to its first NUL, as qemu and VMware read it: qemu rewrites a
+ * descriptor file in place when it changes the CID, and when the new CID has fewer hex digits
+ * the old text's last bytes stay behind that NUL.
+ */
 function looksLikeDescriptor (head: Buffer): boolean {
-  const text = head.subarray(0, Math.min(head.length, 1024)).toString('latin1')
-  if (/[\x00-\x08\x0e-\x1f]/.test(text.replace(/\0+$/, ''))) return false
+  const nul = head.indexOf(0)
+  const text = head.subarray(0, Math.min(nul < 0 ? head.length : nul, 1024)).toString('latin1')
+  if (/[\x00-\x08\x0e-\x1f]/.test(text)) return false
   return /^\s*(#|version\s*=)/i.test(text)
 }
 
