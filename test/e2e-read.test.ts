@@ -3,9 +3,9 @@
  * `qemu-img convert -O raw` of that chain level, also for odd offsets and lengths.
  */
 import test from 'ava'
-import { stat } from 'node:fs/promises'
+import { readFile, stat } from 'node:fs/promises'
 import path from 'node:path'
-import { ddRange, e2e, preadInChild, requireFuse, type Server } from './helpers/mount'
+import { ddRange, e2e, mountInfo, preadInChild, requireFuse, type Server } from './helpers/mount'
 import { describe, sameContent } from './helpers/qemu'
 import { FOUR_LEVELS, convertAll, storeChain, type StoreChain } from './helpers/store'
 
@@ -96,6 +96,26 @@ test.serial('a single pread(2) at odd offsets returns the same count and bytes a
     }
     t.is(got[RANGES.length - 1].n, 0, `gen ${g}: pread past the end returns 0 bytes`)
     t.is(got[RANGES.length - 2].n, 0, `gen ${g}: pread at the end returns 0 bytes`)
+  }
+})
+
+async function readaheadKiB (mnt: string): Promise<number> {
+  const info = mountInfo(mnt)
+  if (info === undefined) throw new Error(`${mnt} is not mounted`)
+  return Number((await readFile(`/sys/class/bdi/${info.dev}/read_ahead_kb`, 'utf8')).trim())
+}
+
+test.serial('the mount sets the kernel readahead window of its files: 1 MiB by default, --readahead SIZE, 0 keeps the kernel\'s 128 KiB', async t => {
+  t.is(await readaheadKiB(srv.mnt), 1024, 'default mount')
+  for (const [arg, kib] of [['256K', 256], ['0', 128]] as const) {
+    const root = await ctx.tmp()
+    const c = await storeChain(root, M, [{}])
+    const s = await ctx.mount(c.store, path.join(root, 'mnt'), ['--readahead', arg])
+    try {
+      t.is(await readaheadKiB(s.mnt), kib, `--readahead ${arg}`)
+    } finally {
+      await s.stopClean(t)
+    }
   }
 })
 

@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { patchLevel } from '../fs/fuse'
-import { RedoMount, type MountOptions } from '../fs/mount'
+import { DEFAULT_READAHEAD, RedoMount, type MountOptions } from '../fs/mount'
 import { log } from '../log'
 import { Store, type StoreOptions } from '../store/store'
 
@@ -27,13 +27,42 @@ export interface Served {
  * when mountinfo cannot be read.
  */
 export function isMounted (mnt: string, unknown = false): boolean {
-  // mountinfo escapes these four characters in paths as octal
-  const target = resolve(mnt).replace(/\\/g, '\\134').replace(/ /g, '\\040').replace(/\t/g, '\\011').replace(/\n/g, '\\012')
+  const target = escapeMountPath(mnt)
   try {
     return readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some(l => l.split(' ')[4] === target)
   } catch {
     return unknown
   }
+}
+
+/**
+ * Set the kernel's readahead window for the files of the mount at `mnt` (canonical path). The
+ * mount's backing device info is named after its device number, which mountinfo gives without
+ * touching the path (the server must not stat its own mountpoint). Returns why it could not.
+ */
+export async function setReadahead (mnt: string, bytes: number): Promise<string | undefined> {
+  const target = escapeMountPath(mnt)
+  let dev: string | undefined
+  try {
+    for (const l of (await readFile('/proc/self/mountinfo', 'utf8')).split('\n')) {
+      const f = l.split(' ')
+      if (f[4] === target) dev = f[2] // the last line for a path is the mount on top
+    }
+  } catch (e) {
+    return (e as Error).message
+  }
+  if (dev === undefined || !/^\d+:\d+$/.test(dev)) return `${mnt} not found in /proc/self/mountinfo`
+  try {
+    await writeFile(`/sys/class/bdi/${dev}/read_ahead_kb`, `${Math.round(bytes / 1024)}\n`)
+    return undefined
+  } catch (e) {
+    return (e as Error).message
+  }
+}
+
+function escapeMountPath (p: string): string {
+  // mountinfo escapes these four characters in paths as octal
+  return resolve(p).replace(/\\/g, '\\134').replace(/ /g, '\\040').replace(/\t/g, '\\011').replace(/\n/g, '\\012')
 }
 
 export async function serve (storeDir: string, mnt: string, sopts: StoreOptions, mopts: MountOptions, announce: (m: string) => void): Promise<void> {
@@ -51,6 +80,12 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
   } catch (e) {
     await store.close().catch(() => {})
     throw e
+  }
+  const ra = mopts.readahead ?? DEFAULT_READAHEAD
+  if (ra > 0) {
+    const why = await setReadahead(canonical, ra)
+    if (why !== undefined) log.fs('readahead window left at the kernel default: %s', why)
+    else log.fs('readahead window %d KiB', Math.round(ra / 1024))
   }
   await mkdir(REGISTRY, { recursive: true })
   await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, store: store.root, mnt: resolve(mnt) } satisfies Served))

@@ -34,7 +34,16 @@ type Handle =
 export interface MountOptions {
   allowOther?: boolean
   debug?: boolean
+  /** Kernel readahead window of the mounted files, bytes; set by serve (0: the kernel's 128 KiB). */
+  readahead?: number
 }
+
+/**
+ * 1 MiB instead of the kernel's 128 KiB for FUSE: the kernel then sends several 128 KiB reads
+ * at once ahead of a sequential reader, and cold reads overlap their disk waits
+ * (native-notes/performance.md, session 6).
+ */
+export const DEFAULT_READAHEAD = 1 << 20
 
 /** A chain switch waiting for the kernel to hold the live file's inode lock (see betweenWrites). */
 interface Barrier { fn: () => Promise<void>, dropCache: boolean, result: Promise<void> | null, dropFh: FileHandle | null }

@@ -74,6 +74,8 @@ export function requireTools (test: TestFn, cmds: string[], pkg = 'e2fsprogs mou
 
 interface MountInfo {
   minor: string
+  /** major:minor, the name of the mount's backing device info under /sys/class/bdi */
+  dev: string
   fstype: string
 }
 
@@ -95,7 +97,7 @@ export function mountInfo (mnt: string): MountInfo | undefined {
     const f = line.split(' ')
     if (f.length < 5 || unescapeMountPath(f[4]) !== target) continue
     const dash = f.indexOf('-')
-    found = { minor: f[2].split(':')[1] ?? '', fstype: dash >= 0 ? f[dash + 1] ?? '' : '' }
+    found = { minor: f[2].split(':')[1] ?? '', dev: f[2], fstype: dash >= 0 ? f[dash + 1] ?? '' : '' }
   }
   return found
 }

@@ -15,8 +15,9 @@ export const builder = (y: Argv): Argv => y
   .option('allow-other', { type: 'boolean', default: false, describe: 'let other users reach the files (as their modes permit)' })
   .option('read-only', { type: 'boolean', default: false })
   .option('redo-format', { choices: ['sparse', 'cowd'], default: 'sparse', describe: 'format of the redo logs addredo creates' })
+  .option('readahead', { type: 'string', describe: 'kernel readahead window of the mounted files (SIZE, default 1M; 0 keeps the kernel\'s 128K); needs root' })
 
-export const handler = action(async (a: GlobalArgs & { store: string, mnt: string, maxRedos: number, redoLimit?: string, redoLimitHard: boolean, allowOther: boolean, readOnly: boolean, redoFormat: RedoFormat }) => {
+export const handler = action(async (a: GlobalArgs & { store: string, mnt: string, maxRedos: number, redoLimit?: string, redoLimitHard: boolean, allowOther: boolean, readOnly: boolean, redoFormat: RedoFormat, readahead?: string }) => {
   await serve(a.store, a.mnt, {
     readOnly: a.readOnly,
     ignoreCid: a.ignoreCid === true,
@@ -24,7 +25,7 @@ export const handler = action(async (a: GlobalArgs & { store: string, mnt: strin
     redoLimit: a.redoLimit !== undefined ? parseSize(a.redoLimit) : undefined,
     redoLimitHard: a.redoLimitHard,
     redoFormat: a.redoFormat
-  }, { allowOther: a.allowOther }, msg => process.stdout.write(`${msg}\n`))
+  }, { allowOther: a.allowOther, readahead: a.readahead !== undefined ? parseSize(a.readahead) : undefined }, msg => process.stdout.write(`${msg}\n`))
   // keep running: the FUSE loop and signal handlers hold the process
   return await new Promise<number>(() => {})
 })
