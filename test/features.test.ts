@@ -350,6 +350,24 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     await s.stopClean(t)
   })
 
+  test.serial('a disk named "<another disk>@<x>" is left out with an error naming it: the name stays generation x of the other disk', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'a', '16M')
+    await createDisk(store, 'vm', 'a@0', '16M')
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    await shOk('printf hello | dd of="$1" bs=1 seek=4096 conv=notrunc status=none', [s.img('vm', 'a')])
+    await s.commandOk('vm', 'a', 'addredo')
+    await shOk('printf world | dd of="$1" bs=1 seek=4096 conv=notrunc status=none', [s.img('vm', 'a')])
+    t.deepEqual((await readdir(path.join(s.mnt, 'vm'))).sort(), ['a.img', 'a@0.img'], 'each name once')
+    t.is((await sh('dd if="$1" bs=1 skip=4096 count=5 status=none', [s.img('vm', 'a', 0)])).stdout, 'hello', 'a@0.img is generation 0 of disk a')
+    const w = await sh('printf x | dd of="$1" bs=1 seek=0 conv=notrunc status=none', [s.img('vm', 'a', 0)])
+    t.not(w.code, 0, 'a@0.img took a write: it is not the frozen generation')
+    const vmStatus = (await shOk('cat "$1"', [path.join(s.mnt, '.ctl', 'vm', 'status')])).stdout
+    t.regex(vmStatus, /disk \\"a@0\\" left out: a@0\.img is the name of generation or label \\"0\\" of disk \\"a\\"/)
+    await s.stopClean(t)
+  })
+
   test.serial('a VM-wide discard is all or none: a generation open on one disk refuses it before any disk changes', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

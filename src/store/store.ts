@@ -115,9 +115,19 @@ export class Store {
       broken.set(diskNameOf(b.path), b.error as string)
       realVm.errors.push({ file: b.path, message: b.error as string })
     }
+    // "<disk>@<x>.img" is how the mount names generation or label x of <disk>: a disk whose own
+    // name is "<another disk of this VM>@x" would hide one of them (or will, after more
+    // addredos or a label), so it stays out until renamed
+    const names = new Set([...wanted.map(w => diskNameOf(w.top)), ...broken.keys()])
     for (const w of wanted) {
       const diskName = diskNameOf(w.top)
       if (broken.has(diskName)) continue
+      const at = diskName.lastIndexOf('@')
+      if (at > 0 && names.has(diskName.slice(0, at))) {
+        const other = diskName.slice(0, at)
+        realVm.errors.push({ file: w.top, message: `${w.top}: disk "${diskName}" left out: ${diskName}.img is the name of generation or label "${diskName.slice(at + 1)}" of disk "${other}"; rename one of the two disks` })
+        continue
+      }
       if (realVm.disks.has(diskName)) {
         realVm.errors.push({ file: w.top, message: `${w.top}: a second chain top for disk "${diskName}" (left out)` })
         continue
