@@ -208,4 +208,40 @@ if (ok) {
     t.deepEqual((await readdir(vm)).filter(f => f.endsWith('.redofs-dropped')), [], 'the writable open deleted the dropped file')
     await checkFiles(t, store)
   })
+
+  test.serial('crash in the middle of rewriting an embedded descriptor: the intent file holds the whole new text, every open reads it, a writable one finishes the write', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const vm = path.join(store, 'vm')
+    await createDisk(store, 'vm', 'disk', '8M')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    const base = path.join(vm, 'disk.vmdk')
+    const areaText = async (): Promise<string> => {
+      const b = await readFile(base)
+      const off = Number(b.readBigUInt64LE(28)) * 512
+      const area = b.subarray(off, off + Number(b.readBigUInt64LE(36)) * 512)
+      return area.subarray(0, area.indexOf(0)).toString('latin1')
+    }
+    // a long label takes the descriptor past its first sector, so the crash tears it
+    const name = 'L' + 'x'.repeat(59)
+    const r = await run(process.execPath, [REDOFS_BIN, 'label', path.join(vm, 'disk'), 'gen=0', `name=${name}`], {
+      env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'sparse.descriptor.torn' }
+    })
+    t.true(r.code === -1 && r.stderr.includes('crashing at sparse.descriptor.torn'), `label did not die inside the rewrite\n${describe(r)}`)
+    const torn = await areaText()
+    t.false(torn.includes(`"${name}"`), 'the crash did not tear the descriptor (the test needs a text past 512 bytes)')
+    t.true((await readdir(vm)).includes('disk.vmdk.redofs-desc'), 'no intent file')
+
+    const info = await run(process.execPath, [REDOFS_BIN, 'info', '--json', path.join(vm, 'disk')])
+    t.is(info.code, 0, describe(info))
+    t.is((JSON.parse(info.stdout) as { layers: Array<{ label: string | null }> }).layers[0].label, name, 'a read-only open reads the intent')
+    t.is(await areaText(), torn, 'a read-only open wrote the file')
+
+    const server = await env.mount(store, path.join(dir, 'mnt'))
+    t.true((await readdir(path.join(server.mnt, 'vm'))).includes(`disk@${name}.img`), 'the label is served')
+    await server.stopClean(t)
+    t.true((await areaText()).includes(`ddb.redofs.label = "${name}"`), 'the writable open finished the rewrite')
+    t.false((await readdir(vm)).includes('disk.vmdk.redofs-desc'), 'the intent file is gone')
+    await checkFiles(t, store)
+  })
 }

@@ -6,7 +6,7 @@ import { open, readdir, realpath } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
 import { COWD_MAGIC } from '../formats/cowd'
 import { Descriptor } from '../formats/descriptor'
-import { KDMV_MAGIC, parseSparseHeader } from '../formats/sparse'
+import { KDMV_MAGIC, descriptorIntent, parseSparseHeader } from '../formats/sparse'
 import { SECTOR } from '../units'
 
 export interface Peek {
@@ -46,8 +46,14 @@ export async function peek (path: string): Promise<Peek | undefined> {
     if (magic === KDMV_MAGIC) {
       const h = parseSparseHeader(head.subarray(0, 512), path)
       if (h.descriptorOffset === 0 || h.descriptorSize === 0) return { path, extentOnly: true }
-      const b = Buffer.alloc(Math.min(h.descriptorSize * SECTOR, 1 << 20))
-      await fh.read(b, 0, b.length, h.descriptorOffset * SECTOR)
+      // an interrupted rewrite of the area left the new descriptor in its intent file
+      const intent = await descriptorIntent(path, h.descriptorOffset, h.descriptorSize * SECTOR)
+      let b: Buffer
+      if (intent instanceof Buffer) b = intent
+      else {
+        b = Buffer.alloc(Math.min(h.descriptorSize * SECTOR, 1 << 20))
+        await fh.read(b, 0, b.length, h.descriptorOffset * SECTOR)
+      }
       text = b.toString('utf8')
     } else if (magic === COWD_MAGIC) {
       return { path, extentOnly: true }

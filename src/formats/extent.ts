@@ -2,7 +2,8 @@
  * The narrow interface every on-disk extent kind implements (flat, hosted sparse, COWD, zero).
  * All positions and lengths are bytes relative to the start of the extent.
  */
-import type { FileHandle } from 'node:fs/promises'
+import { open, rename, unlink, type FileHandle } from 'node:fs/promises'
+import { dirname } from 'node:path'
 import { RedoError } from '../errors'
 import { failPoint } from '../fault'
 
@@ -147,4 +148,28 @@ export async function writeExactv (fh: FileHandle, bufs: Buffer[], pos: number):
   if (bytesWritten === total) return
   const rest = Buffer.concat(bufs).subarray(bytesWritten)
   await writeExact(fh, rest, 0, rest.length, pos + bytesWritten)
+}
+
+/** Write a small file so that a crash leaves either the old or the new content. */
+export async function writeFileDurable (path: string, text: string | Buffer): Promise<void> {
+  const tmp = `${path}.redofs-tmp`
+  const fh = await open(tmp, 'w')
+  try {
+    try {
+      await fh.writeFile(text)
+      await fh.sync()
+    } finally {
+      await fh.close()
+    }
+    await rename(tmp, path)
+  } catch (e) {
+    await unlink(tmp).catch(() => {})
+    throw e
+  }
+  await syncDir(dirname(path))
+}
+
+export async function syncDir (dir: string): Promise<void> {
+  const fh = await open(dir, 'r')
+  try { await fh.sync() } catch { /* some filesystems refuse fsync on directories */ } finally { await fh.close() }
 }

@@ -10,7 +10,9 @@ import { log } from '../log'
 import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
 import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
-import { ZeroExtent, settleAll, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { ZeroExtent, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type Run, type State } from './extent'
+
+export { syncDir, writeFileDurable }
 import { FlatExtent } from './flat'
 import { KDMV_MAGIC, SparseExtent } from './sparse'
 
@@ -406,24 +408,6 @@ async function openExtents (path: string, desc: Descriptor, writable: boolean, r
   }
 }
 
-/** Write a small file so that a crash leaves either the old or the new content. */
-export async function writeFileDurable (path: string, text: string | Buffer): Promise<void> {
-  const tmp = `${path}.redofs-tmp`
-  const fh = await open(tmp, 'w')
-  try {
-    try {
-      await fh.writeFile(text)
-      await fh.sync()
-    } finally {
-      await fh.close()
-    }
-    await rename(tmp, path)
-  } catch (e) {
-    await unlink(tmp).catch(() => {})
-    throw e
-  }
-  await syncDir(dirname(path))
-}
 
 /** Suffix of files a chain no longer uses, awaiting deletion (Layer.drop). */
 export const DROPPED = '.redofs-dropped'
@@ -450,11 +434,6 @@ export async function reapDroppedIn (dir: string): Promise<void> {
   if (left.length === 0) return
   log.formats('%s: deleting %d file(s) an interrupted commit or discard dropped', dir, left.length)
   await reapDropped(left)
-}
-
-export async function syncDir (dir: string): Promise<void> {
-  const fh = await open(dir, 'r')
-  try { await fh.sync() } catch { /* some filesystems refuse fsync on directories */ } finally { await fh.close() }
 }
 
 /** The hint a child in `childDir` should store for `parentPath`: relative when possible. */

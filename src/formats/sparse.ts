@@ -3,13 +3,15 @@
  * Layout and rules: VMDK.md §3 and §9. Grain tables are kept in memory only where they hold
  * something, so memory follows allocation, not capacity.
  */
-import { open, type FileHandle } from 'node:fs/promises'
+import { createHash } from 'node:crypto'
+import { open, readFile, unlink, type FileHandle } from 'node:fs/promises'
+import { dirname } from 'node:path'
 import { inflateSync } from 'node:zlib'
 import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { DataSync, Mutex, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { DataSync, Mutex, readExact, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
 import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
@@ -154,6 +156,44 @@ export async function createSparseFile (path: string, sectors: number, descripto
   }
 }
 
+/**
+ * The embedded descriptor is rewritten in place (there is no second area to switch to), and a
+ * power loss in the middle of that write could leave half of a new descriptor over half of the
+ * old one. So the new area is first written whole, with its position and a checksum, to
+ * `<extent>.redofs-desc` (write-new-then-rename, durable); the in-place write follows and the
+ * file is deleted once that is durable. An open that finds the file trusts it over the area:
+ * a writable open writes it in place again (idempotent) and deletes it, a read-only one reads the
+ * descriptor from it. A torn intent file (bad checksum) means the in-place write never began.
+ */
+export const descriptorIntentPath = (path: string): string => `${path}.redofs-desc`
+const INTENT_MAGIC = 'redofs-desc 1'
+
+function encodeIntent (sector: number, area: Buffer): Buffer {
+  const sum = createHash('sha256').update(area).digest('hex')
+  return Buffer.concat([Buffer.from(`${INTENT_MAGIC} ${sector} ${area.length} ${sum}\n`), area])
+}
+
+/**
+ * The descriptor area an interrupted rewrite left in the intent file, when it belongs to this
+ * area (`sector`, `bytes`) and is whole; undefined when there is none; 'torn' when there is one
+ * that cannot be trusted.
+ */
+export async function descriptorIntent (path: string, sector: number, bytes: number): Promise<Buffer | 'torn' | undefined> {
+  let raw: Buffer
+  try {
+    raw = await readFile(descriptorIntentPath(path))
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
+    throw e
+  }
+  const nl = raw.indexOf(0x0a)
+  const head = nl < 0 ? [] : raw.subarray(0, nl).toString('latin1').split(' ')
+  const area = raw.subarray(nl + 1)
+  if (head.length !== 5 || `${head[0]} ${head[1]}` !== INTENT_MAGIC || Number(head[2]) !== sector ||
+      Number(head[3]) !== bytes || area.length !== bytes || createHash('sha256').update(area).digest('hex') !== head[4]) return 'torn'
+  return area
+}
+
 export class SparseExtent implements Extent {
   readonly kind: 'sparse' | 'stream'
   readonly problems: string[] = []
@@ -193,6 +233,8 @@ export class SparseExtent implements Extent {
   private readonly heldDamage = new Set<number>()
   /** Problems that recovery of an unclean shutdown does not repair (damage, not a crash trace). */
   private readonly lasting: string[] = []
+  /** Descriptor area from an interrupted rewrite that a read-only open could not apply. */
+  private pendingDescriptor: Buffer | undefined
 
   private constructor (
     readonly path: string,
@@ -259,6 +301,7 @@ export class SparseExtent implements Extent {
         for (let i = 0; i < numGTs; i++) rgd[i] = rBuf.readUInt32LE(i * 4)
       }
       const ext = new SparseExtent(path, handle, h, st.size, gd, rgd, writable)
+      await ext.finishDescriptorRewrite()
       await ext.loadTables(handle)
       if (ext.writable && h.uncleanShutdown !== 0) await ext.recover()
       return ext
@@ -761,17 +804,20 @@ export class SparseExtent implements Extent {
   async readDescriptor (): Promise<string | undefined> {
     const h = this.header
     if (h.descriptorOffset === 0 || h.descriptorSize === 0) return undefined
-    const len = Math.min(h.descriptorSize * SECTOR, 1 << 20)
-    if (h.descriptorOffset * SECTOR + len > this.fileSize) {
-      throw new RedoError('EINVAL', `${this.path}: embedded descriptor lies past the end of the file`, this.path)
+    let b = this.pendingDescriptor
+    if (b === undefined) {
+      const len = Math.min(h.descriptorSize * SECTOR, 1 << 20)
+      if (h.descriptorOffset * SECTOR + len > this.fileSize) {
+        throw new RedoError('EINVAL', `${this.path}: embedded descriptor lies past the end of the file`, this.path)
+      }
+      b = Buffer.alloc(len)
+      await readExact(this.fh, this.path, b, 0, len, h.descriptorOffset * SECTOR)
     }
-    const b = Buffer.alloc(len)
-    await readExact(this.fh, this.path, b, 0, len, h.descriptorOffset * SECTOR)
     const nul = b.indexOf(0)
-    return b.subarray(0, nul < 0 ? len : nul).toString('utf8')
+    return b.subarray(0, nul < 0 ? b.length : nul).toString('utf8')
   }
 
-  /** Rewrite the embedded descriptor in place (NUL padded), durably. */
+  /** Rewrite the embedded descriptor in place (NUL padded), durably, through an intent file. */
   async writeDescriptor (text: string): Promise<void> {
     const h = this.header
     const area = Buffer.alloc(h.descriptorSize * SECTOR)
@@ -779,8 +825,39 @@ export class SparseExtent implements Extent {
       throw new RedoError('ENOSPC', `${this.path}: descriptor (${Buffer.byteLength(text)} bytes) does not fit its ${area.length}-byte area`, this.path)
     }
     area.write(text, 0, 'utf8')
-    await writeExact(this.fh, area, 0, area.length, h.descriptorOffset * SECTOR)
+    await writeFileDurable(descriptorIntentPath(this.path), encodeIntent(h.descriptorOffset, area))
+    await this.writeDescriptorArea(area)
+  }
+
+  /** The in-place half of a rewrite; the intent file goes once the area is durable. */
+  private async writeDescriptorArea (area: Buffer): Promise<void> {
+    const at = this.header.descriptorOffset * SECTOR
+    // two writes only so that the crash tests can stop between them, as a power loss could
+    const first = Math.min(SECTOR, area.length)
+    await writeExact(this.fh, area, 0, first, at)
+    faultPoint('sparse.descriptor.torn')
+    if (area.length > first) await writeExact(this.fh, area, first, area.length - first, at + first)
     await this.durable.sync()
+    this.pendingDescriptor = undefined
+    await unlink(descriptorIntentPath(this.path)).catch(e => { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e })
+    await syncDir(dirname(this.path))
+  }
+
+  /** At open: finish (writable) or read through (read-only) an interrupted descriptor rewrite. */
+  private async finishDescriptorRewrite (): Promise<void> {
+    const h = this.header
+    if (h.descriptorOffset === 0 || h.descriptorSize === 0) return
+    const intent = await descriptorIntent(this.path, h.descriptorOffset, h.descriptorSize * SECTOR)
+    if (intent === undefined) return
+    if (intent === 'torn') {
+      // written before the area was touched: the area is whole and older than the intent
+      if (this.writable) await unlink(descriptorIntentPath(this.path)).catch(() => {})
+      return
+    }
+    this.pendingDescriptor = intent
+    if (!this.writable) return
+    log.formats('%s: finishing an interrupted rewrite of the embedded descriptor', this.path)
+    await this.writeDescriptorArea(intent)
   }
 
   get handle (): FileHandle { return this.fh }
