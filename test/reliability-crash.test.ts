@@ -9,7 +9,7 @@ import test from 'ava'
 import { copyFile, mkdir, readdir, readFile, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
-import { createDisk, e2e, isMounted, requireFuse, sh, Server } from './helpers/mount'
+import { createDisk, e2e, isMounted, requireFuse, sh, Server, storeWithRedo } from './helpers/mount'
 import { prng } from './helpers/model'
 import { mustRun, qemuCheck, run, sha256File, describe } from './helpers/qemu'
 import { storeChain } from './helpers/store'
@@ -210,11 +210,7 @@ if (ok) {
   })
 
   test.serial('crash in the middle of rewriting an embedded descriptor: the intent file holds the whole new text, every open reads it, a writable one finishes the write', async t => {
-    const dir = await env.tmp()
-    const store = path.join(dir, 'store')
-    const vm = path.join(store, 'vm')
-    await createDisk(store, 'vm', 'disk', '8M')
-    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    const { dir, store, vm } = await storeWithRedo(env.tmp, '8M')
     const base = path.join(vm, 'disk.vmdk')
     const areaText = async (): Promise<string> => {
       const b = await readFile(base)

@@ -8,7 +8,7 @@ import { chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/pr
 import { hostname } from 'node:os'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
-import { createDisk, e2e, isMounted, requireFuse, sh, shOk, writeVmx } from './helpers/mount'
+import { createDisk, e2e, isMounted, requireFuse, sh, shOk, storeWithRedo, writeVmx } from './helpers/mount'
 import { describe, mustRun, run, sha256File, snapshotTree } from './helpers/qemu'
 
 const ok = requireFuse(test)
@@ -119,11 +119,7 @@ if (ok) {
   })
 
   test.serial('a discard whose rename fails changes nothing: the live file keeps working and the discard works later', async t => {
-    const dir = await env.tmp()
-    const store = path.join(dir, 'store')
-    const vm = path.join(store, 'vm')
-    await createDisk(store, 'vm', 'disk', '64M')
-    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    const { dir, store, vm } = await storeWithRedo(env.tmp, '64M')
     // the drop renames the redo log, then its digest file: that second rename fails
     const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'layer.drop#2' })
     const img = server.img('vm', 'disk')

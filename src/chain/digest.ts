@@ -6,8 +6,9 @@
  * record to the parent, a layer that becomes live loses its record.
  */
 import { createHash } from 'node:crypto'
-import { readFile, rename, unlink } from 'node:fs/promises'
+import { rename, unlink } from 'node:fs/promises'
 import { RedoError } from '../errors'
+import { readIfExists } from '../formats/extent'
 import { writeFileDurable } from '../formats/layer'
 import type { Chain } from './chain'
 
@@ -61,13 +62,8 @@ export async function saveDigest (layerPath: string, d: Digest): Promise<void> {
 }
 
 export async function loadDigest (layerPath: string): Promise<Digest | undefined> {
-  let raw: Buffer
-  try {
-    raw = await readFile(digestPath(layerPath))
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
-    throw e
-  }
+  const raw = await readIfExists(digestPath(layerPath))
+  if (raw === undefined) return undefined
   const nl = raw.indexOf(10)
   const m = nl > 0 ? new RegExp(`^${MAGIC} (\\d+) (\\d+)$`).exec(raw.subarray(0, nl).toString('latin1')) : null
   if (m === null) throw new RedoError('EINVAL', `${digestPath(layerPath)}: not a redofs content record`, digestPath(layerPath))

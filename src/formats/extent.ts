@@ -2,7 +2,7 @@
  * The narrow interface every on-disk extent kind implements (flat, hosted sparse, COWD, zero).
  * All positions and lengths are bytes relative to the start of the extent.
  */
-import { open, rename, unlink, type FileHandle } from 'node:fs/promises'
+import { open, readFile, rename, unlink, type FileHandle } from 'node:fs/promises'
 import { dirname } from 'node:path'
 import { RedoError } from '../errors'
 import { failPoint } from '../fault'
@@ -172,4 +172,14 @@ export async function writeFileDurable (path: string, text: string | Buffer): Pr
 export async function syncDir (dir: string): Promise<void> {
   const fh = await open(dir, 'r')
   try { await fh.sync() } catch { /* some filesystems refuse fsync on directories */ } finally { await fh.close() }
+}
+
+/** A whole small file, or undefined when it does not exist (other errors are thrown). */
+export async function readIfExists (path: string): Promise<Buffer | undefined> {
+  try {
+    return await readFile(path)
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
+    throw e
+  }
 }

@@ -4,14 +4,14 @@
  * something, so memory follows allocation, not capacity.
  */
 import { createHash } from 'node:crypto'
-import { open, readFile, unlink, type FileHandle } from 'node:fs/promises'
+import { open, unlink, type FileHandle } from 'node:fs/promises'
 import { dirname } from 'node:path'
 import { inflateSync } from 'node:zlib'
 import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { DataSync, Mutex, readExact, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { DataSync, Mutex, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
 import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
@@ -179,13 +179,8 @@ function encodeIntent (sector: number, area: Buffer): Buffer {
  * that cannot be trusted.
  */
 export async function descriptorIntent (path: string, sector: number, bytes: number): Promise<Buffer | 'torn' | undefined> {
-  let raw: Buffer
-  try {
-    raw = await readFile(descriptorIntentPath(path))
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
-    throw e
-  }
+  const raw = await readIfExists(descriptorIntentPath(path))
+  if (raw === undefined) return undefined
   const nl = raw.indexOf(0x0a)
   const head = nl < 0 ? [] : raw.subarray(0, nl).toString('latin1').split(' ')
   const area = raw.subarray(nl + 1)

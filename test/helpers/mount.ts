@@ -411,6 +411,17 @@ export async function createDisk (store: string, vm: string, disk: string, size:
   if (r.code !== 0) throw new Error(`redofs create failed\n${describe(r)}`)
 }
 
+/** A store in a new temporary directory: vm/disk of `size`, frozen once by an offline addredo. */
+export async function storeWithRedo (tmp: () => Promise<string>, size: string): Promise<{ dir: string, store: string, vm: string }> {
+  const dir = await tmp()
+  const store = path.join(dir, 'store')
+  const vm = path.join(store, 'vm')
+  await createDisk(store, 'vm', 'disk', size)
+  const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+  if (r.code !== 0) throw new Error(`redofs addredo failed\n${describe(r)}`)
+  return { dir, store, vm }
+}
+
 /** A .vmx naming one disk per entry (scsi0:N). */
 export async function writeVmx (file: string, disks: Array<{ fileName: string, mode?: string }>): Promise<void> {
   const lines = ['.encoding = "UTF-8"', 'config.version = "8"', 'virtualHW.version = "4"', `displayName = "${path.basename(file, '.vmx')}"`]
