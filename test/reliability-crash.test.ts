@@ -6,7 +6,7 @@
  * generation ever reads differently.
  */
 import test from 'ava'
-import { copyFile, mkdir, readdir, readFile, writeFile } from 'node:fs/promises'
+import { copyFile, mkdir, open, readdir, readFile, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, isMounted, requireFuse, sh, Server, storeWithRedo } from './helpers/mount'
@@ -238,6 +238,36 @@ if (ok) {
     await server.stopClean(t)
     t.true((await areaText()).includes(`ddb.redofs.label = "${name}"`), 'the writable open finished the rewrite')
     t.false((await readdir(vm)).includes('disk.vmdk.redofs-desc'), 'the intent file is gone')
+    await checkFiles(t, store)
+  })
+
+  test.serial('an intent file left by a crash does not undo a descriptor another tool wrote afterwards', async t => {
+    const { dir, store, vm } = await storeWithRedo(env.tmp, '8M')
+    const base = path.join(vm, 'disk.vmdk')
+    const r = await run(process.execPath, [REDOFS_BIN, 'label', path.join(vm, 'disk'), 'gen=0', `name=L${'y'.repeat(59)}`], {
+      env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'sparse.descriptor.torn' }
+    })
+    t.true(r.code === -1, `label did not die inside the rewrite\n${describe(r)}`)
+    // another tool now writes a whole descriptor of its own (here: the original one, adapter changed)
+    const b = await readFile(base)
+    const off = Number(b.readBigUInt64LE(28)) * 512
+    const size = Number(b.readBigUInt64LE(36)) * 512
+    const intent = await readFile(`${base}.redofs-desc`)
+    const old = intent.subarray(intent.indexOf(10) + 1 + size) // the area the rewrite replaced
+    const theirs = Buffer.alloc(size)
+    theirs.write(old.subarray(0, old.indexOf(0)).toString('latin1').replace(/ddb\.adapterType = "[^"]*"/, 'ddb.adapterType = "ide"'), 'latin1')
+    t.false(theirs.equals(old), 'the other tool changed something')
+    const fh = await open(base, 'r+')
+    try { await fh.write(theirs, 0, size, off) } finally { await fh.close() }
+
+    const info = await run(process.execPath, [REDOFS_BIN, 'info', '--json', path.join(vm, 'disk')])
+    t.is(info.code, 0, describe(info))
+    t.is((JSON.parse(info.stdout) as { layers: Array<{ label: string | null }> }).layers[0].label, null, 'the stale intent was read')
+    const server = await env.mount(store, path.join(dir, 'mnt'))
+    await server.stopClean(t)
+    const after = (await readFile(base)).subarray(off, off + size)
+    t.true(after.equals(theirs), 'a writable open wrote the stale intent over the newer descriptor')
+    t.false((await readdir(vm)).includes('disk.vmdk.redofs-desc'), 'the stale intent file is still there')
     await checkFiles(t, store)
   })
 }

@@ -46,15 +46,11 @@ export async function peek (path: string): Promise<Peek | undefined> {
     if (magic === KDMV_MAGIC) {
       const h = parseSparseHeader(head.subarray(0, 512), path)
       if (h.descriptorOffset === 0 || h.descriptorSize === 0) return { path, extentOnly: true }
+      const b = Buffer.alloc(Math.min(h.descriptorSize * SECTOR, 1 << 20))
+      await fh.read(b, 0, b.length, h.descriptorOffset * SECTOR)
       // an interrupted rewrite of the area left the new descriptor in its intent file
-      const intent = await descriptorIntent(path, h.descriptorOffset, h.descriptorSize * SECTOR)
-      let b: Buffer
-      if (intent instanceof Buffer) b = intent
-      else {
-        b = Buffer.alloc(Math.min(h.descriptorSize * SECTOR, 1 << 20))
-        await fh.read(b, 0, b.length, h.descriptorOffset * SECTOR)
-      }
-      text = b.toString('utf8')
+      const intent = await descriptorIntent(path, h.descriptorOffset, b)
+      text = (intent?.kind === 'apply' ? intent.area : b).toString('utf8')
     } else if (magic === COWD_MAGIC) {
       return { path, extentOnly: true }
     } else {

@@ -2,7 +2,7 @@
  * Serving a store in the foreground: mount, announce, and on SIGINT/SIGTERM, `redofs umount`
  * or an external fusermount -u, unmount and power everything off cleanly.
  */
-import { mkdir, readFile, realpath, unlink, writeFile } from 'node:fs/promises'
+import { mkdir, readFile, realpath, stat, unlink, writeFile } from 'node:fs/promises'
 import { readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -44,17 +44,26 @@ export async function setReadahead (mnt: string, bytes: number): Promise<string 
   const target = escapeMountPath(mnt)
   let dev: string | undefined
   try {
+    // the kernel sets the window from libfuse's answer to its INIT request, which may come
+    // after our mount callback: a request through the mount returns only after INIT is done
+    // (asynchronous, from the thread pool: the server answers it)
+    await stat(mnt)
     for (const l of (await readFile('/proc/self/mountinfo', 'utf8')).split('\n')) {
       const f = l.split(' ')
-      if (f[4] === target) dev = f[2] // the last line for a path is the mount on top
+      const dash = f.indexOf('-')
+      // the last line for a path is the mount on top; it must be ours (a FUSE mount)
+      if (f[4] === target) dev = dash > 0 && (f[dash + 1] ?? '').startsWith('fuse') ? f[2] : undefined
     }
   } catch (e) {
     return (e as Error).message
   }
-  if (dev === undefined || !/^\d+:\d+$/.test(dev)) return `${mnt} not found in /proc/self/mountinfo`
+  if (dev === undefined || !/^\d+:\d+$/.test(dev)) return `no FUSE mount at ${mnt} in /proc/self/mountinfo`
+  const file = `/sys/class/bdi/${dev}/read_ahead_kb`
+  const kib = Math.ceil(bytes / 4096) * 4
   try {
-    await writeFile(`/sys/class/bdi/${dev}/read_ahead_kb`, `${Math.round(bytes / 1024)}\n`)
-    return undefined
+    await writeFile(file, `${kib}\n`)
+    const now = Number((await readFile(file, 'utf8')).trim())
+    return now === kib ? undefined : `${file} reads ${now} after writing ${kib}`
   } catch (e) {
     return (e as Error).message
   }
@@ -84,8 +93,9 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
   const ra = mopts.readahead ?? DEFAULT_READAHEAD
   if (ra > 0) {
     const why = await setReadahead(canonical, ra)
-    if (why !== undefined) log.fs('readahead window left at the kernel default: %s', why)
-    else log.fs('readahead window %d KiB', Math.round(ra / 1024))
+    if (why === undefined) log.fs('readahead window %d KiB', Math.ceil(ra / 4096) * 4)
+    else if (mopts.readahead === undefined) log.fs('readahead window left at the kernel default: %s', why)
+    else process.stderr.write(`redofs: warning: --readahead not applied (the kernel's window stays): ${why}\n`)
   }
   await mkdir(REGISTRY, { recursive: true })
   await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, store: store.root, mnt: resolve(mnt) } satisfies Served))

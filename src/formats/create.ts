@@ -5,7 +5,7 @@ import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { Descriptor, defaultDdb, newCid, type ExtentLine } from './descriptor'
 import { syncDir, writeFileDurable } from './layer'
-import { createSparseFile } from './sparse'
+import { createSparseFile, descriptorIntentPath } from './sparse'
 import { createCowdFile } from './cowd'
 
 /** VMware splits at 2047 MiB (VMDK.md §2.4). */
@@ -51,6 +51,8 @@ export async function createSparseLayer (path: string, capacity: number, parent?
     await unlink(tmp).catch(() => {})
     try {
       await createSparseFile(tmp, sectors, desc.toString())
+      // an intent file a deleted file of this name left behind would be stale (sparse.ts)
+      await unlink(descriptorIntentPath(path)).catch(() => {})
       await rename(tmp, path)
     } catch (e) {
       await unlink(tmp).catch(() => {})

@@ -14,7 +14,7 @@ import { ZeroExtent, settleAll, syncDir, writeFileDurable, type Extent, type Rea
 
 export { syncDir, writeFileDurable }
 import { FlatExtent } from './flat'
-import { KDMV_MAGIC, SparseExtent } from './sparse'
+import { KDMV_MAGIC, SparseExtent, descriptorIntentPath } from './sparse'
 
 export interface LayerOptions {
   writable?: boolean
@@ -326,7 +326,7 @@ export class Layer {
     // renamed while still open, closed after: a rename that fails leaves the layer as it was
     // (open, in use), so a caller's chain never holds a closed layer
     const out: string[] = []
-    for (const f of [...this.files, `${this.path}.redofs-digest`]) {
+    for (const f of [...this.files, `${this.path}.redofs-digest`, descriptorIntentPath(this.path)]) {
       try {
         failPoint('layer.drop')
         await rename(f, f + DROPPED)

@@ -5,7 +5,7 @@
  */
 import { createHash } from 'node:crypto'
 import { open, unlink, type FileHandle } from 'node:fs/promises'
-import { dirname } from 'node:path'
+import { basename, dirname } from 'node:path'
 import { inflateSync } from 'node:zlib'
 import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
@@ -159,34 +159,54 @@ export async function createSparseFile (path: string, sectors: number, descripto
 /**
  * The embedded descriptor is rewritten in place (there is no second area to switch to), and a
  * power loss in the middle of that write could leave half of a new descriptor over half of the
- * old one. So the new area is first written whole, with its position and a checksum, to
- * `<extent>.redofs-desc` (write-new-then-rename, durable); the in-place write follows and the
- * file is deleted once that is durable. An open that finds the file trusts it over the area:
- * a writable open writes it in place again (idempotent) and deletes it, a read-only one reads the
- * descriptor from it. A torn intent file (bad checksum) means the in-place write never began.
+ * old one. So the new area is first written whole to `<extent>.redofs-desc` (write-new-then-
+ * rename, durable) together with the area it replaces, its position and a checksum; the
+ * in-place write follows and the file is deleted once that is durable. Once the intent file is
+ * durable the change is made: an open that finds it compares the area with the two copies.
+ * Every sector old or new (untouched, or torn by a crash): the new one is the descriptor; a
+ * writable open writes it in place again (idempotent) and deletes the file, a read-only one
+ * reads the descriptor from it. Anything else means the file was replaced or rewritten by
+ * another tool since: the intent is stale and ignored (a writable open deletes it). An intent
+ * file that fails its checksum was cut short before the area was touched.
  */
 export const descriptorIntentPath = (path: string): string => `${path}.redofs-desc`
-const INTENT_MAGIC = 'redofs-desc 1'
+const INTENT_MAGIC = 'redofs-desc 2'
 
-function encodeIntent (sector: number, area: Buffer): Buffer {
-  const sum = createHash('sha256').update(area).digest('hex')
-  return Buffer.concat([Buffer.from(`${INTENT_MAGIC} ${sector} ${area.length} ${sum}\n`), area])
+function encodeIntent (sector: number, before: Buffer, after: Buffer): Buffer {
+  const body = Buffer.concat([after, before])
+  const sum = createHash('sha256').update(body).digest('hex')
+  return Buffer.concat([Buffer.from(`${INTENT_MAGIC} ${sector} ${after.length} ${sum}\n`), body])
 }
 
+export type Intent =
+  | { kind: 'apply', area: Buffer } // the area is old, new or torn between them: the new one holds
+  | { kind: 'done' } // the area already is the new one
+  | { kind: 'stale', why: string } // not for this area (any more)
+
 /**
- * The descriptor area an interrupted rewrite left in the intent file, when it belongs to this
- * area (`sector`, `bytes`) and is whole; undefined when there is none; 'torn' when there is one
- * that cannot be trusted.
+ * What an interrupted rewrite left for the descriptor `area` read from the file at `sector`:
+ * undefined when there is no intent file.
  */
-export async function descriptorIntent (path: string, sector: number, bytes: number): Promise<Buffer | 'torn' | undefined> {
+export async function descriptorIntent (path: string, sector: number, area: Buffer): Promise<Intent | undefined> {
   const raw = await readIfExists(descriptorIntentPath(path))
   if (raw === undefined) return undefined
   const nl = raw.indexOf(0x0a)
   const head = nl < 0 ? [] : raw.subarray(0, nl).toString('latin1').split(' ')
-  const area = raw.subarray(nl + 1)
-  if (head.length !== 5 || `${head[0]} ${head[1]}` !== INTENT_MAGIC || Number(head[2]) !== sector ||
-      Number(head[3]) !== bytes || area.length !== bytes || createHash('sha256').update(area).digest('hex') !== head[4]) return 'torn'
-  return area
+  const body = raw.subarray(nl + 1)
+  const bytes = area.length
+  if (head.length !== 5 || `${head[0]} ${head[1]}` !== INTENT_MAGIC || body.length !== 2 * bytes ||
+      createHash('sha256').update(body).digest('hex') !== head[4]) return { kind: 'stale', why: 'cut short before the area was written' }
+  if (Number(head[2]) !== sector || Number(head[3]) !== bytes) return { kind: 'stale', why: 'written for another descriptor area' }
+  const after = body.subarray(0, bytes)
+  const before = body.subarray(bytes)
+  if (area.equals(after)) return { kind: 'done' }
+  for (let o = 0; o < bytes; o += SECTOR) {
+    const cur = area.subarray(o, o + SECTOR)
+    if (!cur.equals(after.subarray(o, o + SECTOR)) && !cur.equals(before.subarray(o, o + SECTOR))) {
+      return { kind: 'stale', why: 'the descriptor changed since (another tool, or a new file of the same name)' }
+    }
+  }
+  return { kind: 'apply', area: Buffer.from(after) }
 }
 
 export class SparseExtent implements Extent {
@@ -796,23 +816,31 @@ export class SparseExtent implements Extent {
   }
 
   /** The embedded descriptor text, or undefined when the extent carries none. */
+  /** The descriptor area as the file holds it (checked against the file's size). */
+  private async readDescriptorArea (): Promise<Buffer> {
+    const h = this.header
+    const len = Math.min(h.descriptorSize * SECTOR, 1 << 20)
+    if (h.descriptorOffset * SECTOR + len > this.fileSize) {
+      throw new RedoError('EINVAL', `${this.path}: embedded descriptor lies past the end of the file`, this.path)
+    }
+    const b = Buffer.alloc(len)
+    await readExact(this.fh, this.path, b, 0, len, h.descriptorOffset * SECTOR)
+    return b
+  }
+
   async readDescriptor (): Promise<string | undefined> {
     const h = this.header
     if (h.descriptorOffset === 0 || h.descriptorSize === 0) return undefined
-    let b = this.pendingDescriptor
-    if (b === undefined) {
-      const len = Math.min(h.descriptorSize * SECTOR, 1 << 20)
-      if (h.descriptorOffset * SECTOR + len > this.fileSize) {
-        throw new RedoError('EINVAL', `${this.path}: embedded descriptor lies past the end of the file`, this.path)
-      }
-      b = Buffer.alloc(len)
-      await readExact(this.fh, this.path, b, 0, len, h.descriptorOffset * SECTOR)
-    }
+    const b = this.pendingDescriptor ?? await this.readDescriptorArea()
     const nul = b.indexOf(0)
     return b.subarray(0, nul < 0 ? b.length : nul).toString('utf8')
   }
 
-  /** Rewrite the embedded descriptor in place (NUL padded), durably, through an intent file. */
+  /**
+   * Rewrite the embedded descriptor in place (NUL padded) through an intent file (see
+   * descriptorIntentPath). Once the intent is durable the change is made: if the in-place write
+   * then fails, the descriptor is read from the intent until an open can finish the write.
+   */
   async writeDescriptor (text: string): Promise<void> {
     const h = this.header
     const area = Buffer.alloc(h.descriptorSize * SECTOR)
@@ -820,8 +848,23 @@ export class SparseExtent implements Extent {
       throw new RedoError('ENOSPC', `${this.path}: descriptor (${Buffer.byteLength(text)} bytes) does not fit its ${area.length}-byte area`, this.path)
     }
     area.write(text, 0, 'utf8')
-    await writeFileDurable(descriptorIntentPath(this.path), encodeIntent(h.descriptorOffset, area))
-    await this.writeDescriptorArea(area)
+    const before = await this.readDescriptorArea()
+    const intentPath = descriptorIntentPath(this.path)
+    try {
+      await writeFileDurable(intentPath, encodeIntent(h.descriptorOffset, before, area))
+    } catch (e) {
+      // not durable, maybe not there: the change did not happen (the area is untouched)
+      await unlink(intentPath).catch(() => {})
+      throw e
+    }
+    this.pendingDescriptor = area
+    try {
+      await this.writeDescriptorArea(area)
+    } catch (e) {
+      const msg = `${this.path}: the new descriptor could not be written in place (${(e as Error).message}); redofs reads it from ${basename(intentPath)}, and the next writable open writes it`
+      log.formats('%s', msg)
+      this.lasting.push(msg)
+    }
   }
 
   /** The in-place half of a rewrite; the intent file goes once the area is durable. */
@@ -842,17 +885,20 @@ export class SparseExtent implements Extent {
   private async finishDescriptorRewrite (): Promise<void> {
     const h = this.header
     if (h.descriptorOffset === 0 || h.descriptorSize === 0) return
-    const intent = await descriptorIntent(this.path, h.descriptorOffset, h.descriptorSize * SECTOR)
+    const intentPath = descriptorIntentPath(this.path)
+    if (this.writable) await unlink(`${intentPath}.redofs-tmp`).catch(() => {}) // a crash inside writeFileDurable
+    if (h.descriptorOffset * SECTOR + h.descriptorSize * SECTOR > this.fileSize) return // reported by readDescriptor
+    const intent = await descriptorIntent(this.path, h.descriptorOffset, await this.readDescriptorArea())
     if (intent === undefined) return
-    if (intent === 'torn') {
-      // written before the area was touched: the area is whole and older than the intent
-      if (this.writable) await unlink(descriptorIntentPath(this.path)).catch(() => {})
+    if (intent.kind !== 'apply') {
+      if (intent.kind === 'stale') log.formats('%s: ignoring %s: %s', this.path, basename(intentPath), intent.why)
+      if (this.writable) await unlink(intentPath).catch(() => {})
       return
     }
-    this.pendingDescriptor = intent
+    this.pendingDescriptor = intent.area
     if (!this.writable) return
     log.formats('%s: finishing an interrupted rewrite of the embedded descriptor', this.path)
-    await this.writeDescriptorArea(intent)
+    await this.writeDescriptorArea(intent.area)
   }
 
   get handle (): FileHandle { return this.fh }
