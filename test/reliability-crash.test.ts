@@ -270,4 +270,30 @@ if (ok) {
     t.false((await readdir(vm)).includes('disk.vmdk.redofs-desc'), 'the stale intent file is still there')
     await checkFiles(t, store)
   })
+
+  test.serial('an in-place descriptor write that fails after its intent is durable still counts: read through the intent, finished by the next writable open', async t => {
+    const { vm } = await storeWithRedo(env.tmp, '8M')
+    const base = path.join(vm, 'disk.vmdk')
+    const areaText = async (): Promise<string> => {
+      const b = await readFile(base)
+      const area = b.subarray(Number(b.readBigUInt64LE(28)) * 512)
+      return area.subarray(0, area.indexOf(0)).toString('latin1')
+    }
+    const before = await areaText()
+    // the first data sync of the command is the one after the in-place write
+    const r = await run(process.execPath, [REDOFS_BIN, 'label', path.join(vm, 'disk'), 'gen=0', 'name=one'], {
+      env: { ...process.env, REDOFS_FAIL_ONCE: 'datasync' }
+    })
+    t.is(r.code, 0, describe(r))
+    t.true((await readdir(vm)).includes('disk.vmdk.redofs-desc'), 'the intent file is kept')
+    const info = await run(process.execPath, [REDOFS_BIN, 'info', '--json', path.join(vm, 'disk')])
+    t.is((JSON.parse(info.stdout) as { layers: Array<{ label: string | null }> }).layers[0].label, 'one', 'the change is made')
+    t.not(await areaText(), before, 'the failed sync came before the in-place write (the test exercises nothing)')
+    // the next writable open of the layer finishes the first rewrite, then makes its own
+    const label = await run(process.execPath, [REDOFS_BIN, 'label', path.join(vm, 'disk'), 'gen=0', 'name=three'])
+    t.is(label.code, 0, describe(label))
+    t.true((await areaText()).includes('ddb.redofs.label = "three"'))
+    t.false((await readdir(vm)).includes('disk.vmdk.redofs-desc'), 'the intent file is gone')
+    await checkFiles(t, path.dirname(vm))
+  })
 }
