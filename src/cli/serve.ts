@@ -37,8 +37,9 @@ export function isMounted (mnt: string, unknown = false): boolean {
 
 /**
  * Set the kernel's readahead window for the files of the mount at `mnt` (canonical path). The
- * mount's backing device info is named after its device number, which mountinfo gives without
- * touching the path (the server must not stat its own mountpoint). Returns why it could not.
+ * mount's backing device info is named after its device number, taken from mountinfo; the only
+ * access to the mount itself is one asynchronous stat, which this server answers (a synchronous
+ * one would deadlock it). Returns why it could not.
  */
 export async function setReadahead (mnt: string, bytes: number): Promise<string | undefined> {
   const target = escapeMountPath(mnt)

@@ -815,7 +815,6 @@ export class SparseExtent implements Extent {
     return problems
   }
 
-  /** The embedded descriptor text, or undefined when the extent carries none. */
   /** The descriptor area as the file holds it (checked against the file's size). */
   private async readDescriptorArea (): Promise<Buffer> {
     const h = this.header
@@ -828,6 +827,7 @@ export class SparseExtent implements Extent {
     return b
   }
 
+  /** The embedded descriptor text, or undefined when the extent carries none. */
   async readDescriptor (): Promise<string | undefined> {
     const h = this.header
     if (h.descriptorOffset === 0 || h.descriptorSize === 0) return undefined
@@ -898,7 +898,14 @@ export class SparseExtent implements Extent {
     this.pendingDescriptor = intent.area
     if (!this.writable) return
     log.formats('%s: finishing an interrupted rewrite of the embedded descriptor', this.path)
-    await this.writeDescriptorArea(intent.area)
+    try {
+      await this.writeDescriptorArea(intent.area)
+    } catch (e) {
+      // the disk stays usable: its descriptor is read from the intent, as by a read-only open
+      const msg = `${this.path}: finishing an interrupted descriptor rewrite failed (${(e as Error).message}); redofs reads the descriptor from ${basename(intentPath)}`
+      log.formats('%s', msg)
+      this.lasting.push(msg)
+    }
   }
 
   get handle (): FileHandle { return this.fh }
