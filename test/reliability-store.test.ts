@@ -3,9 +3,9 @@
  * earlier is damaged, and the mount keeps serving.
  */
 import test from 'ava'
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
-import { hostname } from 'node:os'
+import { hostname, tmpdir } from 'node:os'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, isMounted, requireFuse, sh, shOk, storeWithRedo, writeVmx } from './helpers/mount'
@@ -201,5 +201,27 @@ if (ok) {
     const writeAsOther = await nobody(`dd if=/dev/zero of='${server.img('good', 'disk')}' bs=512 count=1 conv=notrunc`)
     t.not(writeAsOther.code, 0, 'another user wrote to a 0644 image')
     await server.stopClean(t)
+  })
+
+  test.serial('redofs umount ends the server that mounted, and never signals a process that took the pid of a killed one', async t => {
+    const { dir, store } = await storeWithRedo(env.tmp, '8M')
+    const mnt = path.join(dir, 'mnt')
+    const server = await env.mount(store, mnt)
+    const r = await run(process.execPath, [REDOFS_BIN, 'umount', mnt])
+    t.is(r.code, 0, describe(r))
+    t.deepEqual(await server.exited, { code: 0, signal: null }, `server exit\nstderr: ${server.stderr}`)
+    t.false(isMounted(mnt))
+
+    // a server killed hard leaves its registry entry; its pid now belongs to someone else
+    const other = spawn('sleep', ['60'], { stdio: 'ignore' })
+    t.teardown(() => { other.kill() })
+    const registry = path.join(tmpdir(), 'redofs-mounts', encodeURIComponent(path.resolve(mnt)) + '.json')
+    await writeFile(registry, JSON.stringify({ pid: other.pid, start: 1, store, mnt: path.resolve(mnt) }))
+    const stale = await run(process.execPath, [REDOFS_BIN, 'umount', mnt])
+    t.not(stale.code, 0, 'umount of a path that is not mounted succeeded')
+    t.regex(stale.stderr, /not mounted/)
+    t.is(other.exitCode, null, 'the unrelated process was signalled')
+    t.is(other.signalCode, null, 'the unrelated process was signalled')
+    await rm(registry, { force: true })
   })
 }

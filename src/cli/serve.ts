@@ -17,8 +17,23 @@ export const registryFile = (mnt: string): string => join(REGISTRY, encodeURICom
 
 export interface Served {
   pid: number
+  /** The server's start time (clock ticks since boot, /proc/PID/stat): with pid, names the process. */
+  start?: number
   store: string
   mnt: string
+}
+
+/** Start time of a process in clock ticks since boot, or undefined when there is no such process. */
+export function processStart (pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    // fields after the command name, which is in parentheses and may hold anything
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    const v = Number(f[19]) // field 22, starttime
+    return Number.isFinite(v) ? v : undefined
+  } catch {
+    return undefined
+  }
 }
 
 /**
@@ -99,7 +114,7 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
     else process.stderr.write(`redofs: warning: --readahead not applied (the kernel's window stays): ${why}\n`)
   }
   await mkdir(REGISTRY, { recursive: true })
-  await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, store: store.root, mnt: resolve(mnt) } satisfies Served))
+  await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, start: processStart(process.pid), store: store.root, mnt: resolve(mnt) } satisfies Served))
   let stopping: Promise<void> | null = null
   const stop = async (why: string): Promise<void> => {
     if (stopping !== null) return await stopping

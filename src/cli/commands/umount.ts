@@ -2,7 +2,7 @@ import type { Argv } from 'yargs'
 import { execFile } from 'node:child_process'
 import { promisify } from 'node:util'
 import { RedoError } from '../../errors'
-import { isMounted, readServed } from '../serve'
+import { isMounted, processStart, readServed } from '../serve'
 import { action } from '../common'
 
 export const command = 'umount <mnt>'
@@ -15,7 +15,9 @@ const alive = (pid: number): boolean => { try { process.kill(pid, 0); return tru
 
 export const handler = action(async (a: { mnt: string, timeout: number }) => {
   const served = await readServed(a.mnt)
-  if (served !== undefined && alive(served.pid)) {
+  // a server killed hard (SIGKILL, OOM) leaves its entry behind, and its pid can since belong
+  // to any process: signal it only if it is still the process that registered (same start time)
+  if (served !== undefined && served.start !== undefined && processStart(served.pid) === served.start) {
     process.kill(served.pid, 'SIGTERM')
     const until = Date.now() + a.timeout * 1000
     while (alive(served.pid)) {
