@@ -232,6 +232,9 @@ if (ok) {
     t.is(info.code, 0, describe(info))
     t.is((JSON.parse(info.stdout) as { layers: Array<{ label: string | null }> }).layers[0].label, name, 'a read-only open reads the intent')
     t.is(await areaText(), torn, 'a read-only open wrote the file')
+    const check = await run(process.execPath, [REDOFS_BIN, 'check', path.join(vm, 'disk')])
+    t.is(check.code, 1, describe(check))
+    t.regex(check.stdout + check.stderr, /rewrite of the embedded descriptor was interrupted/, 'check does not say a rewrite is pending')
 
     const server = await env.mount(store, path.join(dir, 'mnt'))
     t.true((await readdir(path.join(server.mnt, 'vm'))).includes(`disk@${name}.img`), 'the label is served')

@@ -787,6 +787,9 @@ export class SparseExtent implements Extent {
       }
     }
     if (h.uncleanShutdown !== 0 && !this.writable) problems.push(`${this.path}: uncleanShutdown is set (the file was not closed cleanly)`)
+    if (this.pendingDescriptor !== undefined) {
+      problems.push(`${this.path}: a rewrite of the embedded descriptor was interrupted; ${basename(descriptorIntentPath(this.path))} holds the new one and the next writable open finishes it`)
+    }
     if (this.rgd !== null) {
       for (let gdi = 0; gdi < this.numGTs; gdi++) {
         const a = this.gd[gdi]
