@@ -8,8 +8,7 @@
 import { createHash } from 'node:crypto'
 import { rename, unlink } from 'node:fs/promises'
 import { RedoError } from '../errors'
-import { readIfExists } from '../formats/extent'
-import { writeFileDurable } from '../formats/layer'
+import { readIfExists, writeFileDurable } from '../formats/extent'
 import type { Chain } from './chain'
 
 export const DIGEST_BLOCK = 1 << 20

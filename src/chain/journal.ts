@@ -6,7 +6,7 @@
 import { readFile, unlink } from 'node:fs/promises'
 import { dirname } from 'node:path'
 import { RedoError } from '../errors'
-import { syncDir, writeFileDurable } from '../formats/layer'
+import { syncDir, writeFileDurable } from '../formats/extent'
 
 export interface CommitJournal {
   op: 'commit'

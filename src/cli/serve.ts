@@ -51,12 +51,12 @@ export function isMounted (mnt: string, unknown = false): boolean {
 }
 
 /**
- * Set the kernel's readahead window for the files of the mount at `mnt` (canonical path). The
+ * Set the kernel's readahead window (KiB) for the files of the mount at `mnt` (canonical path). The
  * mount's backing device info is named after its device number, taken from mountinfo; the only
  * access to the mount itself is one asynchronous stat, which this server answers (a synchronous
  * one would deadlock it). Returns why it could not.
  */
-export async function setReadahead (mnt: string, bytes: number): Promise<string | undefined> {
+export async function setReadahead (mnt: string, kib: number): Promise<string | undefined> {
   const target = escapeMountPath(mnt)
   let dev: string | undefined
   try {
@@ -75,7 +75,6 @@ export async function setReadahead (mnt: string, bytes: number): Promise<string 
   }
   if (dev === undefined || !/^\d+:\d+$/.test(dev)) return `no FUSE mount at ${mnt} in /proc/self/mountinfo`
   const file = `/sys/class/bdi/${dev}/read_ahead_kb`
-  const kib = Math.ceil(bytes / 4096) * 4
   try {
     await writeFile(file, `${kib}\n`)
     const now = Number((await readFile(file, 'utf8')).trim())
@@ -108,8 +107,9 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
   }
   const ra = mopts.readahead ?? DEFAULT_READAHEAD
   if (ra > 0) {
-    const why = await setReadahead(canonical, ra)
-    if (why === undefined) log.fs('readahead window %d KiB', Math.ceil(ra / 4096) * 4)
+    const kib = Math.ceil(ra / 4096) * 4 // whole pages
+    const why = await setReadahead(canonical, kib)
+    if (why === undefined) log.fs('readahead window %d KiB', kib)
     else if (mopts.readahead === undefined) log.fs('readahead window left at the kernel default: %s', why)
     else process.stderr.write(`redofs: warning: --readahead not applied (the kernel's window stays): ${why}\n`)
   }

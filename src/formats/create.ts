@@ -4,7 +4,7 @@ import { basename, dirname, join } from 'node:path'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { Descriptor, defaultDdb, newCid, type ExtentLine } from './descriptor'
-import { syncDir, writeFileDurable } from './layer'
+import { syncDir, writeFileDurable } from './extent'
 import { createSparseFile, descriptorIntentPath } from './sparse'
 import { createCowdFile } from './cowd'
 

@@ -11,8 +11,6 @@ import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
 import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
 import { ZeroExtent, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type Run, type State } from './extent'
-
-export { syncDir, writeFileDurable }
 import { FlatExtent } from './flat'
 import { KDMV_MAGIC, SparseExtent, descriptorIntentPath } from './sparse'
 

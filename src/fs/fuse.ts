@@ -49,7 +49,8 @@ export function once<T extends unknown[]> (op: string, cb: (code: number, ...res
 /**
  * Patch level of the loaded fuse-native addon (0: the stock prebuild). Level 1 fixes the async
  * handle leak; level 2 also honours per-open cache flags carried in the file handle's high
- * bits; level 3 keeps idle worker threads instead of ending them (see scripts/native/). Loaded the way fuse-native loads it, so it is the same addon.
+ * bits; level 3 keeps idle worker threads instead of ending them (see scripts/native/).
+ * Loaded the way fuse-native loads it, so it is the same addon.
  */
 export function patchLevel (): number {
   try {

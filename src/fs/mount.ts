@@ -39,9 +39,9 @@ export interface MountOptions {
 }
 
 /**
- * 1 MiB instead of the kernel's 128 KiB for FUSE: the kernel then sends several 128 KiB reads
- * at once ahead of a sequential reader, and cold reads overlap their disk waits
- * (native-notes/performance.md, session 6).
+ * 1 MiB instead of the kernel's 128 KiB for FUSE: the kernel then keeps several 128 KiB reads
+ * in flight ahead of a sequential reader (cold dd 4k and 128k reads 1.4-1.6x faster;
+ * native-notes/performance.md, session 6).
  */
 export const DEFAULT_READAHEAD = 1 << 20
 

@@ -123,8 +123,8 @@ export class Store {
       const diskName = diskNameOf(w.top)
       if (broken.has(diskName)) continue
       const at = diskName.lastIndexOf('@')
-      if (at > 0 && names.has(diskName.slice(0, at))) {
-        const other = diskName.slice(0, at)
+      const other = diskName.slice(0, Math.max(at, 0))
+      if (at > 0 && names.has(other)) {
         realVm.errors.push({ file: w.top, message: `${w.top}: disk "${diskName}" left out: ${diskName}.img is the name of generation or label "${diskName.slice(at + 1)}" of disk "${other}"; rename one of the two disks` })
         continue
       }

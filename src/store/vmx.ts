@@ -4,7 +4,7 @@
  */
 import { readFile } from 'node:fs/promises'
 import { Mutex } from '../formats/extent'
-import { writeFileDurable } from '../formats/layer'
+import { writeFileDurable } from '../formats/extent'
 
 export type DiskMode = 'persistent' | 'nonpersistent' | 'undoable' | 'append'
 
