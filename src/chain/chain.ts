@@ -6,6 +6,7 @@ import { realpath, stat } from 'node:fs/promises'
 import { basename, dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
+import type { ReadPlan } from '../formats/extent'
 import { Layer, reapDroppedIn, resolveContained } from '../formats/layer'
 import { log } from '../log'
 import { Index, mapOf, overlay, type MapEntry } from './view'
@@ -104,6 +105,35 @@ export class Chain {
     if (g < N) await this.index(g).read(this.layers, buf, off, pos, n)
     else await this.readLive(buf, off, pos, n)
     return n
+  }
+
+  /**
+   * read() as a plan (Extent.plan): the bytes it covers, or -1 when the ordinary read must answer
+   * (nothing to read, damage, a layer that cannot plan).
+   */
+  plan (g: number, p: ReadPlan, pos: number, len: number): number {
+    const size = this.size
+    if (pos >= size || len <= 0) return -1
+    const n = Math.min(len, size - pos)
+    const N = this.layers.length - 1
+    const ok = g < N ? this.index(g).plan(this.layers, p, pos, n) : this.planLive(p, pos, n)
+    return ok ? n : -1
+  }
+
+  private planLive (p: ReadPlan, pos: number, len: number): boolean {
+    const top = this.top
+    const N = this.layers.length - 1
+    for (let q = pos; q < pos + len;) {
+      const { state, length } = top.lookup(q, pos + len - q)
+      const ok = state === 'data'
+        ? top.plan(p, q, length)
+        : state === 'zero' || (state === 'none' && N === 0)
+          ? p.zero(length)
+          : state === 'none' && this.index(N - 1).plan(this.layers, p, q, length)
+      if (!ok) return false
+      q += length
+    }
+    return true
   }
 
   private async readLive (buf: Buffer, off: number, pos: number, len: number): Promise<void> {

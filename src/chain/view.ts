@@ -4,7 +4,7 @@
  * falls back to the index of the generation below, so writes never rebuild an index.
  */
 import { RedoError } from '../errors'
-import { settleAll, type Run } from '../formats/extent'
+import { settleAll, type ReadPlan, type Run } from '../formats/extent'
 import type { Layer } from '../formats/layer'
 
 export interface Segment {
@@ -92,6 +92,25 @@ export class Index {
     }
     await settleAll(jobs)
     if (err !== undefined) throw err
+  }
+
+  /** read() as a plan (Extent.plan); false where a damaged grain or a layer says no. */
+  plan (layers: Layer[], p: ReadPlan, pos: number, len: number): boolean {
+    const end = pos + len
+    let q = pos
+    for (let k = this.find(pos); q < end; k++) {
+      const s = this.segments[k]
+      if (s === undefined || s.start >= end) return p.zero(end - q)
+      if (s.start > q) {
+        if (!p.zero(s.start - q)) return false
+        q = s.start
+      }
+      const n = Math.min(end, s.end) - q
+      const ok = s.state === 'data' ? layers[s.layer].plan(p, q, n) : s.state === 'zero' && p.zero(n)
+      if (!ok) return false
+      q += n
+    }
+    return true
   }
 
   allocatedBytes (): number {

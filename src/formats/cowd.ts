@@ -6,8 +6,8 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { DataSync, Mutex, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type Run, type State } from './extent'
-import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { DataSync, Mutex, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { BAD, entryOf, lookupGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
 export const COWD_HEADER_BYTES = 2048
@@ -193,6 +193,8 @@ export class CowdExtent implements Extent {
   async read (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
     await readGrains(this.tables, this.fh, buf, off, pos, len)
   }
+
+  plan (p: ReadPlan, pos: number, len: number): boolean { return planGrains(this.tables, this.fh.fd, p, pos, len) }
 
   /**
    * Allocate grains (and grain tables where missing) at the cursor, write the data, and publish

@@ -35,6 +35,12 @@ export interface Extent {
   runs (): Run[]
   /** Read [pos, pos+len); where the extent holds nothing the bytes are zeros. */
   read (buf: Buffer, off: number, pos: number, len: number): Promise<void>
+  /**
+   * Say where the bytes of [pos, pos+len) are instead of reading them (see ReadPlan). False when
+   * this extent cannot (compressed grains, damage, a file shorter than it should be, a full
+   * plan): the caller then reads, and reports what is wrong.
+   */
+  plan (p: ReadPlan, pos: number, len: number): boolean
   /** Write [pos, pos+len), allocating grains; `below` fills the rest of a new grain. */
   write (buf: Buffer, off: number, pos: number, len: number, below: ReadBelow): Promise<void>
   /** Mark the extent open for writing on disk (uncleanShutdown) before the first change. */
@@ -49,6 +55,27 @@ export interface Extent {
   /** Structural check (VMDK.md §3.5): a list of problems, empty when clean. */
   check (): Promise<string[]>
 }
+
+/**
+ * Where the bytes of a read are, for a reader that does the I/O itself (the FUSE server's
+ * worker threads, src/fs/plans.ts): runs of a descriptor and runs of zeros, in order. Both
+ * return false once the plan is full.
+ */
+export interface ReadPlan {
+  data (fd: number, pos: number, len: number): boolean
+  zero (len: number): boolean
+}
+
+let closeBarrier: (() => Promise<void>) | undefined
+
+/**
+ * Install what must finish before a layer closes its descriptors: a reader given descriptors by
+ * plan() must be done with them, or a number reused by the next open would be read instead.
+ */
+export function setCloseBarrier (fn: (() => Promise<void>) | undefined): void { closeBarrier = fn }
+
+/** Wait for the close barrier, if any (Layer.close, Layer.drop). */
+export async function beforeClose (): Promise<void> { if (closeBarrier !== undefined) await closeBarrier() }
 
 /** pread exactly len bytes or fail with EIO naming the file (short files are damage, not zeros). */
 export async function readExact (fh: FileHandle, path: string, buf: Buffer, off: number, len: number, pos: number): Promise<void> {
@@ -95,6 +122,7 @@ export class ZeroExtent implements Extent {
   lookup (_pos: number, len: number): { state: State, length: number } { return { state: 'zero', length: len } }
   runs (): Run[] { return this.size > 0 ? [{ start: 0, length: this.size, state: 'zero' }] : [] }
   async read (buf: Buffer, off: number, _pos: number, len: number): Promise<void> { buf.fill(0, off, off + len) }
+  plan (p: ReadPlan, _pos: number, len: number): boolean { return p.zero(len) }
   async write (): Promise<void> { throw new RedoError('EROFS', 'a ZERO extent cannot be written') }
   async beginWrite (): Promise<void> {}
   async flush (): Promise<void> {}

@@ -2,7 +2,7 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { DataSync, readExact, writeExact, type Extent, type Run, type State } from './extent'
+import { DataSync, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
 
 export class FlatExtent implements Extent {
   readonly kind = 'flat' as const
@@ -58,6 +58,10 @@ export class FlatExtent implements Extent {
       throw new RedoError('EIO', `${this.path}: read at byte ${pos} past the end of the flat extent file (${this.fileSize} bytes)`, this.path)
     }
     await readExact(this.fh, this.path, buf, off, len, this.base + pos)
+  }
+
+  plan (p: ReadPlan, pos: number, len: number): boolean {
+    return this.base + pos + len <= this.fileSize && p.data(this.fh.fd, this.base + pos, len)
   }
 
   async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {

@@ -6,7 +6,7 @@
 import type { FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { readExact, settleAll, type Run, type State } from './extent'
+import { readExact, settleAll, type ReadPlan, type Run, type State } from './extent'
 
 /** In-memory marker for a grain table entry found damaged at open (never a valid entry). */
 export const BAD = 0xffffffff
@@ -102,4 +102,37 @@ export async function readGrains (g: GrainTables, fh: FileHandle, buf: Buffer, o
   }
   flush()
   await settleAll(reads)
+}
+
+/** readGrains as a plan: one entry per run of grains back to back in the file. */
+export function planGrains (g: GrainTables, fd: number, p: ReadPlan, pos: number, len: number): boolean {
+  const gb = g.grainBytes
+  const end = pos + len
+  let runFile = -1
+  let runLen = 0
+  let zeros = 0
+  const flush = (): boolean => {
+    const ok = (runLen === 0 || p.data(fd, runFile, runLen)) && (zeros === 0 || p.zero(zeros))
+    runLen = 0
+    zeros = 0
+    return ok
+  }
+  for (let q = pos; q < end;) {
+    const grain = Math.floor(q / gb)
+    const inGrain = q - grain * gb
+    const n = Math.min(end - q, gb - inGrain)
+    const e = entryOf(g, grain)
+    if (e === 0 || e === 1) {
+      if (runLen > 0 && !flush()) return false
+      zeros += n
+    } else if (e === BAD) {
+      return false
+    } else {
+      const fo = e * SECTOR + inGrain
+      if (runLen > 0 && runFile + runLen === fo) runLen += n
+      else { if (!flush()) return false; runFile = fo; runLen = n }
+    }
+    q += n
+  }
+  return flush()
 }

@@ -10,7 +10,7 @@ import { log } from '../log'
 import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
 import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
-import { ZeroExtent, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { ZeroExtent, beforeClose, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { FlatExtent } from './flat'
 import { KDMV_MAGIC, SparseExtent, descriptorIntentPath } from './sparse'
 
@@ -228,6 +228,20 @@ export class Layer {
     await this.perExtent(pos, len, async (e, rel, bo, n) => await e.read(buf, off + bo, rel, n))
   }
 
+  /** read() as a plan (Extent.plan); false when closed or when an extent cannot plan. */
+  plan (p: ReadPlan, pos: number, len: number): boolean {
+    if (this.closed || pos + len > this.size) return false
+    const end = pos + len
+    for (let q = pos; q < end;) {
+      const i = this.extentAt(q)
+      const rel = q - this.starts[i]
+      const n = Math.min(end - q, this.extents[i].size - rel)
+      if (!this.extents[i].plan(p, rel, n)) return false
+      q += n
+    }
+    return true
+  }
+
   async write (buf: Buffer, off: number, pos: number, len: number, below: ReadBelow): Promise<void> {
     if (!this.writable) throw new RedoError('EROFS', `${this.path}: layer is read-only`, this.path)
     if (pos + len > this.size) throw new RedoError('ENOSPC', `${this.path}: write past the capacity`, this.path)
@@ -295,6 +309,7 @@ export class Layer {
       await this.endSession()
     } finally {
       this.closed = true
+      await beforeClose().catch(() => {})
       const seen = new Set<Extent>()
       for (const e of this.extents) if (!seen.has(e)) { seen.add(e); await e.close().catch(() => {}) }
     }
@@ -344,6 +359,7 @@ export class Layer {
   private async closeWithoutFlush (): Promise<void> {
     if (this.closed) return
     this.closed = true
+    await beforeClose().catch(() => {})
     for (const e of new Set(this.extents)) await e.close().catch(() => {})
   }
 }

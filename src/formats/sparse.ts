@@ -11,9 +11,9 @@ import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { DataSync, Mutex, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type Run, type State } from './extent'
+import { DataSync, Mutex, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
-import { BAD, entryOf, lookupGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { BAD, entryOf, lookupGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const KDMV_MAGIC = 0x564d444b
 const GD_AT_END = 0xffffffffffffffffn
@@ -466,6 +466,10 @@ export class SparseExtent implements Extent {
   async read (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
     if (this.kind === 'stream') return await this.readStream(buf, off, pos, len)
     await readGrains(this.tables, this.fh, buf, off, pos, len)
+  }
+
+  plan (p: ReadPlan, pos: number, len: number): boolean {
+    return this.kind !== 'stream' && planGrains(this.tables, this.fh.fd, p, pos, len)
   }
 
   private async readStream (buf: Buffer, off: number, pos: number, len: number): Promise<void> {

@@ -49,16 +49,29 @@ export function once<T extends unknown[]> (op: string, cb: (code: number, ...res
 /**
  * Patch level of the loaded fuse-native addon (0: the stock prebuild). Level 1 fixes the async
  * handle leak; level 2 also honours per-open cache flags carried in the file handle's high
- * bits; level 3 keeps idle worker threads instead of ending them (see scripts/native/).
+ * bits; level 3 keeps idle worker threads instead of ending them; level 4 lets the worker
+ * threads do reads JS planned (src/fs/plans.ts; see scripts/native/).
  * Loaded the way fuse-native loads it, so it is the same addon.
  */
 export function patchLevel (): number {
+  const b = addon()
+  return typeof b?.redofs_patch_level === 'number' ? b.redofs_patch_level : 0
+}
+
+/** Level 4's count of worker-side reads completed per epoch (src/fs/plans.ts), if loaded. */
+export function planCounter (): ((epoch: number) => number) | undefined {
+  const b = addon()
+  return patchLevel() >= 4 && typeof b?.redofs_plans_completed === 'function' ? b.redofs_plans_completed : undefined
+}
+
+interface Addon { redofs_patch_level?: number, redofs_plans_completed?: (epoch: number) => number }
+
+function addon (): Addon | undefined {
   try {
-    const gypBuild = require('node-gyp-build') as (dir: string) => { redofs_patch_level?: number }
-    const b = gypBuild(dirname(require.resolve('fuse-native/package.json')))
-    return typeof b.redofs_patch_level === 'number' ? b.redofs_patch_level : 0
+    const gypBuild = require('node-gyp-build') as (dir: string) => Addon
+    return gypBuild(dirname(require.resolve('fuse-native/package.json')))
   } catch {
-    return 0
+    return undefined
   }
 }
 

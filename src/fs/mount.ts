@@ -10,7 +10,9 @@ import { log } from '../log'
 import { USAGE } from '../store/args'
 import type { Disk, Generation } from '../store/disk'
 import type { Store } from '../store/store'
-import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel } from './fuse'
+import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel, planCounter } from './fuse'
+import { FH_CLASSIC, READ_PLAN, WorkerReads } from './plans'
+import { setCloseBarrier } from '../formats/extent'
 import { resolvePath, type Node } from './tree'
 
 const S_IFDIR = 0o040000
@@ -36,6 +38,8 @@ export interface MountOptions {
   debug?: boolean
   /** Kernel readahead window of the mounted files, bytes; set by serve (0: the kernel's 128 KiB). */
   readahead?: number
+  /** Worker-side reads (src/fs/plans.ts) when the addon has them; false: JS reads everything. */
+  workerReads?: boolean
 }
 
 /**
@@ -68,6 +72,8 @@ export class RedoMount {
   private readonly barrierTurns = new Map<Disk, Promise<void>>()
   private barriersRunning = 0
   private readonly barrierQueue: Array<() => void> = []
+  /** Worker-side reads (src/fs/plans.ts), set up at mount when the addon has them. */
+  private plans: WorkerReads | null = null
 
   constructor (readonly store: Store, readonly mnt: string, readonly opts: MountOptions = {}) {}
 
@@ -83,6 +89,13 @@ export class RedoMount {
       subtype: 'redofs',
       debug: this.opts.debug === true
     }, extra)
+    const counter = this.opts.workerReads === false ? undefined : planCounter()
+    if (counter !== undefined) {
+      const plans = new WorkerReads(counter)
+      this.plans = plans
+      // from now on every layer that closes waits for the plans naming its descriptors
+      setCloseBarrier(async () => await plans.drain())
+    }
     await new Promise<void>((resolve, reject) => fuse.mount(err => err !== null && err !== undefined ? reject(err) : resolve()))
     this.fuse = fuse
     // the mount callback fires before INIT is answered: let it through before anyone uses it
@@ -172,6 +185,18 @@ export class RedoMount {
       // the flag stays set: the next open of the file drops the pages
       d.notice(`could not drop the kernel's cached pages of ${d.name}.img (${(e as Error).message}); descriptors opened before the change may read old data until the file is opened again`)
     }
+  }
+
+  /** A read done here, by JS (the worker-side plan declined or failed, or other files). */
+  private readOrdinary (fh: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void): void {
+    once('read', cb, async () => {
+      const h = this.handle(fh)
+      if (h === undefined) return -9 // EBADF
+      if (h.kind === 'image') return await h.disk.read(h.gen, buf, 0, pos, len)
+      const data = h.kind === 'text' ? h.data : Buffer.from(this.usage(h.node))
+      if (pos >= data.length) return 0
+      return data.copy(buf, 0, pos, Math.min(data.length, pos + len))
+    })
   }
 
   private newHandle (h: Handle): number {
@@ -285,14 +310,22 @@ export class RedoMount {
         }
       }),
       create: (_path, _mode, cb) => cb(EPERM),
-      read: (_path, fh, buf, len, pos, cb) => once('read', cb, async () => {
-        const h = this.handle(fh)
-        if (h === undefined) return -9 // EBADF
-        if (h.kind === 'image') return await h.disk.read(h.gen, buf, 0, pos, len)
-        const data = h.kind === 'text' ? h.data : Buffer.from(this.usage(h.node))
-        if (pos >= data.length) return 0
-        return data.copy(buf, 0, pos, Math.min(data.length, pos + len))
-      }),
+      read: (_path, fh, buf, len, pos, cb) => {
+        const plans = this.plans
+        if (plans !== null && fh < FH_CLASSIC) {
+          const h = this.handle(fh)
+          if (h?.kind === 'image') {
+            let planned = false
+            try {
+              planned = plans.plan(buf, len, p => h.disk.planRead(h.gen, p, pos, len))
+            } catch (e) {
+              log.fs('read plan failed (reading the ordinary way): %s', (e as Error).message)
+            }
+            if (planned) { cb(READ_PLAN); return }
+          }
+        }
+        this.readOrdinary(fh, buf, len, pos, cb)
+      },
       write: (_path, fh, buf, len, pos, cb) => once('write', cb, async () => {
         const h = this.handle(fh)
         if (h === undefined) return -9

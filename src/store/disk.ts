@@ -10,6 +10,7 @@ import { recordGeneration } from '../chain/digest'
 import { frozenAtOf, labelGeneration, labelOf, resolveGeneration } from '../chain/labels'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
+import type { ReadPlan } from '../formats/extent'
 import { reapDropped } from '../formats/layer'
 import { log } from '../log'
 import { parseArgs, type ArgValue } from './args'
@@ -147,6 +148,19 @@ export class Disk {
       if (g < 0) throw new RedoError('EIO', `${this.vm}/${this.name}: this generation no longer exists`)
       return await this.chain.read(g, buf, off, pos, len)
     })
+  }
+
+  /**
+   * read() as a plan for the FUSE server's worker threads (Extent.plan): the bytes it covers, or
+   * -1 when read() must answer (I/O held off, a generation gone, damage...). Planned and handed
+   * over synchronously, so no layer switch can come between; a layer waits for the plans given
+   * out before it closes its descriptors (setCloseBarrier).
+   */
+  planRead (gen: Generation | 'live', p: ReadPlan, pos: number, len: number): number {
+    const live = gen === 'live'
+    if (!this.gate.isOpen(live)) return -1
+    const g = live ? this.chain.redoCount : this.indexOf(gen)
+    return g < 0 ? -1 : this.chain.plan(g, p, pos, len)
   }
 
   async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {

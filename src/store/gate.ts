@@ -24,6 +24,11 @@ export class IoGate {
     if (isLive) this.live++
   }
 
+  /** Whether I/O of this kind would go ahead now without waiting (nothing holds it off). */
+  isOpen (isLive: boolean): boolean {
+    return this.closedBy === null && this.allHold === null && !(isLive && this.liveHold !== null)
+  }
+
   leave (isLive: boolean): void {
     this.all--
     if (isLive) this.live--

@@ -1,0 +1,140 @@
+/**
+ * Worker-side reads (addon patch level 4, scripts/native/). The server's read handler does not
+ * read: it writes into the request buffer where the bytes are (descriptor and offset, or zeros)
+ * and answers READ_PLAN; the libfuse worker thread that carries the request then reads them
+ * itself. A read then costs the JS thread one hand-off instead of three (no trip to a thread
+ * pool thread and back), which is what bounds cold reads on a small machine
+ * (native-notes/performance.md, session 7).
+ *
+ * Layout, as the addon reads it: a header (u32 count, u32 epoch, u64 0), then count entries of
+ * (i64 offset, i32 fd or -1 for zeros, u32 length) that fill the reply back to back.
+ *
+ * Descriptors: the worker uses the numbers after the handler returned, so a layer must not close
+ * one while a plan naming it is still being read (the number could name the next file opened).
+ * Plans are counted per epoch, issued here and completed by the addon; drain() starts a new
+ * epoch and waits until every plan of the old one is complete. Layers call it (through
+ * setCloseBarrier) before they close.
+ */
+import type { ReadPlan } from '../formats/extent'
+import { log } from '../log'
+
+/** What a handler answers when it wrote a plan instead of data. */
+export const READ_PLAN = 0x40000000
+/** File handle bit the addon sets when a plan failed: read it the ordinary way this time. */
+export const FH_CLASSIC = 0x80000000
+
+const HEADER = 16
+const ENTRY = 16
+
+/** Encodes a plan into a request buffer; reused for every request. */
+class PlanWriter implements ReadPlan {
+  private buf: Buffer = Buffer.alloc(0)
+  private at = HEADER
+  private count = 0
+  private bytes = 0
+  private max = 0
+  private lastFd = -2
+  private lastEnd = 0
+
+  reset (buf: Buffer, len: number): void {
+    this.buf = buf
+    this.at = HEADER
+    this.count = 0
+    this.bytes = 0
+    this.max = Math.floor((len - HEADER) / ENTRY)
+    this.lastFd = -2
+    this.lastEnd = 0
+  }
+
+  data (fd: number, pos: number, len: number): boolean {
+    if (fd < 0) return false
+    return this.add(fd, pos, len)
+  }
+
+  zero (len: number): boolean { return this.add(-1, 0, len) }
+
+  private add (fd: number, pos: number, len: number): boolean {
+    if (len <= 0) return true
+    this.bytes += len
+    const b = this.buf
+    if (this.count > 0 && fd === this.lastFd && (fd < 0 || pos === this.lastEnd)) {
+      const at = this.at - ENTRY
+      b.writeUInt32LE(b.readUInt32LE(at + 12) + len, at + 12)
+      this.lastEnd += len
+      return true
+    }
+    if (this.count >= this.max) return false
+    const at = this.at
+    b.writeUInt32LE(pos % 0x100000000, at)
+    b.writeUInt32LE(Math.floor(pos / 0x100000000), at + 4)
+    b.writeInt32LE(fd, at + 8)
+    b.writeUInt32LE(len, at + 12)
+    this.at += ENTRY
+    this.count++
+    this.lastFd = fd
+    this.lastEnd = pos + len
+    return true
+  }
+
+  /** Write the header; false when the entries do not add up to the `n` bytes promised. */
+  finish (epoch: number, n: number): boolean {
+    if (this.count === 0 || this.bytes !== n) return false
+    this.buf.writeUInt32LE(this.count, 0)
+    this.buf.writeUInt32LE(epoch, 4)
+    this.buf.writeUInt32LE(0, 8)
+    this.buf.writeUInt32LE(0, 12)
+    return true
+  }
+}
+
+export class WorkerReads {
+  private epoch = 0
+  private readonly issued = [0, 0]
+  private draining: Promise<void> | null = null
+  private readonly writer = new PlanWriter()
+
+  /** `completed(epoch)`: plans of that epoch the addon has finished (a wrapping u32). */
+  constructor (private readonly completed: (epoch: number) => number) {}
+
+  /**
+   * Let `fill` plan a read of len bytes into buf (it returns the bytes planned, or -1 to read
+   * the ordinary way). True when the plan is in buf and the handler must answer READ_PLAN now.
+   */
+  plan (buf: Buffer, len: number, fill: (p: ReadPlan) => number): boolean {
+    if (len < HEADER + ENTRY) return false
+    this.writer.reset(buf, len)
+    const n = fill(this.writer)
+    if (n <= 0 || !this.writer.finish(this.epoch, n)) return false
+    this.issued[this.epoch] = (this.issued[this.epoch] + 1) >>> 0
+    return true
+  }
+
+  /**
+   * Resolve once every plan issued before the call has been read by the worker it went to.
+   * Starts a new epoch at once (plans from now on are not waited for), unless another drain is
+   * running: this one then starts its epoch when that one has finished.
+   */
+  async drain (): Promise<void> {
+    const prev = this.draining
+    const run = prev === null ? this.closeEpoch() : prev.then(async () => await this.closeEpoch())
+    const tail: Promise<void> = run.catch(() => {}).then(() => { if (this.draining === tail) this.draining = null })
+    this.draining = tail
+    await run
+  }
+
+  private async closeEpoch (): Promise<void> {
+    const old = this.epoch
+    this.epoch ^= 1
+    const started = Date.now()
+    let warned = false
+    let spins = 0
+    while (this.completed(old) !== this.issued[old]) {
+      if (!warned && Date.now() - started > 10_000) {
+        warned = true
+        log.fs('still waiting for %d worker-side read(s) before closing a file', (this.issued[old] - this.completed(old)) >>> 0)
+      }
+      // plans finish within a request's time: look again at once a few times, then every ms
+      await new Promise(resolve => spins++ < 10 ? setImmediate(resolve) : setTimeout(resolve, 1))
+    }
+  }
+}
