@@ -3,9 +3,9 @@
  * `qemu-img convert -O raw` of that chain level, also for odd offsets and lengths.
  */
 import test from 'ava'
-import { readFile, stat } from 'node:fs/promises'
+import { readFile, readdir, stat } from 'node:fs/promises'
 import path from 'node:path'
-import { ddRange, e2e, mountInfo, preadInChild, requireFuse, type Server } from './helpers/mount'
+import { ddRange, e2e, mountInfo, preadInChild, requireFuse, sh, type Server } from './helpers/mount'
 import { describe, sameContent } from './helpers/qemu'
 import { FOUR_LEVELS, convertAll, storeChain, type StoreChain } from './helpers/store'
 
@@ -116,6 +116,84 @@ test.serial('the mount sets the kernel readahead window of its files: 1 MiB by d
     } finally {
       await s.stopClean(t)
     }
+  }
+})
+
+/** Threads of `pid` the patched addon named redofs-fuse (its FUSE workers), and what they read. */
+async function fuseWorkers (pid: number): Promise<{ threads: number, rchar: number }> {
+  let threads = 0
+  let rchar = 0
+  for (const tid of await readdir(`/proc/${pid}/task`)) {
+    try {
+      if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
+      const io = await readFile(`/proc/${pid}/task/${tid}/io`, 'utf8')
+      rchar += Number(/^rchar:\s*(\d+)/m.exec(io)?.[1])
+      threads++
+    } catch { /* the thread ended meanwhile */ }
+  }
+  return { threads, rchar }
+}
+
+/** O_DIRECT read of a whole file in a child: every byte is a request to the server. */
+async function directRead (file: string): Promise<string> {
+  const r = await sh('set -o pipefail; dd if="$1" bs=1M iflag=direct status=none | sha256sum', [file])
+  if (r.code !== 0) throw new Error(`dd iflag=direct ${file}: ${describe(r)}`)
+  return r.stdout.split(' ')[0]
+}
+
+test.serial('image reads are done by the FUSE worker threads themselves (they read the backing files); with --no-worker-reads they are not; both read what qemu-img convert reads', async t => {
+  const want = (await sh('sha256sum "$1"', [raws[2]])).stdout.split(' ')[0]
+  const check = async (s: Server, label: string): Promise<number> => {
+    const pid = s.proc.pid as number
+    const before = await fuseWorkers(pid)
+    t.true(before.threads > 0, `${label}: the server has threads named redofs-fuse (the patched addon's workers)`)
+    t.is(await directRead(s.img('vm1', 'disk')), want, `${label}: the live file reads like qemu-img convert`)
+    for (let g = 0; g < 2; g++) {
+      const raw = (await sh('sha256sum "$1"', [raws[g]])).stdout.split(' ')[0]
+      t.is(await directRead(s.img('vm1', 'disk', g)), raw, `${label}: generation ${g} reads like qemu-img convert`)
+    }
+    return (await fuseWorkers(pid)).rchar - before.rchar
+  }
+  // the workers read the data the layers hold (zeros they fill in), or only the requests'
+  // headers (~100 bytes per request of at most 128 KiB: ~40 KB here)
+  const planned = await check(srv, 'default')
+  t.true(planned >= 2 * M, `default: the FUSE workers read ${planned} bytes while 3 x ${SIZE} were read through the mount`)
+  const root = await ctx.tmp()
+  const c = await storeChain(root, SIZE, [{ writes: FOUR_LEVELS[0] }, { writes: FOUR_LEVELS[1] }, { writes: FOUR_LEVELS[2] }])
+  const s = await ctx.mount(c.store, path.join(root, 'mnt'), ['--no-worker-reads'])
+  try {
+    const ordinary = await check(s, '--no-worker-reads')
+    t.true(ordinary < M / 4, `--no-worker-reads: the FUSE workers read ${ordinary} bytes (request headers only) while 3 x ${SIZE} were read`)
+  } finally {
+    await s.stopClean(t)
+  }
+})
+
+test.serial('a redo log cut short under the mount: the worker-side read fails over to JS, which answers EIO naming the file; the rest still reads', async t => {
+  const root = await ctx.tmp()
+  const c = await storeChain(root, SIZE, [{ writes: FOUR_LEVELS[0] }, { writes: FOUR_LEVELS[1] }, { writes: FOUR_LEVELS[2] }])
+  const top = c.files[c.files.length - 1]
+  const m = await sh('qemu-img map --output=json -f vmdk "$1"', [top])
+  t.is(m.code, 0, describe(m))
+  const map = JSON.parse(m.stdout) as Array<{ start: number, length: number, depth: number, data: boolean, offset?: number }>
+  const own = map.find(e => e.depth === 0 && e.data && e.offset !== undefined && e.length >= 4096)
+  const lower = map.find(e => e.depth > 0 && e.data && e.length >= 4096)
+  if (own === undefined || lower === undefined) throw new Error(`test chain lacks the ranges this test needs: ${m.stdout}`)
+  const s = await ctx.mount(c.store, path.join(root, 'mnt'), [], { DEBUG: 'redofs:fs' })
+  try {
+    // the top's data from this grain on is gone; its grain table still points there
+    await sh('truncate -s "$1" "$2"', [String(own.offset), top])
+    const img = s.img('vm1', 'disk')
+    const bad = await sh('dd if="$1" of=/dev/null bs=4096 skip="$2" count=1 iflag=direct,skip_bytes status=none', [img, String(own.start)])
+    t.not(bad.code, 0, 'the cut range does not read (no zeros, no stale bytes)')
+    t.regex(bad.stderr, /Input\/output error/, describe(bad))
+    t.true(s.stderr.includes(`${path.basename(top)}: short read`), `the server says which file is short (stderr: ${s.stderr.slice(-2000)})`)
+    const got = await ddRange(img, lower.start, 4096, 4096)
+    const want = await ddRange(raws[2], lower.start, 4096, 4096)
+    t.is(got.r.code, 0, describe(got.r))
+    t.is(got.sha, want.sha, 'a range the layers below provide still reads right')
+  } finally {
+    await s.stopClean(t)
   }
 })
 
