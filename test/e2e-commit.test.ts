@@ -4,8 +4,9 @@
  * `status` until it completes.
  */
 import test from 'ava'
+import { readdir } from 'node:fs/promises'
 import path from 'node:path'
-import { e2e, requireFuse, sh, sleep, type DiskStatus, type JobStatus, type Server } from './helpers/mount'
+import { e2e, requireFuse, sh, sleep, waitFor, type DiskStatus, type JobStatus, type Server } from './helpers/mount'
 import { convertToRaw, describe, mustRun, qemuCheck, sameContent } from './helpers/qemu'
 import { storeChain, type StoreChain } from './helpers/store'
 import { Writer } from './helpers/writer'
@@ -63,6 +64,10 @@ test.serial('commit level=0 freezes the live file: writes issued during it wait 
   t.is(st.lastJob?.state, 'done')
   const c = await sameContent(srv.img('vm1', 'disk'), shadow)
   t.true(c.same, `live content vs the shadow copy that got the same writes: ${c.detail}`)
+  // the merged redo log is renamed aside at the switch and deleted in the background after it
+  const dropped = async (): Promise<string[]> => (await readdir(chain.vmDir)).filter(f => f.includes('redofs-'))
+  t.true(await waitFor(async () => (await dropped()).length === 0, 100, 100), `left behind: ${(await dropped()).join(', ')}`)
+  t.false((await readdir(chain.vmDir)).includes(path.basename(chain.files[2])), 'the merged redo log is gone')
 })
 
 test.serial('commit wait=0 returns at once; status shows the running job with its progress, then lastJob done', async t => {

@@ -31,6 +31,11 @@ export interface JobControl {
   cancelled?: () => boolean
   /** Wraps the moment the chain changes shape, so a caller can hold I/O off for it. */
   switchOver?: (fn: () => Promise<void>) => Promise<void>
+  /**
+   * Takes the merged child's dropped files (Layer.drop) to delete later; without it the commit
+   * deletes them before it returns.
+   */
+  reap?: (files: string[]) => void
 }
 
 const COPY_CHUNK = 4 << 20
@@ -157,7 +162,8 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     if (above === undefined) chain.topChildren = others
   })
   // deleting the merged file can take a while: after the switch, with I/O flowing again
-  await reapDropped(dropped)
+  if (opts.reap !== undefined) opts.reap(dropped)
+  else await reapDropped(dropped)
   log.chain('commit: %s merged into %s', child.path, parent.path)
   return { droppedLabel }
 }
