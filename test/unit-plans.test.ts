@@ -74,3 +74,19 @@ test('drain() waits for every plan issued before it, and not for those issued af
   await d2
   t.true(second)
 })
+
+test('the addon counts for the whole process: a second mount starts from what an earlier one left', async t => {
+  const done = [5, 3] // plans of an earlier mount in this process
+  const w = new WorkerReads(epoch => done[epoch])
+  await w.drain() // nothing issued by this one: returns at once
+  const buf = Buffer.alloc(64)
+  t.true(w.plan(buf, 64, p => p.zero(8) ? 8 : -1))
+  const e = buf.readUInt32LE(4)
+  let drained = false
+  const d = w.drain().then(() => { drained = true })
+  await new Promise(resolve => setTimeout(resolve, 20))
+  t.false(drained, 'its own plan is outstanding')
+  done[e]++
+  await d
+  t.true(drained)
+})

@@ -66,16 +66,17 @@ export interface ReadPlan {
   zero (len: number): boolean
 }
 
-let closeBarrier: (() => Promise<void>) | undefined
+let plannedReads: (() => Promise<void>) | undefined
 
 /**
- * Install what must finish before a layer closes its descriptors: a reader given descriptors by
- * plan() must be done with them, or a number reused by the next open would be read instead.
+ * Install the wait for reads planned so far (Extent.plan) to be done by whoever took the plans.
+ * A layer waits for it before it closes its descriptors (a number reused by the next open would
+ * be read instead), and I/O holds wait for it as for reads in flight (src/store/gate.ts).
  */
-export function setCloseBarrier (fn: (() => Promise<void>) | undefined): void { closeBarrier = fn }
+export function setPlannedReads (fn: (() => Promise<void>) | undefined): void { plannedReads = fn }
 
-/** Wait for the close barrier, if any (Layer.close, Layer.drop). */
-export async function beforeClose (): Promise<void> { if (closeBarrier !== undefined) await closeBarrier() }
+/** Resolve once every read planned before the call has been done (at once when none can be). */
+export async function plannedReadsDone (): Promise<void> { if (plannedReads !== undefined) await plannedReads() }
 
 /** pread exactly len bytes or fail with EIO naming the file (short files are damage, not zeros). */
 export async function readExact (fh: FileHandle, path: string, buf: Buffer, off: number, len: number, pos: number): Promise<void> {

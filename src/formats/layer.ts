@@ -10,7 +10,7 @@ import { log } from '../log'
 import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
 import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
-import { ZeroExtent, beforeClose, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { ZeroExtent, plannedReadsDone, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { FlatExtent } from './flat'
 import { KDMV_MAGIC, SparseExtent, descriptorIntentPath } from './sparse'
 
@@ -309,7 +309,7 @@ export class Layer {
       await this.endSession()
     } finally {
       this.closed = true
-      await beforeClose().catch(() => {})
+      await plannedReadsDone().catch(() => {})
       const seen = new Set<Extent>()
       for (const e of this.extents) if (!seen.has(e)) { seen.add(e); await e.close().catch(() => {}) }
     }
@@ -359,7 +359,7 @@ export class Layer {
   private async closeWithoutFlush (): Promise<void> {
     if (this.closed) return
     this.closed = true
-    await beforeClose().catch(() => {})
+    await plannedReadsDone().catch(() => {})
     for (const e of new Set(this.extents)) await e.close().catch(() => {})
   }
 }

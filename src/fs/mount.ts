@@ -12,7 +12,7 @@ import type { Disk, Generation } from '../store/disk'
 import type { Store } from '../store/store'
 import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel, planCounter } from './fuse'
 import { FH_CLASSIC, READ_PLAN, WorkerReads } from './plans'
-import { setCloseBarrier } from '../formats/extent'
+import { setPlannedReads } from '../formats/extent'
 import { resolvePath, type Node } from './tree'
 
 const S_IFDIR = 0o040000
@@ -93,8 +93,8 @@ export class RedoMount {
     if (counter !== undefined) {
       const plans = new WorkerReads(counter)
       this.plans = plans
-      // from now on every layer that closes waits for the plans naming its descriptors
-      setCloseBarrier(async () => await plans.drain())
+      // from now on layers that close and I/O holds wait for the plans given out before
+      setPlannedReads(async () => await plans.drain())
     }
     await new Promise<void>((resolve, reject) => fuse.mount(err => err !== null && err !== undefined ? reject(err) : resolve()))
     this.fuse = fuse
@@ -192,6 +192,7 @@ export class RedoMount {
     once('read', cb, async () => {
       const h = this.handle(fh)
       if (h === undefined) return -9 // EBADF
+      if (fh >= FH_CLASSIC) log.fs('%s: a worker-side read of %d bytes at %d failed; reading it here', h.kind === 'image' ? h.path : 'control file', len, pos)
       if (h.kind === 'image') return await h.disk.read(h.gen, buf, 0, pos, len)
       const data = h.kind === 'text' ? h.data : Buffer.from(this.usage(h.node))
       if (pos >= data.length) return 0

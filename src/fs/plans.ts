@@ -12,8 +12,8 @@
  * Descriptors: the worker uses the numbers after the handler returned, so a layer must not close
  * one while a plan naming it is still being read (the number could name the next file opened).
  * Plans are counted per epoch, issued here and completed by the addon; drain() starts a new
- * epoch and waits until every plan of the old one is complete. Layers call it (through
- * setCloseBarrier) before they close.
+ * epoch and waits until every plan of the old one is complete. Layers call it before they
+ * close, and I/O holds before they let a chain change (setPlannedReads).
  */
 import type { ReadPlan } from '../formats/extent'
 import { log } from '../log'
@@ -89,12 +89,17 @@ class PlanWriter implements ReadPlan {
 
 export class WorkerReads {
   private epoch = 0
-  private readonly issued = [0, 0]
+  private readonly issued: number[]
   private draining: Promise<void> | null = null
   private readonly writer = new PlanWriter()
 
-  /** `completed(epoch)`: plans of that epoch the addon has finished (a wrapping u32). */
-  constructor (private readonly completed: (epoch: number) => number) {}
+  /**
+   * `completed(epoch)`: plans of that epoch the addon has finished (a wrapping u32, counted for
+   * the whole process: a mount before this one may have left it above 0).
+   */
+  constructor (private readonly completed: (epoch: number) => number) {
+    this.issued = [completed(0), completed(1)]
+  }
 
   /**
    * Let `fill` plan a read of len bytes into buf (it returns the bytes planned, or -1 to read

@@ -153,8 +153,9 @@ export class Disk {
   /**
    * read() as a plan for the FUSE server's worker threads (Extent.plan): the bytes it covers, or
    * -1 when read() must answer (I/O held off, a generation gone, damage...). Planned and handed
-   * over synchronously, so no layer switch can come between; a layer waits for the plans given
-   * out before it closes its descriptors (setCloseBarrier).
+   * over synchronously, so no layer switch can come between; I/O holds wait for the plans given
+   * out as for reads in flight, and a layer waits for them before it closes its descriptors
+   * (setPlannedReads).
    */
   planRead (gen: Generation | 'live', p: ReadPlan, pos: number, len: number): number {
     const live = gen === 'live'

@@ -4,6 +4,7 @@
  * the gate is closed at unmount.
  */
 import { RedoError } from '../errors'
+import { plannedReadsDone } from '../formats/extent'
 
 export class IoGate {
   private liveHold: Promise<void> | null = null
@@ -57,6 +58,7 @@ export class IoGate {
   async close (why: string): Promise<void> {
     this.closedBy = why
     await this.waitFor(() => this.all === 0)
+    await plannedReadsDone()
   }
 
   /** Run fn with live I/O held off (frozen generations keep being served). */
@@ -76,6 +78,8 @@ export class IoGate {
     this[kind] = new Promise<void>(resolve => { release = resolve })
     try {
       await this.waitFor(drained)
+      // reads the FUSE workers do from plans are in flight too, though no longer counted here
+      await plannedReadsDone()
       return await fn()
     } finally {
       this[kind] = null
