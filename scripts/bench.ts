@@ -276,37 +276,30 @@ async function benchWrite (dir: string, chain: TestChain): Promise<void> {
   const src = join(dir, 'random.src')
   await must('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SIZES.write1M / MiB}`, 'status=none'])
   await must('cat', [src]) // page cache
-  // redofs: addredo freezes the top and gives the live file an empty redo log
-  await redofs('addredo', chain.disk)
-  // QSD: a fresh qemu-img child of the same (now frozen) file, outside the store (redofs must not see it)
   const qdir = join(dir, 'qsd-write')
   mkdirSync(qdir, { recursive: true })
   const qtop = join(qdir, 'top.vmdk')
-  await must('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', chain.files[chain.files.length - 1], '-F', 'vmdk', qtop])
-  const servers: Server[] = []
-  try {
-    const q = await mountQsd(qtop, join(dir, 'qsd-write.raw'), true)
-    servers.push(q)
-    const r = await mountRedofs(chain.store, join(dir, 'mnt-redofs-w'))
-    servers.push(r)
-    results.write = await writeMatrix([{ name: 'redofs', file: join(r.mnt, 'vm', 'disk.img') }, { name: 'QSD', file: q.mnt }], src, ['alloc', 'overwrite'])
-  } finally {
-    for (const s of servers.reverse()) await s.stop()
+  /** Empty tops on both sides, both mounted: run fn on their live files, then stop them. */
+  const withEmptyTops = async (fn: (targets: Target[]) => Promise<void>): Promise<void> => {
+    // redofs: addredo freezes the top and gives the live file an empty redo log
+    await redofs('addredo', chain.disk)
+    // QSD: a fresh qemu-img child of the same frozen file, outside the store (redofs must not see it)
+    rmSync(qtop, { force: true })
+    await must('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', chain.files[chain.files.length - 1], '-F', 'vmdk', qtop])
+    const servers: Server[] = []
+    try {
+      const q = await mountQsd(qtop, join(dir, 'qsd-write.raw'), true)
+      servers.push(q)
+      const r = await mountRedofs(chain.store, join(dir, 'mnt-redofs-w'))
+      servers.push(r)
+      await fn([{ name: 'redofs', file: join(r.mnt, 'vm', 'disk.img') }, { name: 'QSD', file: q.mnt }])
+    } finally {
+      for (const s of servers.reverse()) await s.stop()
+    }
   }
+  await withEmptyTops(async targets => { results.write = await writeMatrix(targets, src, ['alloc', 'overwrite']) })
   // the same allocating runs once more into fresh empty tops, each from a clean page cache
-  await redofs('addredo', chain.disk)
-  rmSync(qtop, { force: true })
-  await must('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', chain.files[chain.files.length - 1], '-F', 'vmdk', qtop])
-  const again: Server[] = []
-  try {
-    const q = await mountQsd(qtop, join(dir, 'qsd-write.raw'), true)
-    again.push(q)
-    const r = await mountRedofs(chain.store, join(dir, 'mnt-redofs-w'))
-    again.push(r)
-    await writeMatrix([{ name: 'redofs', file: join(r.mnt, 'vm', 'disk.img') }, { name: 'QSD', file: q.mnt }], src, ['alloc, clean cache'], results.write)
-  } finally {
-    for (const s of again.reverse()) await s.stop()
-  }
+  await withEmptyTops(async targets => { await writeMatrix(targets, src, ['alloc, clean cache'], results.write) })
   await must('sync', [])
   rmSync(qdir, { recursive: true, force: true })
 }
