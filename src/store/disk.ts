@@ -270,6 +270,7 @@ export class Disk {
 
   precheck (kind: string): void {
     if (this.opts.readOnly) throw new RedoError('EROFS', `${kind}: the store is mounted read-only`)
+    if (this.closing) throw new RedoError('EBUSY', `${this.vm}/${this.name}: the store is being unmounted`)
     if (this.job !== null) throw new RedoError('EBUSY', `${this.vm}/${this.name}: a ${this.job.kind} job is running`)
     if (kind === 'addredo' && this.chain.redoCount >= this.opts.maxRedos) {
       throw new RedoError('EBUSY', `${this.vm}/${this.name}: already ${this.chain.redoCount} redo logs (--max-redos ${this.opts.maxRedos})`)
@@ -368,8 +369,17 @@ export class Disk {
    * Delete dropped files in the background. The job is complete and durable without them, and
    * deleting a large file takes a while (ext4 frees every extent, and under `-o discard` trims
    * them synchronously: ~0.15 s for 512 MiB here), which the command that asked for the job need
-   * not wait for. Unmount waits for it; after a crash the next writable open deletes them.
+   * not wait for. The next change of the chain (addredo, commit, discard: a new file must not
+   * take a name still being deleted, a space check must see the space freed) and unmount wait
+   * for it (reaped); after a crash the next writable open deletes the files.
    */
+  private async reaped (): Promise<void> {
+    for (let p = this.reaping; ; p = this.reaping) {
+      await p
+      if (p === this.reaping) return
+    }
+  }
+
   private reapLater (files: string[]): void {
     if (files.length === 0) return
     this.reaping = this.reaping.then(async () => await reapDropped(files)).catch(e => log.store('%s/%s: %s', this.vm, this.name, (e as Error).message))
@@ -385,6 +395,7 @@ export class Disk {
 
   /** `record`: also write a content record of the generation frozen (read in the background). */
   async doAddRedo (label?: string, record = false): Promise<void> {
+    await this.reaped()
     await this.betweenWrites(false, async () => await this.gate.freezeLive(async () => {
       await addRedo(this.chain, { label, format: this.opts.redoFormat })
       this.frozen.push(new Generation(frozenAtOf(this.chain.layers[this.chain.redoCount - 1]) ?? new Date()))
@@ -415,13 +426,14 @@ export class Disk {
     this.closing = true
     if (this.ctl.paused) { this.ctl.cancel = true; this.resumeJob() }
     await this.idle()
-    await this.reaping
     await this.gate.close(`${this.vm}/${this.name}: the store is being unmounted`)
+    await this.reaped()
   }
 
   private async doCommit (plan: { levels: number[], freeze: boolean, force: boolean }, st: JobState): Promise<void> {
     const run = async (): Promise<void> => {
       for (const level of plan.levels) {
+        await this.reaped() // the space check sees what the previous level freed
         const i = this.chain.redoCount - level
         const merged = this.frozen[i - 1]
         let r: Awaited<ReturnType<typeof commit>>
@@ -466,6 +478,7 @@ export class Disk {
   }
 
   async doDiscard (to: number, force = false): Promise<void> {
+    await this.reaped()
     // the live file then reads as generation `to`: pages cached from the discarded top must go
     let files: string[] = []
     await this.betweenWrites(true, async () => await this.gate.freezeAll(async () => {
@@ -477,8 +490,10 @@ export class Disk {
       this.shape++
       if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: discard made generation ${to} live again`)
     }))
-    // deleting the discarded files can take a while: not while I/O is held off
-    this.reapLater(files)
+    // deleting the discarded files can take a while: not while I/O is held off (and in the
+    // background, unless the disk is powering off: the store is released right after)
+    if (this.closing) await reapDropped(files)
+    else this.reapLater(files)
     await this.topChanged()
   }
 
