@@ -4,7 +4,7 @@
  */
 import test from 'ava'
 import { spawn, spawnSync } from 'node:child_process'
-import { chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
+import { access, chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { hostname, tmpdir } from 'node:os'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
@@ -222,6 +222,13 @@ if (ok) {
     t.regex(stale.stderr, /not mounted/)
     t.is(other.exitCode, null, 'the unrelated process was signalled')
     t.is(other.signalCode, null, 'the unrelated process was signalled')
+    // the next server to start, wherever it mounts, deletes the stale entry (and keeps its own)
+    const next = await env.mount(store, path.join(dir, 'mnt2'))
+    t.false(await access(registry).then(() => true, () => false), 'the stale registry entry is still there')
+    const own = path.join(tmpdir(), 'redofs-mounts', encodeURIComponent(next.mnt) + '.json')
+    t.true(await access(own).then(() => true, () => false), 'the new server has no registry entry')
+    t.is(other.signalCode, null, 'the unrelated process was signalled')
+    await next.stopClean(t)
     await rm(registry, { force: true })
   })
 }

@@ -2,7 +2,7 @@
  * Serving a store in the foreground: mount, announce, and on SIGINT/SIGTERM, `redofs umount`
  * or an external fusermount -u, unmount and power everything off cleanly.
  */
-import { mkdir, readFile, realpath, stat, unlink, writeFile } from 'node:fs/promises'
+import { mkdir, readFile, readdir, realpath, stat, unlink, writeFile } from 'node:fs/promises'
 import { readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -114,6 +114,7 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
     else process.stderr.write(`redofs: warning: --readahead not applied (the kernel's window stays): ${why}\n`)
   }
   await mkdir(REGISTRY, { recursive: true })
+  await pruneRegistry()
   await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, start: processStart(process.pid), store: store.root, mnt: resolve(mnt) } satisfies Served))
   let stopping: Promise<void> | null = null
   const stop = async (why: string): Promise<void> => {
@@ -146,6 +147,24 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
     process.stderr.write('redofs: warning: the stock fuse-native addon is loaded: long-running mounts slow down (leaked handles) and every file is direct_io; build the patched one with bash scripts/build-fuse-native.sh\n')
   }
   announce(`mounted ${store.root} at ${resolve(mnt)}`)
+}
+
+/**
+ * Delete the entries of servers that are gone (killed hard: nothing removed their entry). An
+ * entry stays while a process with its pid and start time runs, so a live server's is never
+ * touched, and one whose pid was reused by another process goes.
+ */
+async function pruneRegistry (): Promise<void> {
+  for (const name of await readdir(REGISTRY).catch(() => [] as string[])) {
+    if (!name.endsWith('.json')) continue
+    const file = join(REGISTRY, name)
+    try {
+      const e = JSON.parse(await readFile(file, 'utf8')) as Partial<Served>
+      if (typeof e.pid === 'number' && processStart(e.pid) === e.start) continue
+      await unlink(file)
+      log.fs('deleted the registry entry of a server that is gone: %s', file)
+    } catch { /* unreadable or already gone: leave it to whoever wrote it */ }
+  }
 }
 
 export async function readServed (mnt: string): Promise<Served | undefined> {
