@@ -230,7 +230,11 @@ if (ok) {
 
     const info = await run(process.execPath, [REDOFS_BIN, 'info', '--json', path.join(vm, 'disk')])
     t.is(info.code, 0, describe(info))
-    t.is((JSON.parse(info.stdout) as { layers: Array<{ label: string | null }> }).layers[0].label, name, 'a read-only open reads the intent')
+    const layer0 = (JSON.parse(info.stdout) as { layers: Array<{ label: string | null, descriptorPending: boolean }> }).layers[0]
+    t.is(layer0.label, name, 'a read-only open reads the intent')
+    t.true(layer0.descriptorPending, 'info --json does not say a rewrite is pending')
+    const infoText = await run(process.execPath, [REDOFS_BIN, 'info', path.join(vm, 'disk')])
+    t.regex(infoText.stdout, /descriptor rewrite pending/, describe(infoText))
     t.is(await areaText(), torn, 'a read-only open wrote the file')
     const check = await run(process.execPath, [REDOFS_BIN, 'check', path.join(vm, 'disk')])
     t.is(check.code, 1, describe(check))

@@ -228,6 +228,11 @@ export class Layer {
     await this.perExtent(pos, len, async (e, rel, bo, n) => await e.read(buf, off + bo, rel, n))
   }
 
+  /** A descriptor rewrite was interrupted; the next writable open finishes it (SparseExtent). */
+  get descriptorPending (): boolean {
+    return this.extents.some(e => e instanceof SparseExtent && e.descriptorPending)
+  }
+
   /** read() as a plan (Extent.plan); false when closed or when an extent cannot plan. */
   plan (p: ReadPlan, pos: number, len: number): boolean {
     if (this.closed || pos + len > this.size) return false

@@ -834,6 +834,9 @@ export class SparseExtent implements Extent {
     return b
   }
 
+  /** An interrupted rewrite of the embedded descriptor awaits a writable open (read from its intent). */
+  get descriptorPending (): boolean { return this.pendingDescriptor !== undefined }
+
   /** The embedded descriptor text, or undefined when the extent carries none. */
   async readDescriptor (): Promise<string | undefined> {
     const h = this.header
