@@ -341,7 +341,11 @@ async function benchCommit (dir: string, chain: TestChain): Promise<void> {
       online.push(Number(process.hrtime.bigint() - t0) / 1e9)
       // the server deletes the merged redo log after answering: the same end state as
       // qemu-img commit + rm is when it is gone
-      while (readdirSync(vm).some(f => f.endsWith('.redofs-dropped'))) await sleep(2)
+      const deadline = Date.now() + 60_000
+      while (readdirSync(vm).some(f => f.endsWith('.redofs-dropped'))) {
+        if (Date.now() > deadline) throw new Error(`the server did not delete the merged redo log in ${vm} within 60 s`)
+        await sleep(2)
+      }
       onlineGone.push(Number(process.hrtime.bigint() - t0) / 1e9)
     } finally {
       await srv.stop()

@@ -36,3 +36,17 @@ export function failPoint (name: string): void {
   e.code = 'EIO'
   throw e
 }
+
+/**
+ * REDOFS_DELAY=a:ms,b:ms: every delayPoint named a waits ms milliseconds, for the tests of work
+ * that runs in the background (so a test can hold it open). Without the variable a no-op.
+ */
+const delays = new Map((process.env.REDOFS_DELAY ?? '').split(',').filter(s => s !== '').map(s => {
+  const [name, ms] = s.split(':')
+  return [name, Number(ms)] as const
+}))
+
+export async function delayPoint (name: string): Promise<void> {
+  const ms = delays.get(name)
+  if (ms !== undefined && ms > 0) await new Promise(resolve => setTimeout(resolve, ms))
+}

@@ -107,6 +107,24 @@ test.serial('commit wait=0 returns at once; status shows the running job with it
   t.true(c.same, `content after the commit: ${c.detail}`)
 })
 
+test.serial('the merged redo log is deleted after the command answers, and the next change waits for that (deletion held open 1.5 s here)', async t => {
+  const r = await ctx.tmp()
+  const c = await storeChain(r, 16 * M, [
+    { writes: [{ pattern: 0x31, offset: 0, length: 4 * M }] },
+    { writes: [{ pattern: 0x32, offset: M, length: 4 * M }] }
+  ])
+  const s = await ctx.mount(c.store, path.join(r, 'mnt'), [], { REDOFS_DELAY: 'reap:1500' })
+  try {
+    const dropped = async (): Promise<string[]> => (await readdir(c.vmDir)).filter(f => f.includes('redofs-'))
+    await s.commandOk('vm1', 'disk', 'commit', 'level=0')
+    t.deepEqual(await dropped(), [`${path.basename(c.files[1])}.redofs-dropped`], 'the commit answered before deleting')
+    await s.commandOk('vm1', 'disk', 'addredo')
+    t.deepEqual(await dropped(), [], 'addredo went ahead while the merged redo log was still being deleted')
+  } finally {
+    await s.stopClean(t)
+  }
+})
+
 test.serial('after unmount the base holds everything the mount served and passes qemu-img check', async t => {
   await srv.stopClean(t)
   const after = path.join(root, 'after.raw')

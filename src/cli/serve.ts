@@ -150,20 +150,38 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
 }
 
 /**
- * Delete the entries of servers that are gone (killed hard: nothing removed their entry). An
- * entry stays while a process with its pid and start time runs, so a live server's is never
- * touched, and one whose pid was reused by another process goes.
+ * Delete this user's entries of servers that are gone (killed hard: nothing removed their
+ * entry). An entry stays while a process with its pid and start time runs, so a live server's
+ * is never touched and one whose pid was reused by another process goes; when /proc does not
+ * show the process (hidepid, another pid namespace) the entry stays if the pid exists at all.
+ * The file is read again just before the unlink: a server starting on the same mountpoint may
+ * have just written its own.
  */
 async function pruneRegistry (): Promise<void> {
+  const uid = process.getuid?.()
   for (const name of await readdir(REGISTRY).catch(() => [] as string[])) {
     if (!name.endsWith('.json')) continue
     const file = join(REGISTRY, name)
     try {
-      const e = JSON.parse(await readFile(file, 'utf8')) as Partial<Served>
-      if (typeof e.pid === 'number' && processStart(e.pid) === e.start) continue
+      if ((await stat(file)).uid !== uid) continue
+      const text = await readFile(file, 'utf8')
+      const e = JSON.parse(text) as Partial<Served>
+      if (typeof e.pid !== 'number' || serverAlive(e.pid, e.start)) continue
+      if (await readFile(file, 'utf8') !== text) continue
       await unlink(file)
       log.fs('deleted the registry entry of a server that is gone: %s', file)
     } catch { /* unreadable or already gone: leave it to whoever wrote it */ }
+  }
+}
+
+function serverAlive (pid: number, start: number | undefined): boolean {
+  const now = processStart(pid)
+  if (now !== undefined) return start === undefined || now === start
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM'
   }
 }
 

@@ -5,7 +5,7 @@
 import { open, readdir, rename, realpath, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
-import { failPoint, faultPoint } from '../fault'
+import { delayPoint, failPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
@@ -436,6 +436,7 @@ export const DROPPED = '.redofs-dropped'
  * behind (missing ones are fine too) is deleted at the next writable open.
  */
 export async function reapDropped (paths: string[]): Promise<void> {
+  await delayPoint('reap')
   for (const p of paths) {
     if (!p.endsWith(DROPPED)) throw new Error(`${p}: not a dropped file`)
     try {

@@ -258,6 +258,7 @@ export class Disk {
         return
       }
       case 'poweroff': {
+        if (this.closing) throw new RedoError('EBUSY', `${this.vm}/${this.name}: the store is being unmounted`)
         const w = text.trim()
         if (w !== 'keep' && w !== 'commit' && w !== 'discard') throw new RedoError('EINVAL', `poweroff: expected keep, commit or discard, got "${w}"`)
         this.poweroff = w
@@ -432,8 +433,7 @@ export class Disk {
 
   private async doCommit (plan: { levels: number[], freeze: boolean, force: boolean }, st: JobState): Promise<void> {
     const run = async (): Promise<void> => {
-      for (const level of plan.levels) {
-        await this.reaped() // the space check sees what the previous level freed
+      for (const [n, level] of plan.levels.entries()) {
         const i = this.chain.redoCount - level
         const merged = this.frozen[i - 1]
         let r: Awaited<ReturnType<typeof commit>>
@@ -454,7 +454,9 @@ export class Disk {
               this.frozen.splice(i - 1, 1)
               this.shape++
             }),
-            reap: files => this.reapLater(files)
+            // only the last level's file in the background: the next level's space check must
+            // see what this one freed (and live I/O may be held off meanwhile: not waited for)
+            reap: n === plan.levels.length - 1 ? files => this.reapLater(files) : undefined
           })
         } catch (e) {
           // a commit that stopped may have changed the merged generation: it gets a new
@@ -466,6 +468,7 @@ export class Disk {
         if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: commit merged generation ${i - 1} away`)
       }
     }
+    await this.reaped() // before any hold: an earlier job's deletion does not stall live I/O
     this.ctl.freezing = plan.freeze
     if (plan.freeze) await this.gate.freezeLive(run)
     else await run()
