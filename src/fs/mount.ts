@@ -6,13 +6,13 @@ import { open as openAsync, statfs as statfsAsync, type FileHandle } from 'node:
 import { join } from 'node:path'
 import type Fuse from 'fuse-native'
 import { RedoError } from '../errors'
+import { setPlannedReads } from '../formats/extent'
 import { log } from '../log'
 import { USAGE } from '../store/args'
 import type { Disk, Generation } from '../store/disk'
 import type { Store } from '../store/store'
 import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel, planCounter } from './fuse'
 import { FH_CLASSIC, READ_PLAN, WorkerReads } from './plans'
-import { setPlannedReads } from '../formats/extent'
 import { resolvePath, type Node } from './tree'
 
 const S_IFDIR = 0o040000

@@ -454,8 +454,8 @@ export class Disk {
               this.frozen.splice(i - 1, 1)
               this.shape++
             }),
-            // only the last level's file in the background: the next level's space check must
-            // see what this one freed (and live I/O may be held off meanwhile: not waited for)
+            // only the last level's file is deleted in the background: the levels before delete
+            // theirs within the job, since the next level's space check must see that space
             reap: n === plan.levels.length - 1 ? files => this.reapLater(files) : undefined
           })
         } catch (e) {
