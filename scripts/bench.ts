@@ -264,7 +264,7 @@ async function writeMatrix (targets: Target[], src: string, modes: ReadonlyArray
         }
       }
       for (const t of targets) out[t.name][`${mode} ${w.label}`] = cell(xs.get(t.name) as number[], 'MB/s')
-      log(`  ${mode.padEnd(9)} ${w.label.padEnd(4)} MB/s: ` + targets.map(t => `${t.name} ${fmt(out[t.name][`${mode} ${w.label}`].median)}`).join(', '))
+      log(`  ${mode.padEnd(18)} ${w.label.padEnd(4)} MB/s: ` + targets.map(t => `${t.name} ${fmt(out[t.name][`${mode} ${w.label}`].median)}`).join(', '))
     }
   }
   return out
