@@ -74,43 +74,48 @@ export class Index {
     return lo
   }
 
+  /**
+   * Walk [pos, pos+len) segment by segment, in order: `visit(s, q, n)` for n bytes at q, with s
+   * undefined in the gaps. Stops when visit returns false (and returns false).
+   */
+  private walk (pos: number, len: number, visit: (s: Segment | undefined, q: number, n: number) => boolean): boolean {
+    const end = pos + len
+    let q = pos
+    for (let k = this.find(pos); q < end; k++) {
+      const s = this.segments[k]
+      if (s === undefined || s.start >= end) return visit(undefined, q, end - q)
+      if (s.start > q) {
+        if (!visit(undefined, q, s.start - q)) return false
+        q = s.start
+      }
+      const n = Math.min(end, s.end) - q
+      if (!visit(s, q, n)) return false
+      q += n
+    }
+    return true
+  }
+
   /** Read [pos, pos+len) through the layers: one read per segment, zeros in the gaps. */
   async read (layers: Layer[], buf: Buffer, off: number, pos: number, len: number): Promise<void> {
-    const end = pos + len
     const jobs: Array<Promise<void>> = []
-    let p = pos
     let err: RedoError | undefined
-    for (let k = this.find(pos); p < end; k++) {
-      const s = this.segments[k]
-      if (s === undefined || s.start >= end) { buf.fill(0, off + p - pos, off + len); break }
-      if (s.start > p) { buf.fill(0, off + p - pos, off + s.start - pos); p = s.start }
-      const n = Math.min(end, s.end) - p
-      if (s.state === 'data') jobs.push(layers[s.layer].read(buf, off + p - pos, p, n))
-      else if (s.state === 'zero') buf.fill(0, off + p - pos, off + p - pos + n)
-      else { err = new RedoError('EIO', `${layers[s.layer].path}: damaged grain at byte ${p} of the disk`, layers[s.layer].path); break }
-      p += n
-    }
+    this.walk(pos, len, (s, q, n) => {
+      const at = off + q - pos
+      if (s === undefined || s.state === 'zero') buf.fill(0, at, at + n)
+      else if (s.state === 'data') jobs.push(layers[s.layer].read(buf, at, q, n))
+      else {
+        err = new RedoError('EIO', `${layers[s.layer].path}: damaged grain at byte ${q} of the disk`, layers[s.layer].path)
+        return false
+      }
+      return true
+    })
     await settleAll(jobs)
     if (err !== undefined) throw err
   }
 
   /** read() as a plan (Extent.plan); false where a damaged grain or a layer says no. */
   plan (layers: Layer[], p: ReadPlan, pos: number, len: number): boolean {
-    const end = pos + len
-    let q = pos
-    for (let k = this.find(pos); q < end; k++) {
-      const s = this.segments[k]
-      if (s === undefined || s.start >= end) return p.zero(end - q)
-      if (s.start > q) {
-        if (!p.zero(s.start - q)) return false
-        q = s.start
-      }
-      const n = Math.min(end, s.end) - q
-      const ok = s.state === 'data' ? layers[s.layer].plan(p, q, n) : s.state === 'zero' && p.zero(n)
-      if (!ok) return false
-      q += n
-    }
-    return true
+    return this.walk(pos, len, (s, q, n) => s === undefined || s.state === 'zero' ? p.zero(n) : s.state === 'data' && layers[s.layer].plan(p, q, n))
   }
 
   allocatedBytes (): number {

@@ -66,53 +66,21 @@ export function runsOfGrains (g: GrainTables): Run[] {
 }
 
 /**
- * Read [pos, pos+len): unallocated and zeroed grains read as zeros, damaged ones fail with EIO
- * (after every read already issued has finished with the caller's buffer).
+ * Walk [pos, pos+len) as runs, in order: `data(filePos, at, n)` for bytes that lie back to back
+ * in the file, `zero(at, n)` for unallocated and zeroed grains (`at`: offset from pos). Stops
+ * when a callback returns false (returns -1) or at a damaged grain (returns its number);
+ * otherwise returns -2.
  */
-export async function readGrains (g: GrainTables, fh: FileHandle, buf: Buffer, off: number, pos: number, len: number): Promise<void> {
-  const gb = g.grainBytes
-  const end = pos + len
-  const reads: Array<Promise<void>> = []
-  let runFile = -1
-  let runBuf = 0
-  let runLen = 0
-  const flush = (): void => {
-    if (runLen > 0) reads.push(readExact(fh, g.path, buf, runBuf, runLen, runFile))
-    runLen = 0
-  }
-  for (let p = pos; p < end;) {
-    const grain = Math.floor(p / gb)
-    const inGrain = p - grain * gb
-    const n = Math.min(end - p, gb - inGrain)
-    const e = entryOf(g, grain)
-    const bo = off + (p - pos)
-    if (e === 0 || e === 1) {
-      flush()
-      buf.fill(0, bo, bo + n)
-    } else if (e === BAD) {
-      flush()
-      await settleAll(reads)
-      throw new RedoError('EIO', `${g.path}: grain ${grain} is damaged (its table entry points past the end of the file)`, g.path)
-    } else {
-      const fo = e * SECTOR + inGrain
-      if (runLen > 0 && runFile + runLen === fo) runLen += n
-      else { flush(); runFile = fo; runBuf = bo; runLen = n }
-    }
-    p += n
-  }
-  flush()
-  await settleAll(reads)
-}
-
-/** readGrains as a plan: one entry per run of grains back to back in the file. */
-export function planGrains (g: GrainTables, fd: number, p: ReadPlan, pos: number, len: number): boolean {
+function walkGrains (g: GrainTables, pos: number, len: number, data: (filePos: number, at: number, n: number) => boolean, zero: (at: number, n: number) => boolean): number {
   const gb = g.grainBytes
   const end = pos + len
   let runFile = -1
+  let runAt = 0
   let runLen = 0
+  let zeroAt = 0
   let zeros = 0
   const flush = (): boolean => {
-    const ok = (runLen === 0 || p.data(fd, runFile, runLen)) && (zeros === 0 || p.zero(zeros))
+    const ok = (runLen === 0 || data(runFile, runAt, runLen)) && (zeros === 0 || zero(zeroAt, zeros))
     runLen = 0
     zeros = 0
     return ok
@@ -123,16 +91,40 @@ export function planGrains (g: GrainTables, fd: number, p: ReadPlan, pos: number
     const n = Math.min(end - q, gb - inGrain)
     const e = entryOf(g, grain)
     if (e === 0 || e === 1) {
-      if (runLen > 0 && !flush()) return false
+      if (runLen > 0 && !flush()) return -1
+      if (zeros === 0) zeroAt = q - pos
       zeros += n
     } else if (e === BAD) {
-      return false
+      return flush() ? grain : -1
     } else {
       const fo = e * SECTOR + inGrain
       if (runLen > 0 && runFile + runLen === fo) runLen += n
-      else { if (!flush()) return false; runFile = fo; runLen = n }
+      else {
+        if (!flush()) return -1
+        runFile = fo
+        runAt = q - pos
+        runLen = n
+      }
     }
     q += n
   }
-  return flush()
+  return flush() ? -2 : -1
+}
+
+/**
+ * Read [pos, pos+len): unallocated and zeroed grains read as zeros, damaged ones fail with EIO
+ * (after every read already issued has finished with the caller's buffer).
+ */
+export async function readGrains (g: GrainTables, fh: FileHandle, buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+  const reads: Array<Promise<void>> = []
+  const bad = walkGrains(g, pos, len,
+    (filePos, at, n) => { reads.push(readExact(fh, g.path, buf, off + at, n, filePos)); return true },
+    (at, n) => { buf.fill(0, off + at, off + at + n); return true })
+  await settleAll(reads)
+  if (bad >= 0) throw new RedoError('EIO', `${g.path}: grain ${bad} is damaged (its table entry points past the end of the file)`, g.path)
+}
+
+/** readGrains as a plan (Extent.plan): false at a damaged grain or when the plan is full. */
+export function planGrains (g: GrainTables, fd: number, p: ReadPlan, pos: number, len: number): boolean {
+  return walkGrains(g, pos, len, (filePos, _at, n) => p.data(fd, filePos, n), (_at, n) => p.zero(n)) === -2
 }

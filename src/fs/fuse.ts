@@ -61,7 +61,7 @@ export function patchLevel (): number {
 /** Level 4's count of worker-side reads completed per epoch (src/fs/plans.ts), if loaded. */
 export function planCounter (): ((epoch: number) => number) | undefined {
   const b = addon()
-  return patchLevel() >= 4 && typeof b?.redofs_plans_completed === 'function' ? b.redofs_plans_completed : undefined
+  return (b?.redofs_patch_level ?? 0) >= 4 && typeof b?.redofs_plans_completed === 'function' ? b.redofs_plans_completed : undefined
 }
 
 interface Addon { redofs_patch_level?: number, redofs_plans_completed?: (epoch: number) => number }
