@@ -7,7 +7,9 @@
  *            whenever all are busy and ends workers when more than ten are idle, so every
  *            burst starts and ends ~P-10 threads. Bounded by --waves and --churn-seconds.
  *   measure: fio, one job, O_DIRECT: sequential 128 KiB reads and random 4 KiB reads, each for
- *            --measure-seconds.
+ *            --measure-seconds; the first round (fresh mount) and the last one measure three
+ *            times and keep the median, so that the first-vs-last ratio does not hang on one
+ *            2-second sample on a noisy machine.
  *
  * A preload (dist/scripts/native/handle-probe.js) counts fuse-native's per-thread control
  * blocks in the server, i.e. the uv_async_t handles on the loop. The stock 2.2.6 addon gets a
@@ -45,9 +47,12 @@ export interface SoakRound {
   /** bursts run in this round's churn phase, and their rate */
   bursts: number
   burstsPerS: number
-  /** measured after the churn phase */
+  /** measured after the churn phase (the median of three in the first and the last round) */
   seq128kMBps: number
   rand4kIops: number
+  /** every measurement of the round */
+  seqSamples: number[]
+  randSamples: number[]
 }
 
 export interface SoakVariant {
@@ -55,7 +60,7 @@ export interface SoakVariant {
   addon: string
   patchLevel: number | null
   rounds: SoakRound[]
-  /** round 0 (fresh mount, no churn yet) vs the median of the last two rounds */
+  /** round 0 (fresh mount, no churn yet) vs the last round, each the median of three measurements */
   first: { seq128kMBps: number, rand4kIops: number, burstsPerS: number }
   last: { seq128kMBps: number, rand4kIops: number, burstsPerS: number }
   ratio: { seq128kMBps: number, rand4kIops: number, burstsPerS: number }
@@ -130,8 +135,13 @@ export async function soakVariant (chain: TestChain, variant: 'patched' | 'stock
       let c = { bursts: 0, seconds: 0 }
       if (r > 0) c = await churn(file, o, r)
       await sleep(250)
-      const seq = await fioSeq(file, o.measureSeconds)
-      const rand = await fioRandRead(file, { seconds: o.measureSeconds })
+      const seqSamples: number[] = []
+      const randSamples: number[] = []
+      const times = r === 0 || r === o.rounds - 1 ? 3 : 1
+      for (let k = 0; k < times; k++) {
+        seqSamples.push(Math.round(await fioSeq(file, o.measureSeconds)))
+        randSamples.push(Math.round((await fioRandRead(file, { seconds: o.measureSeconds })).iops))
+      }
       await sleep(250)
       const row: SoakRound = {
         round: r,
@@ -140,19 +150,22 @@ export async function soakVariant (chain: TestChain, variant: 'patched' | 'stock
         threads: threadsOf(server.child.pid as number),
         bursts: c.bursts,
         burstsPerS: c.seconds > 0 ? Math.round(c.bursts / c.seconds) : NaN,
-        seq128kMBps: Math.round(seq),
-        rand4kIops: Math.round(rand.iops)
+        seq128kMBps: median(seqSamples),
+        rand4kIops: median(randSamples),
+        seqSamples,
+        randSamples
       }
       rounds.push(row)
       log(`soak ${variant} round ${String(r).padStart(2)}: t=${String(row.elapsedS).padStart(5)}s handles=${String(row.blocks).padStart(6)} ` +
-        `bursts=${String(row.bursts).padStart(4)} (${String(row.burstsPerS).padStart(4)}/s) seq128k=${String(row.seq128kMBps).padStart(5)} MB/s rand4k=${String(row.rand4kIops).padStart(6)} IOPS`)
+        `bursts=${String(row.bursts).padStart(4)} (${String(row.burstsPerS).padStart(4)}/s) seq128k=${String(row.seq128kMBps).padStart(5)} MB/s rand4k=${String(row.rand4kIops).padStart(6)} IOPS` +
+        (times > 1 ? ` (medians of ${seqSamples.join('/')} and ${randSamples.join('/')})` : ''))
     }
     dataIntact = (await digest(file, 64 * MiB)) === before
     if (!dataIntact) log(`soak ${variant}: DATA MISMATCH after the soak`)
     const pf = readProbe()
     const pick = (rs: SoakRound[], k: keyof SoakRound): number => median(rs.map(x => x[k] as number).filter(v => !Number.isNaN(v)))
     const head = rounds.slice(0, 1)
-    const tail = rounds.slice(-2)
+    const tail = rounds.slice(-1)
     // bursts/s: round 0 has no churn, compare the first and last churn rounds
     const churnRounds = rounds.filter(x => x.round > 0)
     const first = { seq128kMBps: pick(head, 'seq128kMBps'), rand4kIops: pick(head, 'rand4kIops'), burstsPerS: pick(churnRounds.slice(0, 2), 'burstsPerS') }
