@@ -20,7 +20,7 @@ STAMP=$PKG/build/redofs-patch.stamp
 # sha256 of fuse-native.c as published in fuse-native 2.2.6
 PRISTINE_SHA=e20f3726f19bc22613377b6b2e1516d8aacec09eca2ae79398cae612db7da7e8
 EXPECTED_VERSION=2.2.6
-PATCH_LEVEL=4
+PATCH_LEVEL=5
 
 mode=build
 case "${1:-}" in

@@ -1,10 +1,17 @@
 /**
- * Worker-side read plans (src/fs/plans.ts): the bytes the patched addon decodes, and the epoch
- * wait that keeps a layer from closing a descriptor a plan still names. The addon's side runs
- * in every e2e read test; here the completion count is driven by hand to pin the ordering.
+ * Worker-side read and write plans (src/fs/plans.ts): the bytes the patched addon decodes, the
+ * epoch wait that keeps a layer from closing a descriptor a plan still names, and a flush that
+ * waits for planned overwrites before it syncs. The addon's side runs in the e2e read and
+ * worker-write tests; here the completion count is driven by hand to pin the ordering.
  */
 import test from 'ava'
-import { WorkerReads } from '../src/fs/plans'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { createSparseLayer } from '../src/formats/create'
+import { setPlannedIo } from '../src/formats/extent'
+import { Layer } from '../src/formats/layer'
+import { WorkerIo } from '../src/fs/plans'
 
 function entries (buf: Buffer): Array<[number, number, number]> {
   const out: Array<[number, number, number]> = []
@@ -16,7 +23,7 @@ function entries (buf: Buffer): Array<[number, number, number]> {
 }
 
 test('a plan is a header and (offset, fd, length) entries; neighbouring runs of one file and runs of zeros merge', t => {
-  const w = new WorkerReads(() => 0)
+  const w = new WorkerIo(() => 0)
   const buf = Buffer.alloc(4096, 0xee)
   const ok = w.plan(buf, 4096, p => {
     t.true(p.data(7, 5 * 2 ** 32 + 100, 10))
@@ -33,7 +40,7 @@ test('a plan is a header and (offset, fd, length) entries; neighbouring runs of 
 })
 
 test('a plan is refused when it does not add up, names no descriptor, or outgrows the buffer', t => {
-  const w = new WorkerReads(() => 0)
+  const w = new WorkerIo(() => 0)
   t.false(w.plan(Buffer.alloc(4096), 4096, p => { p.zero(10); return 11 }), 'entries cover 10 bytes, 11 promised')
   t.false(w.plan(Buffer.alloc(4096), 4096, p => p.data(-1, 0, 10) ? 10 : -1), 'a closed descriptor (-1)')
   t.false(w.plan(Buffer.alloc(4096), 4096, () => -1), 'the disk said no')
@@ -45,7 +52,7 @@ test('a plan is refused when it does not add up, names no descriptor, or outgrow
 
 test('drain() waits for every plan issued before it, and not for those issued after', async t => {
   const done = [0, 0]
-  const w = new WorkerReads(epoch => done[epoch])
+  const w = new WorkerIo(epoch => done[epoch])
   const issue = (): number => {
     const buf = Buffer.alloc(64)
     t.true(w.plan(buf, 64, p => p.zero(8) ? 8 : -1))
@@ -77,7 +84,7 @@ test('drain() waits for every plan issued before it, and not for those issued af
 
 test('the addon counts for the whole process: a second mount starts from what an earlier one left', async t => {
   const done = [5, 3] // plans of an earlier mount in this process
-  const w = new WorkerReads(epoch => done[epoch])
+  const w = new WorkerIo(epoch => done[epoch])
   await w.drain() // nothing issued by this one: returns at once
   const buf = Buffer.alloc(64)
   t.true(w.plan(buf, 64, p => p.zero(8) ? 8 : -1))
@@ -89,4 +96,70 @@ test('the addon counts for the whole process: a second mount starts from what an
   done[e]++
   await d
   t.true(drained)
+})
+
+test('write plans: a slot holds (state 1, count, epoch) and descriptor runs only; a busy slot is skipped; a table of the wrong size is not used', t => {
+  const table = new ArrayBuffer(256 * 272)
+  const w = new WorkerIo(() => 0, table)
+  const view = Buffer.from(table)
+  t.is(w.planWrite(20, p => (p.data(9, 4096, 8) && p.data(9, 4104, 12)) ? 20 : -1), 0, 'the first slot')
+  t.is(view.readUInt32LE(0), 1, 'filled')
+  t.is(view.readUInt32LE(4), 1, 'one entry: the two runs are contiguous')
+  t.is(view.readUInt32LE(8), 0, 'epoch 0')
+  t.deepEqual([view.readUInt32LE(16), view.readInt32LE(24), view.readUInt32LE(28)], [4096, 9, 20])
+  t.is(w.planWrite(8, p => p.zero(8) ? 8 : -1), -1, 'zeros mean nothing in a write')
+  t.is(w.planWrite(8, p => p.data(3, 0, 4) ? 4 : -1), -1, 'a plan must cover the whole write')
+  t.is(w.planWrite(17 * 2, p => Array.from({ length: 17 }, (_, i) => p.data(3, i * 10, 2)).every(Boolean) ? 34 : -1), -1, 'at most 16 entries')
+  // slot 0 still filled (no worker took it): the next plans go elsewhere, until a worker frees it
+  const slots = new Set<number>()
+  for (let i = 0; i < 255; i++) slots.add(w.planWrite(4, p => p.data(3, 0, 4) ? 4 : -1))
+  t.false(slots.has(0))
+  t.false(slots.has(-1))
+  t.is(slots.size, 255)
+  t.is(w.planWrite(4, p => p.data(3, 0, 4) ? 4 : -1), -1, 'every slot busy: the write is done the ordinary way')
+  view.writeUInt32LE(0, 7 * 272) // a worker copied slot 7's plan out
+  t.is(w.planWrite(4, p => p.data(3, 0, 4) ? 4 : -1), 7)
+  t.is(new WorkerIo(() => 0, new ArrayBuffer(100)).planWrite(4, p => p.data(3, 0, 4) ? 4 : -1), -1)
+  t.is(new WorkerIo(() => 0).planWrite(4, p => p.data(3, 0, 4) ? 4 : -1), -1, 'no table (patch level 4)')
+})
+
+test('a sparse layer plans overwrites only of allocated grains and only in a started session; its flush waits for the planned writes before it syncs', async t => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
+  try {
+    const file = path.join(dir, 'd.vmdk')
+    await createSparseLayer(file, 4 * 1024 * 1024)
+    const layer = await Layer.open(file, { writable: true })
+    const runs: Array<[number, number, number]> = []
+    const plan = { data: (fd: number, pos: number, len: number) => { runs.push([fd, pos, len]); return true }, zero: () => false }
+    t.false(layer.planWrite(plan, 0, 4096), 'nothing allocated yet')
+    await layer.write(Buffer.alloc(128 * 1024, 1), 0, 0, 128 * 1024, async (b, o, _p, l) => { b.fill(0, o, o + l) })
+    t.true(layer.planWrite(plan, 4096, 8192), 'inside the grains just written')
+    t.is(runs.length, 1)
+    t.is(runs[0][2], 8192)
+    t.false(layer.planWrite(plan, 120 * 1024, 16 * 1024), 'runs past the allocated grains')
+    // the flush must wait for the planned write's worker
+    let release!: () => void
+    let drains = 0
+    setPlannedIo(async () => { drains++; await new Promise<void>(resolve => { release = resolve }) })
+    try {
+      let flushed = false
+      const f = layer.flush().then(() => { flushed = true })
+      await new Promise(resolve => setTimeout(resolve, 50))
+      t.is(drains, 1, 'the flush asked for the planned writes to be done')
+      t.false(flushed, 'and does not go on (to the sync) before they are')
+      release()
+      await f
+      t.true(flushed)
+      setPlannedIo(async () => { drains++ })
+      await layer.flush()
+      t.is(drains, 1, 'no planned write since: the next flush does not wait')
+      await layer.endSession()
+      t.false(layer.planWrite(plan, 4096, 8192), 'the session ended: the next write starts a new one first')
+    } finally {
+      setPlannedIo(undefined)
+      await layer.close()
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
 })

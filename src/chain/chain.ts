@@ -157,6 +157,14 @@ export class Chain {
     for (const r of rs) if (r.status === 'rejected') throw r.reason
   }
 
+  /**
+   * write() as a plan (Layer.planWrite): true when every byte of it is an overwrite in place in
+   * the top layer, planned for the FUSE workers; false when write() must do it.
+   */
+  planWrite (p: ReadPlan, pos: number, len: number): boolean {
+    return pos + len <= this.size && this.top.writable && this.topChildren.length === 0 && this.top.planWrite(p, pos, len)
+  }
+
   /** Write into the top layer (the live generation). */
   async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
     if (pos + len > this.size) throw new RedoError('ENOSPC', `write of ${len} bytes at ${pos} goes past the capacity (${this.size} bytes)`)

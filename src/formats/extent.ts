@@ -41,6 +41,13 @@ export interface Extent {
    * plan): the caller then reads, and reports what is wrong.
    */
   plan (p: ReadPlan, pos: number, len: number): boolean
+  /**
+   * Say where an overwrite of [pos, pos+len) goes instead of writing it (p.data runs only),
+   * when every byte of it already has its place in the file; the extent then counts as written
+   * (its next flush waits for the planned writes, then syncs). False when it cannot: the caller
+   * then writes. Extents without it are always written by the caller.
+   */
+  planWrite? (p: ReadPlan, pos: number, len: number): boolean
   /** Write [pos, pos+len), allocating grains; `below` fills the rest of a new grain. */
   write (buf: Buffer, off: number, pos: number, len: number, below: ReadBelow): Promise<void>
   /** Mark the extent open for writing on disk (uncleanShutdown) before the first change. */
@@ -59,24 +66,26 @@ export interface Extent {
 /**
  * Where the bytes of a read are, for a reader that does the I/O itself (the FUSE server's
  * worker threads, src/fs/plans.ts): runs of a descriptor and runs of zeros, in order. Both
- * return false once the plan is full.
+ * return false once the plan is full. An overwrite's plan (Extent.planWrite) has descriptor
+ * runs only.
  */
 export interface ReadPlan {
   data (fd: number, pos: number, len: number): boolean
   zero (len: number): boolean
 }
 
-let plannedReads: (() => Promise<void>) | undefined
+let plannedIo: (() => Promise<void>) | undefined
 
 /**
- * Install the wait for reads planned so far (Extent.plan) to be done by whoever took the plans.
- * A layer waits for it before it closes its descriptors (a number reused by the next open would
- * be read instead), and I/O holds wait for it as for reads in flight (src/store/gate.ts).
+ * Install the wait for reads and overwrites planned so far (Extent.plan, Extent.planWrite) to be
+ * done by whoever took the plans. A layer waits for it before it closes its descriptors (a
+ * number reused by the next open would be read or written instead), I/O holds wait for it as
+ * for I/O in flight (src/store/gate.ts), and an extent's flush before it syncs.
  */
-export function setPlannedReads (fn: (() => Promise<void>) | undefined): void { plannedReads = fn }
+export function setPlannedIo (fn: (() => Promise<void>) | undefined): void { plannedIo = fn }
 
-/** Resolve once every read planned before the call has been done (at once when none can be). */
-export async function plannedReadsDone (): Promise<void> { if (plannedReads !== undefined) await plannedReads() }
+/** Resolve once every read and write planned before the call has been done (at once when none can be). */
+export async function plannedIoDone (): Promise<void> { if (plannedIo !== undefined) await plannedIo() }
 
 /** pread exactly len bytes or fail with EIO naming the file (short files are damage, not zeros). */
 export async function readExact (fh: FileHandle, path: string, buf: Buffer, off: number, len: number, pos: number): Promise<void> {

@@ -2,7 +2,7 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { DataSync, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, plannedIoDone, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
 
 export class FlatExtent implements Extent {
   readonly kind = 'flat' as const
@@ -11,6 +11,8 @@ export class FlatExtent implements Extent {
   private readonly durable: DataSync
   readonly grainBytes: number
   private dirty = false
+  /** overwrites were handed to the FUSE workers since the last flush (planWrite) */
+  private writesPlanned = false
 
   private constructor (
     readonly path: string,
@@ -64,6 +66,14 @@ export class FlatExtent implements Extent {
     return this.base + pos + len <= this.fileSize && p.data(this.fh.fd, this.base + pos, len)
   }
 
+  /** An overwrite in place as a plan (Extent.planWrite): inside the file as it is now. */
+  planWrite (p: ReadPlan, pos: number, len: number): boolean {
+    if (!this.writable || this.base + pos + len > this.fileSize || !p.data(this.fh.fd, this.base + pos, len)) return false
+    this.dirty = true
+    this.writesPlanned = true
+    return true
+  }
+
   async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
     if (!this.writable) throw new RedoError('EROFS', `${this.path}: opened read-only`, this.path)
     await writeExact(this.fh, buf, off, len, this.base + pos)
@@ -73,6 +83,11 @@ export class FlatExtent implements Extent {
 
   async beginWrite (): Promise<void> {}
   async flush (): Promise<void> {
+    if (this.writesPlanned) {
+      // overwrites the FUSE workers may not have done yet: the sync below must cover them
+      this.writesPlanned = false
+      await plannedIoDone()
+    }
     if (!this.dirty) return
     this.dirty = false
     try {

@@ -10,7 +10,7 @@ import { log } from '../log'
 import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
 import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
-import { ZeroExtent, plannedReadsDone, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { ZeroExtent, plannedIoDone, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { FlatExtent } from './flat'
 import { KDMV_MAGIC, SparseExtent, descriptorIntentPath } from './sparse'
 
@@ -44,6 +44,8 @@ export class Layer {
   /** Extent start offsets in bytes, plus the total at the end. */
   private readonly starts: number[]
   private sessionStarted: Promise<void> | null = null
+  /** beginSession's work is done: writes planned for the FUSE workers may go ahead */
+  private sessionReady = false
   private closed = false
 
   private constructor (
@@ -235,13 +237,25 @@ export class Layer {
 
   /** read() as a plan (Extent.plan); false when closed or when an extent cannot plan. */
   plan (p: ReadPlan, pos: number, len: number): boolean {
+    return this.planEach(pos, len, (e, rel, n) => e.plan(p, rel, n))
+  }
+
+  /**
+   * An overwrite as a plan (Extent.planWrite): only once this write session's first change has
+   * reached the disk (beginSession), and only where every byte already has its place.
+   */
+  planWrite (p: ReadPlan, pos: number, len: number): boolean {
+    return this.writable && this.sessionReady && this.planEach(pos, len, (e, rel, n) => e.planWrite?.(p, rel, n) === true)
+  }
+
+  private planEach (pos: number, len: number, f: (e: Extent, rel: number, n: number) => boolean): boolean {
     if (this.closed || pos + len > this.size) return false
     const end = pos + len
     for (let q = pos; q < end;) {
       const i = this.extentAt(q)
       const rel = q - this.starts[i]
       const n = Math.min(end - q, this.extents[i].size - rel)
-      if (!this.extents[i].plan(p, rel, n)) return false
+      if (!f(this.extents[i], rel, n)) return false
       q += n
     }
     return true
@@ -271,6 +285,7 @@ export class Layer {
           await this.saveDescriptor(d)
         }
         log.formats('%s: write session started, CID %s', this.path, this.descriptor.get('CID'))
+        this.sessionReady = true
       })()
       this.sessionStarted.catch(() => { this.sessionStarted = null })
     }
@@ -304,6 +319,7 @@ export class Layer {
   async endSession (): Promise<void> {
     if (this.sessionStarted === null) return
     await this.sessionStarted.catch(() => {})
+    this.sessionReady = false
     for (const e of this.extents) await e.endWrite()
     this.sessionStarted = null
   }
@@ -314,7 +330,7 @@ export class Layer {
       await this.endSession()
     } finally {
       this.closed = true
-      await plannedReadsDone().catch(() => {})
+      await plannedIoDone().catch(() => {})
       const seen = new Set<Extent>()
       for (const e of this.extents) if (!seen.has(e)) { seen.add(e); await e.close().catch(() => {}) }
     }
@@ -364,7 +380,7 @@ export class Layer {
   private async closeWithoutFlush (): Promise<void> {
     if (this.closed) return
     this.closed = true
-    await plannedReadsDone().catch(() => {})
+    await plannedIoDone().catch(() => {})
     for (const e of new Set(this.extents)) await e.close().catch(() => {})
   }
 }

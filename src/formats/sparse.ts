@@ -11,7 +11,7 @@ import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { DataSync, Mutex, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, plannedIoDone, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
 import { BAD, entryOf, lookupGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
@@ -229,6 +229,8 @@ export class SparseExtent implements Extent {
   private nextAlloc: number
   private readonly dirtyGTs = new Set<number>()
   private dataDirty = false
+  /** overwrites were handed to the FUSE workers since the last flush (planWrite) */
+  private writesPlanned = false
   private allocated = 0
   private readonly mutex = new Mutex()
   private readonly flushMutex = new Mutex()
@@ -614,6 +616,24 @@ export class SparseExtent implements Extent {
     }
   }
 
+  /** An overwrite in place as a plan (Extent.planWrite): every grain it touches allocated. */
+  planWrite (p: ReadPlan, pos: number, len: number): boolean {
+    if (!this.writable || !this.allAllocated(pos, len)) return false
+    const gb = this.grainBytes
+    const end = pos + len
+    for (let q = pos; q < end;) {
+      const grain = Math.floor(q / gb)
+      const inGrain = q - grain * gb
+      const n = Math.min(end - q, gb - inGrain)
+      if (!p.data(this.fh.fd, this.entry(grain) * SECTOR + inGrain, n)) return false
+      q += n
+    }
+    // as writeInPlace does after its writes: set now, and flush waits for the plans first
+    this.dataDirty = true
+    this.writesPlanned = true
+    return true
+  }
+
   private allAllocated (pos: number, len: number): boolean {
     const gb = this.grainBytes
     const last = Math.floor((pos + len - 1) / gb)
@@ -679,6 +699,11 @@ export class SparseExtent implements Extent {
     // is set in memory only after its data was written, so every entry in the snapshot points
     // at data the first datasync covers. Writes go on while the tables reach the disk.
     await this.flushMutex.run(async () => {
+      if (this.writesPlanned) {
+        // overwrites the FUSE workers may not have done yet: the sync below must cover them
+        this.writesPlanned = false
+        await plannedIoDone()
+      }
       if (this.dirtyGTs.size === 0 && !this.dataDirty) return
       const per = this.header.numGTEsPerGT
       const tables = [...this.dirtyGTs].filter(gdi => !this.badTables.has(gdi)).map(gdi => {

@@ -50,7 +50,7 @@ export function once<T extends unknown[]> (op: string, cb: (code: number, ...res
  * Patch level of the loaded fuse-native addon (0: the stock prebuild). Level 1 fixes the async
  * handle leak; level 2 also honours per-open cache flags carried in the file handle's high
  * bits; level 3 keeps idle worker threads instead of ending them; level 4 lets the worker
- * threads do reads JS planned (src/fs/plans.ts; see scripts/native/).
+ * threads do reads JS planned, level 5 overwrites too (src/fs/plans.ts; see scripts/native/).
  * Loaded the way fuse-native loads it, so it is the same addon.
  */
 export function patchLevel (): number {
@@ -64,7 +64,13 @@ export function planCounter (): ((epoch: number) => number) | undefined {
   return (b?.redofs_patch_level ?? 0) >= 4 && typeof b?.redofs_plans_completed === 'function' ? b.redofs_plans_completed : undefined
 }
 
-interface Addon { redofs_patch_level?: number, redofs_plans_completed?: (epoch: number) => number }
+/** Level 5's table of write plans (src/fs/plans.ts), if loaded. */
+export function writePlanTable (): ArrayBuffer | undefined {
+  const b = addon()
+  return (b?.redofs_patch_level ?? 0) >= 5 && typeof b?.redofs_write_plans === 'function' ? b.redofs_write_plans() : undefined
+}
+
+interface Addon { redofs_patch_level?: number, redofs_plans_completed?: (epoch: number) => number, redofs_write_plans?: () => ArrayBuffer }
 
 function addon (): Addon | undefined {
   try {

@@ -6,13 +6,13 @@ import { open as openAsync, statfs as statfsAsync, type FileHandle } from 'node:
 import { join } from 'node:path'
 import type Fuse from 'fuse-native'
 import { RedoError } from '../errors'
-import { setPlannedReads } from '../formats/extent'
+import { setPlannedIo } from '../formats/extent'
 import { log } from '../log'
 import { USAGE } from '../store/args'
 import type { Disk, Generation } from '../store/disk'
 import type { Store } from '../store/store'
-import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel, planCounter } from './fuse'
-import { FH_CLASSIC, READ_PLAN, WorkerReads } from './plans'
+import { FH_DIRECT_IO, FH_KEEP_CACHE, FH_MASK, TunedFuse, once, patchLevel, planCounter, writePlanTable } from './fuse'
+import { FH_CLASSIC, READ_PLAN, WRITE_PLAN, WorkerIo } from './plans'
 import { resolvePath, type Node } from './tree'
 
 const S_IFDIR = 0o040000
@@ -38,8 +38,11 @@ export interface MountOptions {
   debug?: boolean
   /** Kernel readahead window of the mounted files, bytes; set by serve (0: the kernel's 128 KiB). */
   readahead?: number
-  /** Worker-side reads (src/fs/plans.ts) when the addon has them; false: JS reads everything. */
-  workerReads?: boolean
+  /**
+   * Worker-side reads and overwrites (src/fs/plans.ts) when the addon has them; false: JS reads
+   * and writes everything.
+   */
+  workerIo?: boolean
 }
 
 /**
@@ -72,8 +75,8 @@ export class RedoMount {
   private readonly barrierTurns = new Map<Disk, Promise<void>>()
   private barriersRunning = 0
   private readonly barrierQueue: Array<() => void> = []
-  /** Worker-side reads (src/fs/plans.ts), set up at mount when the addon has them. */
-  private plans: WorkerReads | null = null
+  /** Worker-side reads and overwrites (src/fs/plans.ts), set up at mount when the addon has them. */
+  private plans: WorkerIo | null = null
 
   constructor (readonly store: Store, readonly mnt: string, readonly opts: MountOptions = {}) {}
 
@@ -89,12 +92,12 @@ export class RedoMount {
       subtype: 'redofs',
       debug: this.opts.debug === true
     }, extra)
-    const counter = this.opts.workerReads === false ? undefined : planCounter()
+    const counter = this.opts.workerIo === false ? undefined : planCounter()
     if (counter !== undefined) {
-      const plans = new WorkerReads(counter)
+      const plans = new WorkerIo(counter, writePlanTable())
       this.plans = plans
       // from now on layers that close and I/O holds wait for the plans given out before
-      setPlannedReads(async () => await plans.drain())
+      setPlannedIo(async () => await plans.drain())
     }
     await new Promise<void>((resolve, reject) => fuse.mount(err => err !== null && err !== undefined ? reject(err) : resolve()))
     this.fuse = fuse
@@ -185,6 +188,27 @@ export class RedoMount {
       // the flag stays set: the next open of the file drops the pages
       d.notice(`could not drop the kernel's cached pages of ${d.name}.img (${(e as Error).message}); descriptors opened before the change may read old data until the file is opened again`)
     }
+  }
+
+  /** A write done here, by JS (the worker-side plan declined or failed, or other files). */
+  private writeOrdinary (fh: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void): void {
+    once('write', cb, async () => {
+      const h = this.handle(fh)
+      if (h === undefined) return -9
+      if (h.kind === 'image') {
+        if (!h.write) return -9
+        if (fh >= FH_CLASSIC) log.fs('%s: a worker-side write of %d bytes at %d failed; writing it here', h.path, len, pos)
+        if (pos >= h.disk.size) return -28 // ENOSPC: a block device does not grow
+        // a write across the end stops there, as on a block device (the caller gets ENOSPC next)
+        const n = Math.min(len, h.disk.size - pos)
+        await h.disk.write(buf, 0, pos, n)
+        return n
+      }
+      if (h.kind !== 'command') return EACCES
+      const text = buf.toString('utf8', 0, len)
+      await this.runCommand(h.node, text)
+      return len
+    })
   }
 
   /** A read done here, by JS (the worker-side plan declined or failed, or other files). */
@@ -327,22 +351,22 @@ export class RedoMount {
         }
         this.readOrdinary(fh, buf, len, pos, cb)
       },
-      write: (_path, fh, buf, len, pos, cb) => once('write', cb, async () => {
-        const h = this.handle(fh)
-        if (h === undefined) return -9
-        if (h.kind === 'image') {
-          if (!h.write) return -9
-          if (pos >= h.disk.size) return -28 // ENOSPC: a block device does not grow
-          // a write across the end stops there, as on a block device (the caller gets ENOSPC next)
-          const n = Math.min(len, h.disk.size - pos)
-          await h.disk.write(buf, 0, pos, n)
-          return n
+      write: (_path, fh, buf, len, pos, cb) => {
+        const plans = this.plans
+        if (plans !== null && fh < FH_CLASSIC) {
+          const h = this.handle(fh)
+          if (h?.kind === 'image' && h.write && pos + len <= h.disk.size) {
+            let slot = -1
+            try {
+              slot = plans.planWrite(len, p => h.disk.planWrite(p, pos, len))
+            } catch (e) {
+              log.fs('write plan failed (writing the ordinary way): %s', (e as Error).message)
+            }
+            if (slot >= 0) { cb(WRITE_PLAN + slot); return }
+          }
         }
-        if (h.kind !== 'command') return EACCES
-        const text = buf.toString('utf8', 0, len)
-        await this.runCommand(h.node, text)
-        return len
-      }),
+        this.writeOrdinary(fh, buf, len, pos, cb)
+      },
       release: (_path, fh, cb) => once('release', cb, async () => {
         const h = this.handle(fh)
         this.handles.delete(fh & FH_MASK)

@@ -1,5 +1,5 @@
 /**
- * Worker-side reads (addon patch level 4, scripts/native/). The server's read handler does not
+ * Worker-side reads and overwrites (addon patch levels 4 and 5, scripts/native/). The server's read handler does not
  * read: it writes into the request buffer where the bytes are (descriptor and offset, or zeros)
  * and answers READ_PLAN; the libfuse worker thread that carries the request then reads them
  * itself. A read then costs the JS thread one hand-off instead of three (no trip to a thread
@@ -9,24 +9,36 @@
  * Layout, as the addon reads it: a header (u32 count, u32 epoch, u64 0), then count entries of
  * (i64 offset, i32 fd or -1 for zeros, u32 length) that fill the reply back to back.
  *
+ * Overwrites of data that is already allocated in the live layer go the same way (level 5): the
+ * write handler puts the plan (descriptor and offset per run, no zeros) into a slot of a table
+ * shared with the addon and answers WRITE_PLAN + slot; the worker copies the plan out, frees the
+ * slot (state word back to 0) and pwrites the request's bytes. Allocating writes stay with JS
+ * (a new grain's table entry may only be set once its data is written).
+ *
  * Descriptors: the worker uses the numbers after the handler returned, so a layer must not close
  * one while a plan naming it is still being read (the number could name the next file opened).
  * Plans are counted per epoch, issued here and completed by the addon; drain() starts a new
  * epoch and waits until every plan of the old one is complete. Layers call it before they
- * close, and I/O holds before they let a chain change (setPlannedReads).
+ * close, and I/O holds before they let a chain change (setPlannedIo).
  */
 import type { ReadPlan } from '../formats/extent'
 import { log } from '../log'
 
 /** What a handler answers when it wrote a plan instead of data. */
 export const READ_PLAN = 0x40000000
-/** File handle bit the addon sets when a plan failed: read it the ordinary way this time. */
+/** What a write handler answers, plus the slot, when it put a plan into the slot table. */
+export const WRITE_PLAN = 0x20000000
+/** File handle bit the addon sets when a plan failed: read or write it the ordinary way this time. */
 export const FH_CLASSIC = 0x80000000
+
+/** The addon's write-plan table: 256 slots of a 16-byte header and 16 entries. */
+const SLOTS = 256
+const SLOT_BYTES = 16 + 16 * 16
 
 const HEADER = 16
 const ENTRY = 16
 
-/** Encodes a plan into a request buffer; reused for every request. */
+/** Encodes a plan into a request buffer or a write slot; reused for every request. */
 class PlanWriter implements ReadPlan {
   private buf: Buffer = Buffer.alloc(0)
   private at = HEADER
@@ -35,12 +47,15 @@ class PlanWriter implements ReadPlan {
   private max = 0
   private lastFd = -2
   private lastEnd = 0
+  private zeros = true
 
-  reset (buf: Buffer, len: number): void {
+  /** Start a plan in buf (the request buffer, or a slot of the write-plan table) with room for len bytes. */
+  reset (buf: Buffer, len: number, zeros = true): void {
     this.buf = buf
     this.at = HEADER
     this.count = 0
     this.bytes = 0
+    this.zeros = zeros
     this.max = Math.floor((len - HEADER) / ENTRY)
     this.lastFd = -2
     this.lastEnd = 0
@@ -51,7 +66,8 @@ class PlanWriter implements ReadPlan {
     return this.add(fd, pos, len)
   }
 
-  zero (len: number): boolean { return this.add(-1, 0, len) }
+  /** Zeros in a read's reply; a write plan has no use for them. */
+  zero (len: number): boolean { return this.zeros && this.add(-1, 0, len) }
 
   private add (fd: number, pos: number, len: number): boolean {
     if (len <= 0) return true
@@ -76,29 +92,46 @@ class PlanWriter implements ReadPlan {
     return true
   }
 
-  /** Write the header; false when the entries do not add up to the `n` bytes promised. */
-  finish (epoch: number, n: number): boolean {
+  /**
+   * Write the header; false when the entries do not add up to the `n` bytes promised. A read's
+   * header starts (u32 count, u32 epoch, u64 0); a write slot's (u32 state = 1, u32 count,
+   * u32 epoch, u32 0), the state word written last.
+   */
+  finish (epoch: number, n: number, slot = false): boolean {
     if (this.count === 0 || this.bytes !== n) return false
-    this.buf.writeUInt32LE(this.count, 0)
-    this.buf.writeUInt32LE(epoch, 4)
-    this.buf.writeUInt32LE(0, 8)
-    this.buf.writeUInt32LE(0, 12)
+    const b = this.buf
+    if (slot) {
+      b.writeUInt32LE(this.count, 4)
+      b.writeUInt32LE(epoch, 8)
+      b.writeUInt32LE(0, 12)
+      b.writeUInt32LE(1, 0)
+    } else {
+      b.writeUInt32LE(this.count, 0)
+      b.writeUInt32LE(epoch, 4)
+      b.writeUInt32LE(0, 8)
+      b.writeUInt32LE(0, 12)
+    }
     return true
   }
 }
 
-export class WorkerReads {
+export class WorkerIo {
   private epoch = 0
   private readonly issued: number[]
   private draining: Promise<void> | null = null
   private readonly writer = new PlanWriter()
+  /** the addon's write-plan slots (level 5), or null: overwrites are then done by JS */
+  private readonly slots: Buffer | null
+  private nextSlot = 0
 
   /**
    * `completed(epoch)`: plans of that epoch the addon has finished (a wrapping u32, counted for
-   * the whole process: a mount before this one may have left it above 0).
+   * the whole process: a mount before this one may have left it above 0). `slotTable`: the
+   * addon's write-plan table, when it has one.
    */
-  constructor (private readonly completed: (epoch: number) => number) {
+  constructor (private readonly completed: (epoch: number) => number, slotTable?: ArrayBuffer) {
     this.issued = [completed(0), completed(1)]
+    this.slots = slotTable !== undefined && slotTable.byteLength === SLOTS * SLOT_BYTES ? Buffer.from(slotTable) : null
   }
 
   /**
@@ -112,6 +145,29 @@ export class WorkerReads {
     if (n <= 0 || !this.writer.finish(this.epoch, n)) return false
     this.issued[this.epoch] = (this.issued[this.epoch] + 1) >>> 0
     return true
+  }
+
+  /**
+   * Let `fill` plan a write of len bytes (it returns the bytes planned, or -1 to write the
+   * ordinary way). The slot's number when the plan is in place and the handler must answer
+   * WRITE_PLAN + slot now; -1 otherwise (no table, every slot busy, declined).
+   */
+  planWrite (len: number, fill: (p: ReadPlan) => number): number {
+    const t = this.slots
+    if (t === null) return -1
+    for (let tries = 0; tries < SLOTS; tries++) {
+      const slot = this.nextSlot
+      this.nextSlot = (slot + 1) % SLOTS
+      // 0: the worker that had this slot copied its plan out (it clears the word after that)
+      if (t.readUInt32LE(slot * SLOT_BYTES) !== 0) continue
+      const at = t.subarray(slot * SLOT_BYTES, (slot + 1) * SLOT_BYTES)
+      this.writer.reset(at, SLOT_BYTES, false)
+      const n = fill(this.writer)
+      if (n !== len || !this.writer.finish(this.epoch, n, true)) return -1
+      this.issued[this.epoch] = (this.issued[this.epoch] + 1) >>> 0
+      return slot
+    }
+    return -1
   }
 
   /**
@@ -136,7 +192,7 @@ export class WorkerReads {
     while (this.completed(old) !== this.issued[old]) {
       if (!warned && Date.now() - started > 10_000) {
         warned = true
-        log.fs('still waiting for %d worker-side read(s) before closing a file', (this.issued[old] - this.completed(old)) >>> 0)
+        log.fs('still waiting for %d worker-side read(s) or write(s)', (this.issued[old] - this.completed(old)) >>> 0)
       }
       // plans finish within a request's time: look again at once a few times, then every ms
       await new Promise(resolve => spins++ < 10 ? setImmediate(resolve) : setTimeout(resolve, 1))

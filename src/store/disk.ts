@@ -155,13 +155,25 @@ export class Disk {
    * -1 when read() must answer (I/O held off, a generation gone, damage...). Planned and handed
    * over synchronously, so no layer switch can come between; I/O holds wait for the plans given
    * out as for reads in flight, and a layer waits for them before it closes its descriptors
-   * (setPlannedReads).
+   * (setPlannedIo).
    */
   planRead (gen: Generation | 'live', p: ReadPlan, pos: number, len: number): number {
     const live = gen === 'live'
     if (!this.gate.isOpen(live)) return -1
     const g = live ? this.chain.redoCount : this.indexOf(gen)
     return g < 0 ? -1 : this.chain.plan(g, p, pos, len)
+  }
+
+  /**
+   * write() as a plan for the FUSE server's worker threads (Layer.planWrite): the bytes it covers
+   * (all of len), or -1 when write() must do it (I/O held off, a new grain to allocate...).
+   * Only overwrites in place, so neither the redo log's size nor its tables change.
+   */
+  planWrite (p: ReadPlan, pos: number, len: number): number {
+    if (!this.writable || pos + len > this.size || !this.gate.isOpen(true) || !this.chain.planWrite(p, pos, len)) return -1
+    this.liveMtime = new Date()
+    this.scheduleFlush()
+    return len
   }
 
   async write (buf: Buffer, off: number, pos: number, len: number): Promise<void> {

@@ -4,7 +4,7 @@
  * the gate is closed at unmount.
  */
 import { RedoError } from '../errors'
-import { plannedReadsDone } from '../formats/extent'
+import { plannedIoDone } from '../formats/extent'
 
 export class IoGate {
   private liveHold: Promise<void> | null = null
@@ -58,7 +58,7 @@ export class IoGate {
   async close (why: string): Promise<void> {
     this.closedBy = why
     await this.waitFor(() => this.all === 0)
-    await plannedReadsDone()
+    await plannedIoDone()
   }
 
   /** Run fn with live I/O held off (frozen generations keep being served). */
@@ -79,7 +79,7 @@ export class IoGate {
     try {
       await this.waitFor(drained)
       // reads the FUSE workers do from plans are in flight too, though no longer counted here
-      await plannedReadsDone()
+      await plannedIoDone()
       return await fn()
     } finally {
       this[kind] = null

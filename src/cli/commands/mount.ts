@@ -16,9 +16,9 @@ export const builder = (y: Argv): Argv => y
   .option('read-only', { type: 'boolean', default: false })
   .option('redo-format', { choices: ['sparse', 'cowd'], default: 'sparse', describe: 'format of the redo logs addredo creates' })
   .option('readahead', { type: 'string', describe: 'kernel readahead window of the mounted files (SIZE, default 1M; 0 keeps the kernel\'s 128K); needs root' })
-  .option('worker-reads', { type: 'boolean', default: true, describe: 'let the FUSE worker threads read the backing files (--no-worker-reads: the JS thread reads everything)' })
+  .option('worker-io', { type: 'boolean', default: true, alias: 'worker-reads', describe: 'let the FUSE worker threads read the backing files and overwrite data in place (--no-worker-io: the JS thread does all I/O)' })
 
-export const handler = action(async (a: GlobalArgs & { store: string, mnt: string, maxRedos: number, redoLimit?: string, redoLimitHard: boolean, allowOther: boolean, readOnly: boolean, redoFormat: RedoFormat, readahead?: string, workerReads: boolean }) => {
+export const handler = action(async (a: GlobalArgs & { store: string, mnt: string, maxRedos: number, redoLimit?: string, redoLimitHard: boolean, allowOther: boolean, readOnly: boolean, redoFormat: RedoFormat, readahead?: string, workerIo: boolean }) => {
   await serve(a.store, a.mnt, {
     readOnly: a.readOnly,
     ignoreCid: a.ignoreCid === true,
@@ -26,7 +26,7 @@ export const handler = action(async (a: GlobalArgs & { store: string, mnt: strin
     redoLimit: a.redoLimit !== undefined ? parseSize(a.redoLimit) : undefined,
     redoLimitHard: a.redoLimitHard,
     redoFormat: a.redoFormat
-  }, { allowOther: a.allowOther, workerReads: a.workerReads, readahead: a.readahead !== undefined ? parseSize(a.readahead) : undefined }, msg => process.stdout.write(`${msg}\n`))
+  }, { allowOther: a.allowOther, workerIo: a.workerIo, readahead: a.readahead !== undefined ? parseSize(a.readahead) : undefined }, msg => process.stdout.write(`${msg}\n`))
   // keep running: the FUSE loop and signal handlers hold the process
   return await new Promise<number>(() => {})
 })

@@ -1,0 +1,147 @@
+/**
+ * Worker-side overwrites (addon patch level 5, src/fs/plans.ts): a write whose every byte
+ * already has its place in the live layer (allocated grains of a sparse redo log, a flat base)
+ * is planned by JS and written by the FUSE worker thread that carries it. Checked here: the
+ * workers do write the bytes (per-thread counters), the files left behind hold what was written
+ * (qemu-img convert, both extent kinds), allocating writes still go through JS, and a planned
+ * write that fails in the worker is written by JS instead (the addon's test hook
+ * REDOFS_FAIL_WORKER_WRITES=1 makes every one fail).
+ */
+import test from 'ava'
+import { randomBytes } from 'node:crypto'
+import { readdir, readFile, writeFile } from 'node:fs/promises'
+import path from 'node:path'
+import { createDisk, e2e, requireFuse, sh, type Server } from './helpers/mount'
+import { redofsOk } from './helpers/redofs'
+import { convertToRaw, describe, qemuCheck, sameContent } from './helpers/qemu'
+
+requireFuse(test)
+const ctx = e2e(test)
+
+const K = 1024
+const M = 1024 * K
+const SIZE = 32 * M
+
+/** Bytes the server's FUSE worker threads (named redofs-fuse) have written so far. */
+async function workerWrites (pid: number): Promise<{ threads: number, wchar: number }> {
+  let threads = 0
+  let wchar = 0
+  for (const tid of await readdir(`/proc/${pid}/task`)) {
+    try {
+      if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
+      wchar += Number(/^wchar:\s*(\d+)/m.exec(await readFile(`/proc/${pid}/task/${tid}/io`, 'utf8'))?.[1])
+      threads++
+    } catch { /* the thread ended meanwhile */ }
+  }
+  return { threads, wchar }
+}
+
+/** dd of `src` into `file` at `pos` in a child process (bs 64k, fsync at the end). */
+async function ddWrite (src: string, file: string, pos: number, len: number): Promise<void> {
+  const r = await sh('dd if="$1" of="$2" bs=64k iflag=count_bytes oflag=seek_bytes seek="$3" count="$4" conv=notrunc,fsync status=none', [src, file, String(pos), String(len)])
+  if (r.code !== 0) throw new Error(`dd into ${file}: ${describe(r)}`)
+}
+
+interface Setup { root: string, store: string, shadows: Record<string, string> }
+
+/**
+ * A store with two disks, both empty to start with: `sparse` (a sparse base frozen by an
+ * addredo: writes land in a sparse redo log) and `flat` (a monolithicFlat base, no redo log:
+ * writes land in the flat file). A raw shadow of each receives the same writes.
+ */
+async function setup (): Promise<Setup> {
+  const root = await ctx.tmp()
+  const store = path.join(root, 'store')
+  await createDisk(store, 'vm', 'sparse', '32M', 'sparse')
+  await redofsOk(['addredo', path.join(store, 'vm', 'sparse')])
+  await createDisk(store, 'vm', 'flat', '32M', 'flat')
+  const shadows: Record<string, string> = {}
+  for (const d of ['sparse', 'flat']) {
+    shadows[d] = path.join(root, `${d}.shadow`)
+    await writeFile(shadows[d], Buffer.alloc(SIZE))
+  }
+  return { root, store, shadows }
+}
+
+/** Write `len` random bytes at `pos` through the mount and into the shadow. */
+async function writeBoth (s: Setup, srv: Server, disk: string, pos: number, len: number): Promise<void> {
+  const src = path.join(s.root, 'src')
+  await writeFile(src, randomBytes(len))
+  await ddWrite(src, srv.img('vm', disk), pos, len)
+  const r = await sh('dd if="$1" of="$2" bs=64k oflag=seek_bytes seek="$3" conv=notrunc status=none', [src, s.shadows[disk], String(pos)])
+  if (r.code !== 0) throw new Error(describe(r))
+}
+
+/** After unmount: each disk's top converts to exactly its shadow, and qemu-img check passes. */
+async function filesHoldShadows (t: import('ava').ExecutionContext, s: Setup, label: string): Promise<void> {
+  const tops = { sparse: path.join(s.store, 'vm', 'sparse-000001.vmdk'), flat: path.join(s.store, 'vm', 'flat.vmdk') }
+  for (const [disk, top] of Object.entries(tops)) {
+    const raw = path.join(s.root, `${disk}.out`)
+    await convertToRaw(top, raw)
+    const c = await sameContent(raw, s.shadows[disk])
+    t.true(c.same, `${label}: qemu-img convert of ${path.basename(top)} equals every write made (${c.detail})`)
+    const chk = await qemuCheck(top)
+    t.is(chk.code, 0, `${label}: qemu-img check ${path.basename(top)}: ${describe(chk)}`)
+  }
+}
+
+test.serial('overwrites of data in place are written by the FUSE worker threads (sparse redo log and flat base); allocating writes and --no-worker-io are not; the files hold every write', async t => {
+  const run = async (args: string[], label: string): Promise<{ alloc: number, over: Record<string, number> }> => {
+    const s = await setup()
+    const srv = await ctx.mount(s.store, path.join(s.root, 'mnt'), args)
+    const pid = srv.proc.pid as number
+    let alloc = 0
+    const over: Record<string, number> = {}
+    try {
+      t.true((await workerWrites(pid)).threads > 0, `${label}: the server has threads named redofs-fuse (the patched addon's workers)`)
+      // 4 MiB of new grains in the sparse redo log: JS allocates them
+      let w0 = (await workerWrites(pid)).wchar
+      await writeBoth(s, srv, 'sparse', 3 * M + 4 * K, 4 * M)
+      alloc = (await workerWrites(pid)).wchar - w0
+      for (const disk of ['sparse', 'flat']) {
+        if (disk === 'flat') await writeBoth(s, srv, 'flat', 3 * M + 4 * K, 4 * M) // the flat file has its place already
+        // the same range again, and one at an odd offset inside it
+        w0 = (await workerWrites(pid)).wchar
+        await writeBoth(s, srv, disk, 3 * M + 4 * K, 4 * M)
+        await writeBoth(s, srv, disk, 5 * M + 1234, 300 * K)
+        over[disk] = (await workerWrites(pid)).wchar - w0
+      }
+      // what the mount serves now
+      for (const disk of ['sparse', 'flat']) {
+        const r = await sh('cmp "$1" "$2"', [srv.img('vm', disk), s.shadows[disk]])
+        t.is(r.code, 0, `${label}: ${disk}.img reads back every write: ${describe(r)}`)
+      }
+    } finally {
+      await srv.stopClean(t)
+    }
+    await filesHoldShadows(t, s, label)
+    return { alloc, over }
+  }
+  const planned = await run([], 'default')
+  // the workers write the overwritten bytes themselves (4.3 MiB per disk) besides the replies to
+  // the kernel (16 bytes each); for the allocating write only the replies (~1 KiB here)
+  t.true(planned.alloc < 64 * K, `default: the FUSE workers wrote ${planned.alloc} bytes during an allocating write of 4 MiB (JS writes new grains)`)
+  for (const disk of ['sparse', 'flat']) t.true(planned.over[disk] >= 4 * M, `default: the FUSE workers wrote ${planned.over[disk]} bytes while 4.3 MiB of ${disk} was overwritten`)
+  const ordinary = await run(['--no-worker-io'], '--no-worker-io')
+  for (const disk of ['sparse', 'flat']) t.true(ordinary.over[disk] < 64 * K, `--no-worker-io: the FUSE workers wrote ${ordinary.over[disk]} bytes (replies only) while ${disk} was overwritten`)
+})
+
+test.serial('a planned overwrite that fails in the worker is written by JS instead, which says so; the files hold every write', async t => {
+  const s = await setup()
+  const srv = await ctx.mount(s.store, path.join(s.root, 'mnt'), [], { REDOFS_FAIL_WORKER_WRITES: '1', DEBUG: 'redofs:fs' })
+  try {
+    await writeBoth(s, srv, 'sparse', 0, 2 * M)
+    await writeBoth(s, srv, 'flat', 0, 2 * M)
+    await writeBoth(s, srv, 'sparse', 64 * K, M)
+    await writeBoth(s, srv, 'flat', 64 * K + 512, M)
+    t.regex(srv.stderr, /vm\/sparse\.img: a worker-side write of \d+ bytes at \d+ failed; writing it here/, 'the sparse overwrite was planned, failed in the worker and went back to JS')
+    t.regex(srv.stderr, /vm\/flat\.img: a worker-side write of \d+ bytes at \d+ failed; writing it here/, 'the flat overwrite too')
+    for (const disk of ['sparse', 'flat']) {
+      const r = await sh('cmp "$1" "$2"', [srv.img('vm', disk), s.shadows[disk]])
+      t.is(r.code, 0, `${disk}.img reads back every write: ${describe(r)}`)
+    }
+  } finally {
+    await srv.stopClean(t)
+  }
+  await filesHoldShadows(t, s, 'failing worker writes')
+})
