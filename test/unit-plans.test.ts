@@ -8,8 +8,8 @@ import test from 'ava'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
-import { createSparseLayer } from '../src/formats/create'
-import { setPlannedIo } from '../src/formats/extent'
+import { createFlatLayer, createSparseLayer } from '../src/formats/create'
+import { DataSync, setPlannedIo } from '../src/formats/extent'
 import { Layer } from '../src/formats/layer'
 import { WorkerIo } from '../src/fs/plans'
 
@@ -123,6 +123,27 @@ test('write plans: a slot holds (state 1, count, epoch) and descriptor runs only
   t.is(new WorkerIo(() => 0).planWrite(4, p => p.data(3, 0, 4) ? 4 : -1), -1, 'no table (patch level 4)')
 })
 
+/** Count DataSync.sync calls (every extent's fdatasync) until restore(). */
+function countSyncs (): { n: number, restore: () => void } {
+  const orig = DataSync.prototype.sync
+  const c = { n: 0, restore: () => { DataSync.prototype.sync = orig } }
+  DataSync.prototype.sync = async function (this: DataSync) { c.n++; return await orig.call(this) }
+  return c
+}
+
+test('drain() waits for write plans too', async t => {
+  const done = [0, 0]
+  const w = new WorkerIo(epoch => done[epoch], new ArrayBuffer(256 * 272))
+  t.is(w.planWrite(4, p => p.data(3, 0, 4) ? 4 : -1), 0)
+  let drained = false
+  const d = w.drain().then(() => { drained = true })
+  await new Promise(resolve => setTimeout(resolve, 20))
+  t.false(drained, 'the planned write is outstanding')
+  done[0] = 1
+  await d
+  t.true(drained)
+})
+
 test('a sparse layer plans overwrites only of allocated grains and only in a started session; its flush waits for the planned writes before it syncs', async t => {
   const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
   try {
@@ -131,8 +152,9 @@ test('a sparse layer plans overwrites only of allocated grains and only in a sta
     const layer = await Layer.open(file, { writable: true })
     const runs: Array<[number, number, number]> = []
     const plan = { data: (fd: number, pos: number, len: number) => { runs.push([fd, pos, len]); return true }, zero: () => false }
-    t.false(layer.planWrite(plan, 0, 4096), 'nothing allocated yet')
+    t.false(layer.planWrite(plan, 0, 4096), 'no write session yet (its first change must reach the disk first)')
     await layer.write(Buffer.alloc(128 * 1024, 1), 0, 0, 128 * 1024, async (b, o, _p, l) => { b.fill(0, o, o + l) })
+    t.false(layer.planWrite(plan, 1024 * 1024, 4096), 'in the session, but nothing allocated there')
     t.true(layer.planWrite(plan, 4096, 8192), 'inside the grains just written')
     t.is(runs.length, 1)
     t.is(runs[0][2], 8192)
@@ -153,6 +175,27 @@ test('a sparse layer plans overwrites only of allocated grains and only in a sta
       setPlannedIo(async () => { drains++ })
       await layer.flush()
       t.is(drains, 1, 'no planned write since: the next flush does not wait')
+      // a write planned while a flush waits for the earlier ones may land after that flush's
+      // sync: the next flush must wait for it and sync again
+      const syncs = countSyncs()
+      try {
+        t.true(layer.planWrite(plan, 4096, 8192))
+        let hold!: () => void
+        setPlannedIo(async () => { await new Promise<void>(resolve => { hold = resolve }) })
+        const a = layer.flush()
+        await new Promise(resolve => setTimeout(resolve, 20))
+        t.true(layer.planWrite(plan, 16384, 4096), 'planned while the flush waits')
+        hold()
+        await a
+        const before = syncs.n
+        let waited = false
+        setPlannedIo(async () => { waited = true })
+        await layer.flush()
+        t.true(waited, 'the next flush waits for the write planned during the last one')
+        t.true(syncs.n > before, 'and syncs again')
+      } finally {
+        syncs.restore()
+      }
       await layer.endSession()
       t.false(layer.planWrite(plan, 4096, 8192), 'the session ended: the next write starts a new one first')
     } finally {
@@ -160,6 +203,38 @@ test('a sparse layer plans overwrites only of allocated grains and only in a sta
       await layer.close()
     }
   } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+
+test('a flat layer: overwrites plan inside the file; two flushes at once both return only after the sync that covers them', async t => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
+  const orig = DataSync.prototype.sync
+  try {
+    const file = path.join(dir, 'f.vmdk')
+    await createFlatLayer(file, 1024 * 1024)
+    const layer = await Layer.open(file, { writable: true })
+    try {
+      await layer.write(Buffer.alloc(4096, 2), 0, 0, 4096, async () => {})
+      const plan = { data: () => true, zero: () => false }
+      t.true(layer.planWrite(plan, 8192, 4096), 'the flat file has room for it')
+      t.false(layer.planWrite(plan, 1024 * 1024 - 4096, 8192), 'not past the capacity')
+      let synced = false
+      DataSync.prototype.sync = async function (this: DataSync) {
+        await new Promise(resolve => setTimeout(resolve, 50))
+        await orig.call(this)
+        synced = true
+      }
+      const a = layer.flush()
+      const b = layer.flush().then(() => synced)
+      await a
+      t.true(await b, 'the second flush found the flag taken by the first and still waited for its sync')
+    } finally {
+      DataSync.prototype.sync = orig
+      await layer.close()
+    }
+  } finally {
+    DataSync.prototype.sync = orig
     await rm(dir, { recursive: true, force: true })
   }
 })

@@ -2,7 +2,7 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { DataSync, plannedIoDone, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, plannedIoDone, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
 
 export class FlatExtent implements Extent {
   readonly kind = 'flat' as const
@@ -13,6 +13,7 @@ export class FlatExtent implements Extent {
   private dirty = false
   /** overwrites were handed to the FUSE workers since the last flush (planWrite) */
   private writesPlanned = false
+  private readonly flushMutex = new Mutex()
 
   private constructor (
     readonly path: string,
@@ -83,19 +84,24 @@ export class FlatExtent implements Extent {
 
   async beginWrite (): Promise<void> {}
   async flush (): Promise<void> {
-    if (this.writesPlanned) {
-      // overwrites the FUSE workers may not have done yet: the sync below must cover them
-      this.writesPlanned = false
-      await plannedIoDone()
-    }
-    if (!this.dirty) return
-    this.dirty = false
-    try {
-      await this.durable.sync()
-    } catch (e) {
-      this.dirty = true // and DataSync keeps failing: no later flush reports success
-      throw e
-    }
+    // one at a time: a flush that found the file clean because another had just taken the
+    // flag must not return before that one's sync has
+    await this.flushMutex.run(async () => {
+      if (this.writesPlanned) {
+        // overwrites the FUSE workers may not have done yet: the sync below must cover them
+        this.writesPlanned = false
+        await plannedIoDone()
+      }
+      if (!this.dirty) return
+      // an overwrite planned while the drain above waited may land after the sync below
+      this.dirty = this.writesPlanned
+      try {
+        await this.durable.sync()
+      } catch (e) {
+        this.dirty = true // and DataSync keeps failing: no later flush reports success
+        throw e
+      }
+    })
   }
 
   async endWrite (): Promise<void> { await this.flush() }

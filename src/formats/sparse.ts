@@ -712,7 +712,9 @@ export class SparseExtent implements Extent {
         return { gdi, bytes: Buffer.from(copy.buffer) }
       })
       this.dirtyGTs.clear()
-      this.dataDirty = false
+      // an overwrite planned while the drain above waited may land after the sync below: it
+      // leaves the extent dirty (and writesPlanned set) for the next flush
+      this.dataDirty = this.writesPlanned
       try {
         await this.durable.sync()
         if (tables.length === 0) return
