@@ -226,6 +226,7 @@ test('a flat layer: overwrites plan inside the file; two flushes at once both re
         synced = true
       }
       const a = layer.flush()
+      await new Promise(resolve => setTimeout(resolve, 10)) // the first flush is in its sync now
       const b = layer.flush().then(() => synced)
       await a
       t.true(await b, 'the second flush found the flag taken by the first and still waited for its sync')
