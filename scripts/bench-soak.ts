@@ -60,7 +60,10 @@ export interface SoakVariant {
   addon: string
   patchLevel: number | null
   rounds: SoakRound[]
-  /** round 0 (fresh mount, no churn yet) vs the last round, each the median of three measurements */
+  /**
+   * seq and rand: round 0 (fresh mount, no churn yet) vs the last round, each the median of
+   * three measurements; bursts/s: churn rounds 1-2 vs the last two (one churn phase per round)
+   */
   first: { seq128kMBps: number, rand4kIops: number, burstsPerS: number }
   last: { seq128kMBps: number, rand4kIops: number, burstsPerS: number }
   ratio: { seq128kMBps: number, rand4kIops: number, burstsPerS: number }
@@ -182,7 +185,7 @@ export async function soakVariant (chain: TestChain, variant: 'patched' | 'stock
 }
 
 export function soakOptions (quick: boolean, over: Partial<SoakOptions> = {}): SoakOptions {
-  return {
+  const o = {
     rounds: quick ? 5 : 8,
     waves: 400,
     parallel: 32,
@@ -190,6 +193,10 @@ export function soakOptions (quick: boolean, over: Partial<SoakOptions> = {}): S
     measureSeconds: 2,
     ...over
   }
+  // round 0 and the last are compared, and bursts/s of churn rounds 1-2 with the last two:
+  // fewer rounds would compare a round with itself
+  if (!Number.isInteger(o.rounds) || o.rounds < 5) throw new Error(`the soak needs at least 5 rounds (got ${o.rounds})`)
+  return o
 }
 
 export function soakTable (vs: SoakVariant[]): string {

@@ -415,7 +415,7 @@ async function benchOpen (dir: string): Promise<void> {
 
 async function benchSoak (chain: TestChain): Promise<void> {
   section('soak')
-  const o = soakOptions(quick, quick ? { rounds: 4 } : { rounds: 6 })
+  const o = soakOptions(quick, quick ? { rounds: 5 } : { rounds: 6 })
   const out: SoakVariant[] = []
   for (const v of ['stock', 'patched'] as const) out.push(await soakVariant(chain, v, o))
   results.soak = out
@@ -563,7 +563,7 @@ function report (): string {
     out.push(`### 2 TiB chain with 1 GiB allocated (median of ${SIZES.openRuns})`, '', '| mount (until "mounted") | RSS after mount | RSS after 64 scattered 1 MiB reads | peak RSS | bare node |', '| ---: | ---: | ---: | ---: | ---: |',
       `| ${fmt(O['mount ms'].median)} ms | ${fmt(O['RSS MiB'].median)} MiB | ${fmt(O['RSS after reads MiB'].median)} MiB | ${fmt(O['peak RSS MiB'].median)} MiB | ${fmt(O['bare node peak RSS MiB'].median)} MiB |`, '')
   }
-  if (results.soak !== undefined) out.push('### Handle-leak soak (first round vs last round, medians of three measurements each)', '', soakTable(results.soak), '')
+  if (results.soak !== undefined) out.push('### Handle-leak soak (seq and rand: first vs last round, medians of three measurements each; bursts/s: churn rounds 1-2 vs the last two)', '', soakTable(results.soak), '')
   // targets of the issue
   const t = results.targets
   const add = (target: string, v: number, goal: number, unit = '×', lower = false): void => {

@@ -161,6 +161,7 @@ test.serial('image reads are done by the FUSE worker threads themselves (they re
   for (let g = 0; g <= 2; g++) t.true(planned[g] >= M, `default: the FUSE workers read ${planned[g]} bytes while generation ${g} (${SIZE} bytes) was read through the mount`)
   const root = await ctx.tmp()
   const c = await storeChain(root, SIZE, [{ writes: FOUR_LEVELS[0] }, { writes: FOUR_LEVELS[1] }, { writes: FOUR_LEVELS[2] }])
+  // the option's old name, kept as an alias of --no-worker-io
   const s = await ctx.mount(c.store, path.join(root, 'mnt'), ['--no-worker-reads'])
   try {
     const ordinary = await check(s, '--no-worker-reads')

@@ -149,11 +149,15 @@ test('a sparse layer plans overwrites only of allocated grains and only in a sta
   try {
     const file = path.join(dir, 'd.vmdk')
     await createSparseLayer(file, 4 * 1024 * 1024)
+    const first = await Layer.open(file, { writable: true })
+    await first.write(Buffer.alloc(128 * 1024, 1), 0, 0, 128 * 1024, async (b, o, _p, l) => { b.fill(0, o, o + l) })
+    await first.close()
     const layer = await Layer.open(file, { writable: true })
     const runs: Array<[number, number, number]> = []
     const plan = { data: (fd: number, pos: number, len: number) => { runs.push([fd, pos, len]); return true }, zero: () => false }
-    t.false(layer.planWrite(plan, 0, 4096), 'no write session yet (its first change must reach the disk first)')
-    await layer.write(Buffer.alloc(128 * 1024, 1), 0, 0, 128 * 1024, async (b, o, _p, l) => { b.fill(0, o, o + l) })
+    t.false(layer.planWrite(plan, 4096, 8192), 'allocated, but no write session yet (its first change must reach the disk first)')
+    t.is(runs.length, 0)
+    await layer.write(Buffer.alloc(64 * 1024, 3), 0, 256 * 1024, 64 * 1024, async (b, o, _p, l) => { b.fill(0, o, o + l) })
     t.false(layer.planWrite(plan, 1024 * 1024, 4096), 'in the session, but nothing allocated there')
     t.true(layer.planWrite(plan, 4096, 8192), 'inside the grains just written')
     t.is(runs.length, 1)

@@ -6,7 +6,7 @@
 import type { FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { readExact, settleAll, type ReadPlan, type Run, type State } from './extent'
+import { readExact, settleAll, writeExact, type ReadPlan, type Run, type State } from './extent'
 
 /** In-memory marker for a grain table entry found damaged at open (never a valid entry). */
 export const BAD = 0xffffffff
@@ -122,6 +122,17 @@ export async function readGrains (g: GrainTables, fh: FileHandle, buf: Buffer, o
     (at, n) => { buf.fill(0, off + at, off + at + n); return true })
   await settleAll(reads)
   if (bad >= 0) throw new RedoError('EIO', `${g.path}: grain ${bad} is damaged (its table entry points past the end of the file)`, g.path)
+}
+
+/**
+ * Overwrite [pos, pos+len), every grain of which is allocated (the caller checked, in the same
+ * tick): one pwrite per run of grains that lie back to back in the file.
+ */
+export async function overwriteGrains (g: GrainTables, fh: FileHandle, buf: Buffer, off: number, pos: number, len: number): Promise<void> {
+  const writes: Array<Promise<void>> = []
+  const r = walkGrains(g, pos, len, (filePos, at, n) => { writes.push(writeExact(fh, buf, off + at, n, filePos)); return true }, () => false)
+  await settleAll(writes)
+  if (r !== -2) throw new RedoError('EIO', `${g.path}: an overwrite in place met a grain that is not allocated or is damaged`, g.path)
 }
 
 /** readGrains as a plan (Extent.plan): false at a damaged grain or when the plan is full. */

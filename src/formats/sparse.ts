@@ -13,7 +13,7 @@ import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
 import { DataSync, Mutex, plannedIoDone, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
-import { BAD, entryOf, lookupGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { BAD, entryOf, lookupGrains, overwriteGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const KDMV_MAGIC = 0x564d444b
 const GD_AT_END = 0xffffffffffffffffn
@@ -618,16 +618,7 @@ export class SparseExtent implements Extent {
 
   /** An overwrite in place as a plan (Extent.planWrite): every grain it touches allocated. */
   planWrite (p: ReadPlan, pos: number, len: number): boolean {
-    if (!this.writable || !this.allAllocated(pos, len)) return false
-    const gb = this.grainBytes
-    const end = pos + len
-    for (let q = pos; q < end;) {
-      const grain = Math.floor(q / gb)
-      const inGrain = q - grain * gb
-      const n = Math.min(end - q, gb - inGrain)
-      if (!p.data(this.fh.fd, this.entry(grain) * SECTOR + inGrain, n)) return false
-      q += n
-    }
+    if (!this.writable || !this.allAllocated(pos, len) || !planGrains(this.tables, this.fh.fd, p, pos, len)) return false
     // as writeInPlace does after its writes: set now, and flush waits for the plans first
     this.dataDirty = true
     this.writesPlanned = true
@@ -645,29 +636,8 @@ export class SparseExtent implements Extent {
   }
 
   private async writeInPlace (buf: Buffer, off: number, pos: number, len: number): Promise<void> {
-    const gb = this.grainBytes
-    const end = pos + len
-    let p = pos
-    const writes: Array<Promise<void>> = []
-    let runFile = -1
-    let runBuf = 0
-    let runLen = 0
-    while (p < end) {
-      const grain = Math.floor(p / gb)
-      const inGrain = p - grain * gb
-      const n = Math.min(end - p, gb - inGrain)
-      const fo = this.entry(grain) * SECTOR + inGrain
-      const bo = off + (p - pos)
-      if (runLen > 0 && runFile + runLen === fo) runLen += n
-      else {
-        if (runLen > 0) writes.push(writeExact(this.fh, buf, runBuf, runLen, runFile))
-        runFile = fo; runBuf = bo; runLen = n
-      }
-      p += n
-    }
-    if (runLen > 0) writes.push(writeExact(this.fh, buf, runBuf, runLen, runFile))
     try {
-      await settleAll(writes)
+      await overwriteGrains(this.tables, this.fh, buf, off, pos, len)
     } finally {
       // only now: a flush that took its snapshot while these writes were in flight may have
       // synced before they reached the page cache, so the next one must sync again

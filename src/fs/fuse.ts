@@ -58,7 +58,7 @@ export function patchLevel (): number {
   return typeof b?.redofs_patch_level === 'number' ? b.redofs_patch_level : 0
 }
 
-/** Level 4's count of worker-side reads completed per epoch (src/fs/plans.ts), if loaded. */
+/** The count of worker-side reads (level 4) and writes (level 5) completed per epoch (src/fs/plans.ts), if loaded. */
 export function planCounter (): ((epoch: number) => number) | undefined {
   const b = addon()
   return (b?.redofs_patch_level ?? 0) >= 4 && typeof b?.redofs_plans_completed === 'function' ? b.redofs_plans_completed : undefined
@@ -67,7 +67,14 @@ export function planCounter (): ((epoch: number) => number) | undefined {
 /** Level 5's table of write plans (src/fs/plans.ts), if loaded. */
 export function writePlanTable (): ArrayBuffer | undefined {
   const b = addon()
-  return (b?.redofs_patch_level ?? 0) >= 5 && typeof b?.redofs_write_plans === 'function' ? b.redofs_write_plans() : undefined
+  if ((b?.redofs_patch_level ?? 0) < 5 || typeof b?.redofs_write_plans !== 'function') return undefined
+  try {
+    return b.redofs_write_plans()
+  } catch (e) {
+    // a runtime that refuses external buffers: JS does the writes
+    log.fs('no worker-side writes: %s', (e as Error).message)
+    return undefined
+  }
 }
 
 interface Addon { redofs_patch_level?: number, redofs_plans_completed?: (epoch: number) => number, redofs_write_plans?: () => ArrayBuffer }

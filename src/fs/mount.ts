@@ -190,6 +190,15 @@ export class RedoMount {
     }
   }
 
+  /**
+   * A request a FUSE worker failed to do from its plan went right when JS did it: nothing was
+   * lost, but it should not happen (a plan naming the wrong descriptor, say), so status says so.
+   * When JS fails too, its error is reported the ordinary way.
+   */
+  private workerRetried (d: Disk, op: 'read' | 'write', path: string, len: number, pos: number): void {
+    d.notice(`a worker-side ${op} of ${len} bytes at ${pos} of ${path.slice(1)} failed; done again by JS, it succeeded`)
+  }
+
   /** A write done here, by JS (the worker-side plan declined or failed, or other files). */
   private writeOrdinary (fh: number, buf: Buffer, len: number, pos: number, cb: (n: number) => void): void {
     once('write', cb, async () => {
@@ -202,6 +211,7 @@ export class RedoMount {
         // a write across the end stops there, as on a block device (the caller gets ENOSPC next)
         const n = Math.min(len, h.disk.size - pos)
         await h.disk.write(buf, 0, pos, n)
+        if (fh >= FH_CLASSIC) this.workerRetried(h.disk, 'write', h.path, len, pos)
         return n
       }
       if (h.kind !== 'command') return EACCES
@@ -217,7 +227,11 @@ export class RedoMount {
       const h = this.handle(fh)
       if (h === undefined) return -9 // EBADF
       if (fh >= FH_CLASSIC) log.fs('%s: a worker-side read of %d bytes at %d failed; reading it here', h.kind === 'image' ? h.path : 'control file', len, pos)
-      if (h.kind === 'image') return await h.disk.read(h.gen, buf, 0, pos, len)
+      if (h.kind === 'image') {
+        const n = await h.disk.read(h.gen, buf, 0, pos, len)
+        if (fh >= FH_CLASSIC) this.workerRetried(h.disk, 'read', h.path, len, pos)
+        return n
+      }
       const data = h.kind === 'text' ? h.data : Buffer.from(this.usage(h.node))
       if (pos >= data.length) return 0
       return data.copy(buf, 0, pos, Math.min(data.length, pos + len))

@@ -78,7 +78,7 @@ export class IoGate {
     this[kind] = new Promise<void>(resolve => { release = resolve })
     try {
       await this.waitFor(drained)
-      // reads the FUSE workers do from plans are in flight too, though no longer counted here
+      // reads and writes the FUSE workers do from plans are in flight too, though not counted here
       await plannedIoDone()
       return await fn()
     } finally {

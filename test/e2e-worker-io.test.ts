@@ -1,11 +1,11 @@
 /**
- * Worker-side overwrites (addon patch level 5, src/fs/plans.ts): a write whose every byte
+ * Worker-side I/O, mostly overwrites (addon patch level 5, src/fs/plans.ts): a write whose every byte
  * already has its place in the live layer (allocated grains of a sparse redo log, a flat base)
  * is planned by JS and written by the FUSE worker thread that carries it. Checked here: the
  * workers do write the bytes (per-thread counters), the files left behind hold what was written
  * (qemu-img convert, both extent kinds), allocating writes still go through JS, and a planned
- * write that fails in the worker is written by JS instead (the addon's test hook
- * REDOFS_FAIL_WORKER_WRITES=1 makes every one fail).
+ * write or read that fails in the worker is done by JS instead (the addon's test hook
+ * REDOFS_FAIL_WORKER_IO=1 makes every one fail). Worker reads have their own tests in e2e-read.
  */
 import test from 'ava'
 import { randomBytes } from 'node:crypto'
@@ -126,9 +126,9 @@ test.serial('overwrites of data in place are written by the FUSE worker threads 
   for (const disk of ['sparse', 'flat']) t.true(ordinary.over[disk] < 64 * K, `--no-worker-io: the FUSE workers wrote ${ordinary.over[disk]} bytes (replies only) while ${disk} was overwritten`)
 })
 
-test.serial('a planned overwrite that fails in the worker is written by JS instead, which says so; the files hold every write', async t => {
+test.serial('planned overwrites and reads that fail in the worker are done by JS instead, which says so (log and status); the files hold every write', async t => {
   const s = await setup()
-  const srv = await ctx.mount(s.store, path.join(s.root, 'mnt'), [], { REDOFS_FAIL_WORKER_WRITES: '1', DEBUG: 'redofs:fs' })
+  const srv = await ctx.mount(s.store, path.join(s.root, 'mnt'), [], { REDOFS_FAIL_WORKER_IO: '1', DEBUG: 'redofs:fs' })
   try {
     await writeBoth(s, srv, 'sparse', 0, 2 * M)
     await writeBoth(s, srv, 'flat', 0, 2 * M)
@@ -137,11 +137,22 @@ test.serial('a planned overwrite that fails in the worker is written by JS inste
     t.regex(srv.stderr, /vm\/sparse\.img: a worker-side write of \d+ bytes at \d+ failed; writing it here/, 'the sparse overwrite was planned, failed in the worker and went back to JS')
     t.regex(srv.stderr, /vm\/flat\.img: a worker-side write of \d+ bytes at \d+ failed; writing it here/, 'the flat overwrite too')
     for (const disk of ['sparse', 'flat']) {
-      const r = await sh('cmp "$1" "$2"', [srv.img('vm', disk), s.shadows[disk]])
+      const st = await sh('cat "$1"', [srv.ctl('vm', disk, 'status')])
+      const notices = (JSON.parse(st.stdout) as { notices: string[] }).notices
+      t.true(notices.some(n => new RegExp(`a worker-side write of \\d+ bytes at \\d+ of vm/${disk}\\.img failed; done again by JS, it succeeded`).test(n)),
+        `${disk}'s status says a worker failed what JS then did (notices: ${JSON.stringify(notices)})`)
+    }
+    for (const disk of ['sparse', 'flat']) {
+      // O_DIRECT: every byte is a read request, each planned, failed by the worker, read by JS
+      const r = await sh('cmp <(dd if="$1" bs=1M iflag=direct status=none) "$2"', [srv.img('vm', disk), s.shadows[disk]])
       t.is(r.code, 0, `${disk}.img reads back every write: ${describe(r)}`)
     }
+    t.regex(srv.stderr, /vm\/sparse\.img: a worker-side read of \d+ bytes at \d+ failed; reading it here/, 'reads were planned, failed in the worker and went back to JS')
+    const st = await sh('cat "$1"', [srv.ctl('vm', 'sparse', 'status')])
+    const notices = (JSON.parse(st.stdout) as { notices: string[] }).notices
+    t.true(notices.some(n => /a worker-side read of \d+ bytes at \d+ of vm\/sparse\.img failed; done again by JS, it succeeded/.test(n)), `status says so for reads too (notices: ${JSON.stringify(notices)})`)
   } finally {
     await srv.stopClean(t)
   }
-  await filesHoldShadows(t, s, 'failing worker writes')
+  await filesHoldShadows(t, s, 'failing worker I/O')
 })
