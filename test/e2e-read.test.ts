@@ -3,9 +3,9 @@
  * `qemu-img convert -O raw` of that chain level, also for odd offsets and lengths.
  */
 import test from 'ava'
-import { readFile, readdir, stat } from 'node:fs/promises'
+import { readFile, stat } from 'node:fs/promises'
 import path from 'node:path'
-import { ddRange, e2e, mountInfo, preadInChild, requireFuse, sh, type Server } from './helpers/mount'
+import { ddRange, e2e, fuseWorkers, mountInfo, preadInChild, requireFuse, sh, type Server } from './helpers/mount'
 import { describe, sameContent } from './helpers/qemu'
 import { FOUR_LEVELS, convertAll, storeChain, type StoreChain } from './helpers/store'
 
@@ -118,21 +118,6 @@ test.serial('the mount sets the kernel readahead window of its files: 1 MiB by d
     }
   }
 })
-
-/** Threads of `pid` the patched addon named redofs-fuse (its FUSE workers), and what they read. */
-async function fuseWorkers (pid: number): Promise<{ threads: number, rchar: number }> {
-  let threads = 0
-  let rchar = 0
-  for (const tid of await readdir(`/proc/${pid}/task`)) {
-    try {
-      if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
-      const io = await readFile(`/proc/${pid}/task/${tid}/io`, 'utf8')
-      rchar += Number(/^rchar:\s*(\d+)/m.exec(io)?.[1])
-      threads++
-    } catch { /* the thread ended meanwhile */ }
-  }
-  return { threads, rchar }
-}
 
 /** O_DIRECT read of a whole file in a child: every byte is a request to the server. */
 async function directRead (file: string): Promise<string> {

@@ -9,9 +9,9 @@
  */
 import test from 'ava'
 import { randomBytes } from 'node:crypto'
-import { readdir, readFile, writeFile } from 'node:fs/promises'
+import { writeFile } from 'node:fs/promises'
 import path from 'node:path'
-import { createDisk, e2e, requireFuse, sh, type Server } from './helpers/mount'
+import { createDisk, e2e, fuseWorkers, requireFuse, sh, type Server } from './helpers/mount'
 import { redofsOk } from './helpers/redofs'
 import { convertToRaw, describe, qemuCheck, sameContent } from './helpers/qemu'
 
@@ -21,20 +21,6 @@ const ctx = e2e(test)
 const K = 1024
 const M = 1024 * K
 const SIZE = 32 * M
-
-/** Bytes the server's FUSE worker threads (named redofs-fuse) have written so far. */
-async function workerWrites (pid: number): Promise<{ threads: number, wchar: number }> {
-  let threads = 0
-  let wchar = 0
-  for (const tid of await readdir(`/proc/${pid}/task`)) {
-    try {
-      if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
-      wchar += Number(/^wchar:\s*(\d+)/m.exec(await readFile(`/proc/${pid}/task/${tid}/io`, 'utf8'))?.[1])
-      threads++
-    } catch { /* the thread ended meanwhile */ }
-  }
-  return { threads, wchar }
-}
 
 /** dd of `src` into `file` at `pos` in a child process (bs 64k, fsync at the end). */
 async function ddWrite (src: string, file: string, pos: number, len: number): Promise<void> {
@@ -93,18 +79,18 @@ test.serial('overwrites of data in place are written by the FUSE worker threads 
     let alloc = 0
     const over: Record<string, number> = {}
     try {
-      t.true((await workerWrites(pid)).threads > 0, `${label}: the server has threads named redofs-fuse (the patched addon's workers)`)
+      t.true((await fuseWorkers(pid)).threads > 0, `${label}: the server has threads named redofs-fuse (the patched addon's workers)`)
       // 4 MiB of new grains in the sparse redo log: JS allocates them
-      let w0 = (await workerWrites(pid)).wchar
+      let w0 = (await fuseWorkers(pid)).wchar
       await writeBoth(s, srv, 'sparse', 3 * M + 4 * K, 4 * M)
-      alloc = (await workerWrites(pid)).wchar - w0
+      alloc = (await fuseWorkers(pid)).wchar - w0
       for (const disk of ['sparse', 'flat']) {
         if (disk === 'flat') await writeBoth(s, srv, 'flat', 3 * M + 4 * K, 4 * M) // the flat file has its place already
         // the same range again, and one at an odd offset inside it
-        w0 = (await workerWrites(pid)).wchar
+        w0 = (await fuseWorkers(pid)).wchar
         await writeBoth(s, srv, disk, 3 * M + 4 * K, 4 * M)
         await writeBoth(s, srv, disk, 5 * M + 1234, 300 * K)
-        over[disk] = (await workerWrites(pid)).wchar - w0
+        over[disk] = (await fuseWorkers(pid)).wchar - w0
       }
       // what the mount serves now
       for (const disk of ['sparse', 'flat']) {

@@ -9,7 +9,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { closeSync, constants, existsSync, openSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
-import { mkdir, open, readFile, rm, writeFile } from 'node:fs/promises'
+import { mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import type { ExecutionContext, TestFn } from 'ava'
 import { REDOFS_BIN, onPath, requireEnv } from './env'
@@ -494,4 +494,25 @@ export async function waitFor (cond: () => Promise<boolean> | boolean, tries = 6
     await sleep(ms)
   }
   return false
+}
+
+/**
+ * Threads of `pid` the patched addon named redofs-fuse (its FUSE workers), and what they have
+ * read and written so far (/proc's rchar and wchar: every read and write call, backing files
+ * and /dev/fuse alike).
+ */
+export async function fuseWorkers (pid: number): Promise<{ threads: number, rchar: number, wchar: number }> {
+  let threads = 0
+  let rchar = 0
+  let wchar = 0
+  for (const tid of await readdir(`/proc/${pid}/task`)) {
+    try {
+      if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
+      const io = await readFile(`/proc/${pid}/task/${tid}/io`, 'utf8')
+      rchar += Number(/^rchar:\s*(\d+)/m.exec(io)?.[1])
+      wchar += Number(/^wchar:\s*(\d+)/m.exec(io)?.[1])
+      threads++
+    } catch { /* the thread ended meanwhile */ }
+  }
+  return { threads, rchar, wchar }
 }
