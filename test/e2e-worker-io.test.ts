@@ -1,6 +1,6 @@
 /**
  * Worker-side I/O, mostly overwrites (addon patch level 5, src/fs/plans.ts): a write whose every byte
- * already has its place in the live layer (allocated grains of a sparse redo log, a flat base)
+ * already has its place in the live layer (allocated grains of a sparse or COWD redo log, a flat base)
  * is planned by JS and written by the FUSE worker thread that carries it. Checked here: the
  * workers do write the bytes (per-thread counters), the files left behind hold what was written
  * (qemu-img convert, both extent kinds), allocating writes still go through JS, and a planned
@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto'
 import { writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { createDisk, e2e, fuseWorkers, requireFuse, sh, type Server } from './helpers/mount'
-import { redofsOk } from './helpers/redofs'
+import { infoJson, redofsOk } from './helpers/redofs'
 import { convertToRaw, describe, qemuCheck, sameContent } from './helpers/qemu'
 
 requireFuse(test)
@@ -21,6 +21,7 @@ const ctx = e2e(test)
 const K = 1024
 const M = 1024 * K
 const SIZE = 32 * M
+const DISKS = ['sparse', 'cowd', 'flat']
 
 /** dd of `src` into `file` at `pos` in a child process (bs 64k, fsync at the end). */
 async function ddWrite (src: string, file: string, pos: number, len: number): Promise<void> {
@@ -31,18 +32,21 @@ async function ddWrite (src: string, file: string, pos: number, len: number): Pr
 interface Setup { root: string, store: string, shadows: Record<string, string> }
 
 /**
- * A store with two disks, both empty to start with: `sparse` (a sparse base frozen by an
- * addredo: writes land in a sparse redo log) and `flat` (a monolithicFlat base, no redo log:
- * writes land in the flat file). A raw shadow of each receives the same writes.
+ * A store with three disks, all empty to start with: `sparse` and `cowd` (a sparse base frozen
+ * by an addredo: writes land in a monolithicSparse or a vmfsSparse (COWD) redo log) and `flat`
+ * (a monolithicFlat base, no redo log: writes land in the flat file). A raw shadow of each
+ * receives the same writes.
  */
 async function setup (): Promise<Setup> {
   const root = await ctx.tmp()
   const store = path.join(root, 'store')
   await createDisk(store, 'vm', 'sparse', '32M', 'sparse')
   await redofsOk(['addredo', path.join(store, 'vm', 'sparse')])
+  await createDisk(store, 'vm', 'cowd', '32M', 'sparse')
+  await redofsOk(['addredo', path.join(store, 'vm', 'cowd'), '--redo-format', 'cowd'])
   await createDisk(store, 'vm', 'flat', '32M', 'flat')
   const shadows: Record<string, string> = {}
-  for (const d of ['sparse', 'flat']) {
+  for (const d of DISKS) {
     shadows[d] = path.join(root, `${d}.shadow`)
     await writeFile(shadows[d], Buffer.alloc(SIZE))
   }
@@ -60,8 +64,9 @@ async function writeBoth (s: Setup, srv: Server, disk: string, pos: number, len:
 
 /** After unmount: each disk's top converts to exactly its shadow, and qemu-img check passes. */
 async function filesHoldShadows (t: import('ava').ExecutionContext, s: Setup, label: string): Promise<void> {
-  const tops = { sparse: path.join(s.store, 'vm', 'sparse-000001.vmdk'), flat: path.join(s.store, 'vm', 'flat.vmdk') }
-  for (const [disk, top] of Object.entries(tops)) {
+  for (const disk of DISKS) {
+    const layers = (await infoJson(path.join(s.store, 'vm', disk))).layers
+    const top = path.resolve(s.store, 'vm', layers[layers.length - 1].file)
     const raw = path.join(s.root, `${disk}.out`)
     await convertToRaw(top, raw)
     const c = await sameContent(raw, s.shadows[disk])
@@ -71,7 +76,7 @@ async function filesHoldShadows (t: import('ava').ExecutionContext, s: Setup, la
   }
 }
 
-test.serial('overwrites of data in place are written by the FUSE worker threads (sparse redo log and flat base); allocating writes and --no-worker-io are not; the files hold every write', async t => {
+test.serial('overwrites of data in place are written by the FUSE worker threads (sparse and COWD redo logs, flat base); allocating writes and --no-worker-io are not; the files hold every write', async t => {
   const run = async (args: string[], label: string): Promise<{ alloc: number, over: Record<string, number> }> => {
     const s = await setup()
     const srv = await ctx.mount(s.store, path.join(s.root, 'mnt'), args)
@@ -84,8 +89,9 @@ test.serial('overwrites of data in place are written by the FUSE worker threads 
       let w0 = (await fuseWorkers(pid)).wchar
       await writeBoth(s, srv, 'sparse', 3 * M + 4 * K, 4 * M)
       alloc = (await fuseWorkers(pid)).wchar - w0
-      for (const disk of ['sparse', 'flat']) {
-        if (disk === 'flat') await writeBoth(s, srv, 'flat', 3 * M + 4 * K, 4 * M) // the flat file has its place already
+      await writeBoth(s, srv, 'cowd', 3 * M + 4 * K, 4 * M)
+      await writeBoth(s, srv, 'flat', 3 * M + 4 * K, 4 * M) // the flat file has its place already
+      for (const disk of DISKS) {
         // the same range again, and one at an odd offset inside it
         w0 = (await fuseWorkers(pid)).wchar
         await writeBoth(s, srv, disk, 3 * M + 4 * K, 4 * M)
@@ -93,7 +99,7 @@ test.serial('overwrites of data in place are written by the FUSE worker threads 
         over[disk] = (await fuseWorkers(pid)).wchar - w0
       }
       // what the mount serves now
-      for (const disk of ['sparse', 'flat']) {
+      for (const disk of DISKS) {
         const r = await sh('cmp "$1" "$2"', [srv.img('vm', disk), s.shadows[disk]])
         t.is(r.code, 0, `${label}: ${disk}.img reads back every write: ${describe(r)}`)
       }
@@ -107,28 +113,27 @@ test.serial('overwrites of data in place are written by the FUSE worker threads 
   // the workers write the overwritten bytes themselves (4.3 MiB per disk) besides the replies to
   // the kernel (16 bytes each); for the allocating write only the replies (~1 KiB here)
   t.true(planned.alloc < 64 * K, `default: the FUSE workers wrote ${planned.alloc} bytes during an allocating write of 4 MiB (JS writes new grains)`)
-  for (const disk of ['sparse', 'flat']) t.true(planned.over[disk] >= 4 * M, `default: the FUSE workers wrote ${planned.over[disk]} bytes while 4.3 MiB of ${disk} was overwritten`)
+  for (const disk of DISKS) t.true(planned.over[disk] >= 4 * M, `default: the FUSE workers wrote ${planned.over[disk]} bytes while 4.3 MiB of ${disk} was overwritten`)
   const ordinary = await run(['--no-worker-io'], '--no-worker-io')
-  for (const disk of ['sparse', 'flat']) t.true(ordinary.over[disk] < 64 * K, `--no-worker-io: the FUSE workers wrote ${ordinary.over[disk]} bytes (replies only) while ${disk} was overwritten`)
+  for (const disk of DISKS) t.true(ordinary.over[disk] < 64 * K, `--no-worker-io: the FUSE workers wrote ${ordinary.over[disk]} bytes (replies only) while ${disk} was overwritten`)
 })
 
 test.serial('planned overwrites and reads that fail in the worker are done by JS instead, which says so (log and status); the files hold every write', async t => {
   const s = await setup()
   const srv = await ctx.mount(s.store, path.join(s.root, 'mnt'), [], { REDOFS_FAIL_WORKER_IO: '1', DEBUG: 'redofs:fs' })
   try {
-    await writeBoth(s, srv, 'sparse', 0, 2 * M)
-    await writeBoth(s, srv, 'flat', 0, 2 * M)
-    await writeBoth(s, srv, 'sparse', 64 * K, M)
-    await writeBoth(s, srv, 'flat', 64 * K + 512, M)
-    t.regex(srv.stderr, /vm\/sparse\.img: a worker-side write of \d+ bytes at \d+ failed; writing it here/, 'the sparse overwrite was planned, failed in the worker and went back to JS')
-    t.regex(srv.stderr, /vm\/flat\.img: a worker-side write of \d+ bytes at \d+ failed; writing it here/, 'the flat overwrite too')
-    for (const disk of ['sparse', 'flat']) {
+    for (const disk of DISKS) {
+      await writeBoth(s, srv, disk, 0, 2 * M) // allocates in the redo logs; the flat file has the room
+      await writeBoth(s, srv, disk, 64 * K + 512, M)
+      t.regex(srv.stderr, new RegExp(`vm/${disk}\\.img: a worker-side write of \\d+ bytes at \\d+ failed; writing it here`), `the ${disk} overwrite was planned, failed in the worker and went back to JS`)
+    }
+    for (const disk of DISKS) {
       const st = await sh('cat "$1"', [srv.ctl('vm', disk, 'status')])
       const notices = (JSON.parse(st.stdout) as { notices: string[] }).notices
       t.true(notices.some(n => new RegExp(`a worker-side write of \\d+ bytes at \\d+ of vm/${disk}\\.img failed; done again by JS, it succeeded`).test(n)),
         `${disk}'s status says a worker failed what JS then did (notices: ${JSON.stringify(notices)})`)
     }
-    for (const disk of ['sparse', 'flat']) {
+    for (const disk of DISKS) {
       // O_DIRECT: every byte is a read request, each planned, failed by the worker, read by JS
       const r = await sh('cmp <(dd if="$1" bs=1M iflag=direct status=none) "$2"', [srv.img('vm', disk), s.shadows[disk]])
       t.is(r.code, 0, `${disk}.img reads back every write: ${describe(r)}`)

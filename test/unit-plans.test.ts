@@ -8,7 +8,7 @@ import test from 'ava'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
-import { createFlatLayer, createSparseLayer } from '../src/formats/create'
+import { createCowdLayer, createFlatLayer, createSparseLayer } from '../src/formats/create'
 import { DataSync, setPlannedIo } from '../src/formats/extent'
 import { Layer } from '../src/formats/layer'
 import { WorkerIo } from '../src/fs/plans'
@@ -144,11 +144,17 @@ test('drain() waits for write plans too', async t => {
   t.true(drained)
 })
 
-test('a sparse layer plans overwrites only of allocated grains and only in a started session; its flush waits for the planned writes before it syncs', async t => {
+const redoKinds: Array<[string, (file: string) => Promise<void>]> = [
+  ['monolithicSparse', async file => await createSparseLayer(file, 4 * 1024 * 1024)],
+  ['vmfsSparse (COWD)', async file => await createCowdLayer(file, 4 * 1024 * 1024, { hint: 'parent.vmdk', cid: 0x1234 })]
+]
+
+for (const [kind, create] of redoKinds) {
+test(`a ${kind} layer plans overwrites only of allocated grains and only in a started session; its flush waits for the planned writes before it syncs`, async t => {
   const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
   try {
     const file = path.join(dir, 'd.vmdk')
-    await createSparseLayer(file, 4 * 1024 * 1024)
+    await create(file)
     const first = await Layer.open(file, { writable: true })
     await first.write(Buffer.alloc(128 * 1024, 1), 0, 0, 128 * 1024, async (b, o, _p, l) => { b.fill(0, o, o + l) })
     await first.close()
@@ -185,9 +191,11 @@ test('a sparse layer plans overwrites only of allocated grains and only in a sta
       try {
         t.true(layer.planWrite(plan, 4096, 8192))
         let hold!: () => void
-        setPlannedIo(async () => { await new Promise<void>(resolve => { hold = resolve }) })
+        let entered!: () => void
+        const waiting = new Promise<void>(resolve => { entered = resolve })
+        setPlannedIo(async () => { entered(); await new Promise<void>(resolve => { hold = resolve }) })
         const a = layer.flush()
-        await new Promise(resolve => setTimeout(resolve, 20))
+        await waiting
         t.true(layer.planWrite(plan, 16384, 4096), 'planned while the flush waits')
         hold()
         await a
@@ -210,6 +218,7 @@ test('a sparse layer plans overwrites only of allocated grains and only in a sta
     await rm(dir, { recursive: true, force: true })
   }
 })
+}
 
 test('a flat layer: overwrites plan inside the file; two flushes at once both return only after the sync that covers them', async t => {
   const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))

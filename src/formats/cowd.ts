@@ -6,8 +6,8 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { DataSync, Mutex, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
-import { BAD, entryOf, lookupGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { DataSync, Mutex, plannedIoDone, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { BAD, entryOf, lookupGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
 export const COWD_HEADER_BYTES = 2048
@@ -94,6 +94,8 @@ export class CowdExtent implements Extent {
   private readonly dirtyGTs = new Set<number>()
   private readonly newGD = new Set<number>()
   private dataDirty = false
+  /** overwrites were handed to the FUSE workers since the last flush (planWrite) */
+  private writesPlanned = false
   private readonly mutex = new Mutex()
   private readonly flushMutex = new Mutex()
   private unclean: number
@@ -195,6 +197,18 @@ export class CowdExtent implements Extent {
   }
 
   plan (p: ReadPlan, pos: number, len: number): boolean { return planGrains(this.tables, this.fh.fd, p, pos, len) }
+
+  /**
+   * An overwrite in place as a plan (Extent.planWrite): every grain it touches published (its
+   * data written). Outside the allocation lock, as write() could: a grain being allocated reads
+   * as unallocated until its data is on the file.
+   */
+  planWrite (p: ReadPlan, pos: number, len: number): boolean {
+    if (!this.writable || !planOverwrite(this.tables, this.fh.fd, p, pos, len)) return false
+    this.dataDirty = true
+    this.writesPlanned = true
+    return true
+  }
 
   /**
    * Allocate grains (and grain tables where missing) at the cursor, write the data, and publish
@@ -299,12 +313,18 @@ export class CowdExtent implements Extent {
     // is set in memory only after its data was written, so every entry in the snapshot points
     // at data the first datasync covers. Writes go on while the tables reach the disk.
     await this.flushMutex.run(async () => {
+      if (this.writesPlanned) {
+        // overwrites the FUSE workers may not have done yet: the sync below must cover them
+        this.writesPlanned = false
+        await plannedIoDone()
+      }
       if (this.dirtyGTs.size === 0 && !this.dataDirty) return
       const tables = [...this.dirtyGTs].map(gdi => ({ gdi, at: this.gd[gdi], bytes: Buffer.from((this.gts[gdi] as Uint32Array).slice().buffer) }))
       const dirs = [...this.newGD]
       this.dirtyGTs.clear()
       this.newGD.clear()
-      this.dataDirty = false
+      // an overwrite planned while the drain above waited may land after the sync below
+      this.dataDirty = this.writesPlanned
       try {
         await this.durable.sync()
         faultPoint('cowd.gt')

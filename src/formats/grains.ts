@@ -135,6 +135,14 @@ export async function overwriteGrains (g: GrainTables, fh: FileHandle, buf: Buff
   if (r !== -2) throw new RedoError('EIO', `${g.path}: an overwrite in place met a grain that is not allocated or is damaged`, g.path)
 }
 
+/**
+ * overwriteGrains as a plan (Extent.planWrite): false when a grain of [pos, pos+len) is not
+ * allocated (or zeroed, or damaged) or when the plan is full.
+ */
+export function planOverwrite (g: GrainTables, fd: number, p: ReadPlan, pos: number, len: number): boolean {
+  return walkGrains(g, pos, len, (filePos, _at, n) => p.data(fd, filePos, n), () => false) === -2
+}
+
 /** readGrains as a plan (Extent.plan): false at a damaged grain or when the plan is full. */
 export function planGrains (g: GrainTables, fd: number, p: ReadPlan, pos: number, len: number): boolean {
   return walkGrains(g, pos, len, (filePos, _at, n) => p.data(fd, filePos, n), (_at, n) => p.zero(n)) === -2

@@ -13,7 +13,7 @@ import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
 import { DataSync, Mutex, plannedIoDone, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
-import { BAD, entryOf, lookupGrains, overwriteGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { BAD, entryOf, lookupGrains, overwriteGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const KDMV_MAGIC = 0x564d444b
 const GD_AT_END = 0xffffffffffffffffn
@@ -618,7 +618,7 @@ export class SparseExtent implements Extent {
 
   /** An overwrite in place as a plan (Extent.planWrite): every grain it touches allocated. */
   planWrite (p: ReadPlan, pos: number, len: number): boolean {
-    if (!this.writable || !this.allAllocated(pos, len) || !planGrains(this.tables, this.fh.fd, p, pos, len)) return false
+    if (!this.writable || !planOverwrite(this.tables, this.fh.fd, p, pos, len)) return false
     // as writeInPlace does after its writes: set now, and flush waits for the plans first
     this.dataDirty = true
     this.writesPlanned = true
