@@ -64,17 +64,23 @@ export function planCounter (): ((epoch: number) => number) | undefined {
   return (b?.redofs_patch_level ?? 0) >= 4 && typeof b?.redofs_plans_completed === 'function' ? b.redofs_plans_completed : undefined
 }
 
-/** Level 5's table of write plans (src/fs/plans.ts), if loaded. */
+let planTable: ArrayBuffer | null | undefined
+
+/** Level 5's table of write plans (src/fs/plans.ts), if loaded: one per process, as in the addon. */
 export function writePlanTable (): ArrayBuffer | undefined {
-  const b = addon()
-  if ((b?.redofs_patch_level ?? 0) < 5 || typeof b?.redofs_write_plans !== 'function') return undefined
-  try {
-    return b.redofs_write_plans()
-  } catch (e) {
-    // a runtime that refuses external buffers: JS does the writes
-    log.fs('no worker-side writes: %s', (e as Error).message)
-    return undefined
+  if (planTable === undefined) {
+    planTable = null
+    const b = addon()
+    if ((b?.redofs_patch_level ?? 0) >= 5 && typeof b?.redofs_write_plans === 'function') {
+      try {
+        planTable = b.redofs_write_plans()
+      } catch (e) {
+        // a runtime that refuses external buffers: JS does the writes
+        log.fs('no worker-side writes: %s', (e as Error).message)
+      }
+    }
   }
+  return planTable ?? undefined
 }
 
 interface Addon { redofs_patch_level?: number, redofs_plans_completed?: (epoch: number) => number, redofs_write_plans?: () => ArrayBuffer }
