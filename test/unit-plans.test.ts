@@ -144,13 +144,15 @@ test('drain() waits for write plans too', async t => {
   t.true(drained)
 })
 
+// The layer tests below replace process-wide hooks (setPlannedIo, DataSync.prototype.sync):
+// serial, so that no two of them run at once.
 const redoKinds: Array<[string, (file: string) => Promise<void>]> = [
   ['monolithicSparse', async file => await createSparseLayer(file, 4 * 1024 * 1024)],
   ['vmfsSparse (COWD)', async file => await createCowdLayer(file, 4 * 1024 * 1024, { hint: 'parent.vmdk', cid: 0x1234 })]
 ]
 
 for (const [kind, create] of redoKinds) {
-test(`a ${kind} layer plans overwrites only of allocated grains and only in a started session; its flush waits for the planned writes before it syncs`, async t => {
+test.serial(`a ${kind} layer plans overwrites only of allocated grains and only in a started session; its flush waits for the planned writes before it syncs`, async t => {
   const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
   try {
     const file = path.join(dir, 'd.vmdk')
@@ -220,7 +222,7 @@ test(`a ${kind} layer plans overwrites only of allocated grains and only in a st
 })
 }
 
-test('a flat layer: overwrites plan inside the file; two flushes at once both return only after the sync that covers them', async t => {
+test.serial('a flat layer: overwrites plan inside the file; two flushes at once both return only after the sync that covers them', async t => {
   const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
   const orig = DataSync.prototype.sync
   try {
