@@ -200,8 +200,9 @@ export class CowdExtent implements Extent {
 
   /**
    * An overwrite in place as a plan (Extent.planWrite): every grain it touches published (its
-   * data written). Outside the allocation lock, as write() could: a grain being allocated reads
-   * as unallocated until its data is on the file.
+   * data written). Outside the allocation lock (write() takes it for overwrites too, which an
+   * overwrite of a published grain does not need): a grain being allocated reads as unallocated
+   * until its data is on the file, and new grains and tables go past every published one.
    */
   planWrite (p: ReadPlan, pos: number, len: number): boolean {
     if (!this.writable || !planOverwrite(this.tables, this.fh.fd, p, pos, len)) return false

@@ -45,7 +45,8 @@ export interface Extent {
    * Say where an overwrite of [pos, pos+len) goes instead of writing it (p.data runs only),
    * when every byte of it already has its place in the file; the extent then counts as written
    * (its next flush waits for the planned writes, then syncs). False when it cannot: the caller
-   * then writes. Extents without it are always written by the caller.
+   * then writes, and drops what p may already hold. Extents without it are always written by
+   * the caller.
    */
   planWrite? (p: ReadPlan, pos: number, len: number): boolean
   /** Write [pos, pos+len), allocating grains; `below` fills the rest of a new grain. */

@@ -45,6 +45,9 @@ export interface MountOptions {
   workerIo?: boolean
 }
 
+/** Worker-side I/O of every mount in this process (see RedoMount.mount). */
+let processIo: WorkerIo | undefined
+
 /**
  * 1 MiB instead of the kernel's 128 KiB for FUSE: the kernel then keeps several 128 KiB reads
  * in flight ahead of a sequential reader (cold dd 4k and 128k reads 1.4-1.6x faster;
@@ -94,7 +97,10 @@ export class RedoMount {
     }, extra)
     const counter = this.opts.workerIo === false ? undefined : planCounter()
     if (counter !== undefined) {
-      const plans = new WorkerIo(counter, writePlanTable())
+      // one per process, like the addon's completion counters and the setPlannedIo hook: a
+      // second mount in the process must count its plans in the same epochs
+      processIo ??= new WorkerIo(counter, writePlanTable())
+      const plans = processIo
       this.plans = plans
       // from now on layers that close and I/O holds wait for the plans given out before
       setPlannedIo(async () => await plans.drain())
