@@ -162,7 +162,7 @@ export class Chain {
    * the top layer, planned for the FUSE workers; false when write() must do it.
    */
   planWrite (p: ReadPlan, pos: number, len: number): boolean {
-    return pos + len <= this.size && this.top.writable && this.topChildren.length === 0 && this.top.planWrite(p, pos, len)
+    return this.top.writable && this.topChildren.length === 0 && this.top.planWrite(p, pos, len)
   }
 
   /** Write into the top layer (the live generation). */

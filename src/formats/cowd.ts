@@ -6,7 +6,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { DataSync, Mutex, plannedIoDone, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { BAD, entryOf, lookupGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
@@ -94,8 +94,7 @@ export class CowdExtent implements Extent {
   private readonly dirtyGTs = new Set<number>()
   private readonly newGD = new Set<number>()
   private dataDirty = false
-  /** overwrites were handed to the FUSE workers since the last flush (planWrite) */
-  private writesPlanned = false
+  private readonly planned = new PlannedWrites()
   private readonly mutex = new Mutex()
   private readonly flushMutex = new Mutex()
   private unclean: number
@@ -207,7 +206,7 @@ export class CowdExtent implements Extent {
   planWrite (p: ReadPlan, pos: number, len: number): boolean {
     if (!this.writable || !planOverwrite(this.tables, this.fh.fd, p, pos, len)) return false
     this.dataDirty = true
-    this.writesPlanned = true
+    this.planned.mark()
     return true
   }
 
@@ -314,18 +313,14 @@ export class CowdExtent implements Extent {
     // is set in memory only after its data was written, so every entry in the snapshot points
     // at data the first datasync covers. Writes go on while the tables reach the disk.
     await this.flushMutex.run(async () => {
-      if (this.writesPlanned) {
-        // overwrites the FUSE workers may not have done yet: the sync below must cover them
-        this.writesPlanned = false
-        await plannedIoDone()
-      }
+      await this.planned.settle()
       if (this.dirtyGTs.size === 0 && !this.dataDirty) return
       const tables = [...this.dirtyGTs].map(gdi => ({ gdi, at: this.gd[gdi], bytes: Buffer.from((this.gts[gdi] as Uint32Array).slice().buffer) }))
       const dirs = [...this.newGD]
       this.dirtyGTs.clear()
       this.newGD.clear()
-      // an overwrite planned while the drain above waited may land after the sync below
-      this.dataDirty = this.writesPlanned
+      // a write planned while settle() waited may land after the sync below (PlannedWrites)
+      this.dataDirty = this.planned.pending
       try {
         await this.durable.sync()
         faultPoint('cowd.gt')

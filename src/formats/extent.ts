@@ -88,6 +88,27 @@ export function setPlannedIo (fn: (() => Promise<void>) | undefined): void { pla
 /** Resolve once every read and write planned before the call has been done (at once when none can be). */
 export async function plannedIoDone (): Promise<void> { if (plannedIo !== undefined) await plannedIo() }
 
+/**
+ * An extent's overwrites handed to the FUSE workers since its last flush (Extent.planWrite),
+ * and the rule its flush follows: wait for them before taking the snapshot it syncs, and stay
+ * dirty when another is planned while it waits (that one may land after the sync).
+ */
+export class PlannedWrites {
+  private planned = false
+
+  mark (): void { this.planned = true }
+
+  /** Before a flush snapshots its state: every planned write has been done once this resolves. */
+  async settle (): Promise<void> {
+    if (!this.planned) return
+    this.planned = false
+    await plannedIoDone()
+  }
+
+  /** A write was planned since settle() began: the flush must leave the extent dirty. */
+  get pending (): boolean { return this.planned }
+}
+
 /** pread exactly len bytes or fail with EIO naming the file (short files are damage, not zeros). */
 export async function readExact (fh: FileHandle, path: string, buf: Buffer, off: number, len: number, pos: number): Promise<void> {
   let done = 0

@@ -2,7 +2,7 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { DataSync, Mutex, plannedIoDone, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
 
 export class FlatExtent implements Extent {
   readonly kind = 'flat' as const
@@ -11,8 +11,7 @@ export class FlatExtent implements Extent {
   private readonly durable: DataSync
   readonly grainBytes: number
   private dirty = false
-  /** overwrites were handed to the FUSE workers since the last flush (planWrite) */
-  private writesPlanned = false
+  private readonly planned = new PlannedWrites()
   private readonly flushMutex = new Mutex()
 
   private constructor (
@@ -71,7 +70,7 @@ export class FlatExtent implements Extent {
   planWrite (p: ReadPlan, pos: number, len: number): boolean {
     if (!this.writable || this.base + pos + len > this.fileSize || !p.data(this.fh.fd, this.base + pos, len)) return false
     this.dirty = true
-    this.writesPlanned = true
+    this.planned.mark()
     return true
   }
 
@@ -87,14 +86,9 @@ export class FlatExtent implements Extent {
     // one at a time: a flush that found the file clean because another had just taken the
     // flag must not return before that one's sync has
     await this.flushMutex.run(async () => {
-      if (this.writesPlanned) {
-        // overwrites the FUSE workers may not have done yet: the sync below must cover them
-        this.writesPlanned = false
-        await plannedIoDone()
-      }
+      await this.planned.settle()
       if (!this.dirty) return
-      // an overwrite planned while the drain above waited may land after the sync below
-      this.dirty = this.writesPlanned
+      this.dirty = this.planned.pending
       try {
         await this.durable.sync()
       } catch (e) {

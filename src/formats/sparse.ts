@@ -11,7 +11,7 @@ import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { DataSync, Mutex, plannedIoDone, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
 import { BAD, entryOf, lookupGrains, overwriteGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
@@ -229,8 +229,7 @@ export class SparseExtent implements Extent {
   private nextAlloc: number
   private readonly dirtyGTs = new Set<number>()
   private dataDirty = false
-  /** overwrites were handed to the FUSE workers since the last flush (planWrite) */
-  private writesPlanned = false
+  private readonly planned = new PlannedWrites()
   private allocated = 0
   private readonly mutex = new Mutex()
   private readonly flushMutex = new Mutex()
@@ -621,7 +620,7 @@ export class SparseExtent implements Extent {
     if (!this.writable || !planOverwrite(this.tables, this.fh.fd, p, pos, len)) return false
     // as writeInPlace does after its writes: set now, and flush waits for the plans first
     this.dataDirty = true
-    this.writesPlanned = true
+    this.planned.mark()
     return true
   }
 
@@ -669,11 +668,7 @@ export class SparseExtent implements Extent {
     // is set in memory only after its data was written, so every entry in the snapshot points
     // at data the first datasync covers. Writes go on while the tables reach the disk.
     await this.flushMutex.run(async () => {
-      if (this.writesPlanned) {
-        // overwrites the FUSE workers may not have done yet: the sync below must cover them
-        this.writesPlanned = false
-        await plannedIoDone()
-      }
+      await this.planned.settle()
       if (this.dirtyGTs.size === 0 && !this.dataDirty) return
       const per = this.header.numGTEsPerGT
       const tables = [...this.dirtyGTs].filter(gdi => !this.badTables.has(gdi)).map(gdi => {
@@ -682,9 +677,8 @@ export class SparseExtent implements Extent {
         return { gdi, bytes: Buffer.from(copy.buffer) }
       })
       this.dirtyGTs.clear()
-      // an overwrite planned while the drain above waited may land after the sync below: it
-      // leaves the extent dirty (and writesPlanned set) for the next flush
-      this.dataDirty = this.writesPlanned
+      // a write planned while settle() waited may land after the sync below (PlannedWrites)
+      this.dataDirty = this.planned.pending
       try {
         await this.durable.sync()
         if (tables.length === 0) return

@@ -100,17 +100,11 @@ class PlanWriter implements ReadPlan {
   finish (epoch: number, n: number, slot = false): boolean {
     if (this.count === 0 || this.bytes !== n) return false
     const b = this.buf
-    if (slot) {
-      b.writeUInt32LE(this.count, 4)
-      b.writeUInt32LE(epoch, 8)
-      b.writeUInt32LE(0, 12)
-      b.writeUInt32LE(1, 0)
-    } else {
-      b.writeUInt32LE(this.count, 0)
-      b.writeUInt32LE(epoch, 4)
-      b.writeUInt32LE(0, 8)
-      b.writeUInt32LE(0, 12)
-    }
+    const h = slot ? 4 : 0
+    b.writeUInt32LE(this.count, h)
+    b.writeUInt32LE(epoch, h + 4)
+    b.fill(0, h + 8, HEADER)
+    if (slot) b.writeUInt32LE(1, 0) // last: the worker may take the slot from now on
     return true
   }
 }
