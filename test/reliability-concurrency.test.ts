@@ -2,16 +2,32 @@
  * Eight processes read and write at random offsets and sizes while addredo and commit run
  * between them; the disk ends equal to a model of the same writes, and nothing deadlocks.
  */
-import test from 'ava'
+import test, { type ExecutionContext } from 'ava'
 import { readFile, rm, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
-import { createDisk, e2e, fuseWorkers, requireFuse } from './helpers/mount'
+import { createDisk, e2e, fuseWorkers, requireFuse, type Server } from './helpers/mount'
 import { describe, mustRun, run } from './helpers/qemu'
 import { infoJson } from './helpers/redofs'
 
 const ok = requireFuse(test)
 const env = e2e(test)
+
+/** A 16 MiB sparse disk vm/disk filled with 0x44 by qemu-io, its store mounted. */
+async function mountedFilledDisk (): Promise<{ dir: string, store: string, server: Server }> {
+  const dir = await env.tmp()
+  const store = path.join(dir, 'store')
+  await createDisk(store, 'vm', 'disk', '16M')
+  await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x44 0 16M', path.join(store, 'vm', 'disk.vmdk')])
+  return { dir, store, server: await env.mount(store, path.join(dir, 'mnt')) }
+}
+
+/** Unmount cleanly, then `redofs check` the disk. */
+async function stopAndCheck (t: ExecutionContext, server: Server, store: string): Promise<void> {
+  await server.stopClean(t)
+  const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(store, 'vm', 'disk')])
+  t.is(c.code, 0, describe(c))
+}
 
 const DISK = 64 << 20
 const PROCS = 8
@@ -80,19 +96,12 @@ if (ok) {
       const sha = (await import('node:crypto')).createHash('sha256').update(image.subarray(id * STRIPE, (id + 1) * STRIPE)).digest('hex')
       t.is(sha, results[id].stdout.trim(), `stripe ${id} differs from its model`)
     }
-    await server.stopClean(t)
-    const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(store, 'vm', 'disk')])
-    t.is(c.code, 0, describe(c))
+    await stopAndCheck(t, server, store)
   })
 
   test.serial('direct reads of the live file while commits and discards drop layers it reads from: none fails, every read is whole and right', async t => {
     t.timeout(240_000)
-    const dir = await env.tmp()
-    const store = path.join(dir, 'store')
-    const SIZE = 16 << 20
-    await createDisk(store, 'vm', 'disk', '16M')
-    await mustRun('qemu-io', ['-f', 'vmdk', '-c', `write -P 0x44 0 ${SIZE}`, path.join(store, 'vm', 'disk.vmdk')])
-    const server = await env.mount(store, path.join(dir, 'mnt'))
+    const { dir, store, server } = await mountedFilledDisk()
     const live = server.img('vm', 'disk')
     const sha = async (f: string): Promise<string> => (await mustRun('sh', ['-c', 'dd if="$1" bs=1M iflag=direct status=none | sha256sum', 'sh', f])).stdout.split(' ')[0]
     // O_DIRECT readers: every byte is a request the server plans, until the stop file appears
@@ -142,21 +151,15 @@ if (ok) {
     }
     t.deepEqual(errors, [])
     t.log(`${reads} whole reads of the live file, ${overlapping} of them while a commit, addredo or discard ran, during 6 x (commit, addredo, discard)`)
-    await server.stopClean(t)
-    const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(store, 'vm', 'disk')])
-    t.is(c.code, 0, describe(c))
+    await stopAndCheck(t, server, store)
   })
 
   test.serial('overwrites of the live file while commits and addredos switch its layers: no write is lost or lands in a dropped layer', async t => {
     t.timeout(240_000)
-    const dir = await env.tmp()
-    const store = path.join(dir, 'store')
+    const { dir, store, server } = await mountedFilledDisk()
     const K64 = 65536
     const BLOCKS = 32
     const BASE = 3 * 1024 * 1024 // the region the writer rewrites: 2 MiB from 3 MiB on
-    await createDisk(store, 'vm', 'disk', '16M')
-    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x44 0 16M', path.join(store, 'vm', 'disk.vmdk')])
-    const server = await env.mount(store, path.join(dir, 'mnt'))
     const live = server.img('vm', 'disk')
     await server.commandOk('vm', 'disk', 'addredo')
     await server.commandOk('vm', 'disk', 'addredo')
@@ -208,9 +211,7 @@ if (ok) {
     t.true(writes >= 2 * BLOCKS, `only ${writes} writes during 20 commands: the test proves little`)
     t.true(byWorkers >= 16 * K64, `the FUSE workers wrote ${byWorkers} bytes: none of the ${writes} writes was a planned overwrite`)
     t.log(`${writes} writes (${pass + 1} passes), ${Math.round(byWorkers / 1048576)} MiB of them by the FUSE workers, during 5 x (addredo, commit level=1, commit level=0, addredo)`)
-    await server.stopClean(t)
-    const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(store, 'vm', 'disk')])
-    t.is(c.code, 0, describe(c))
+    await stopAndCheck(t, server, store)
     const layers = (await infoJson(path.join(store, 'vm', 'disk'))).layers
     const top = path.resolve(path.join(store, 'vm'), layers[layers.length - 1].file)
     const raw = path.join(dir, 'top.raw')
