@@ -222,6 +222,50 @@ test.serial(`a ${kind} layer plans overwrites only of allocated grains and only 
 })
 }
 
+for (const [kind, create] of redoKinds) {
+test.serial(`a ${kind} layer: a flush after overwrites only costs one fdatasync; after an allocation, data and tables each get theirs`, async t => {
+  const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
+  try {
+    const file = path.join(dir, 'd.vmdk')
+    await create(file)
+    const below = async (b: Buffer, o: number, _p: number, l: number): Promise<void> => { b.fill(0, o, o + l) }
+    const layer = await Layer.open(file, { writable: true })
+    const syncs = countSyncs()
+    try {
+      await layer.write(Buffer.alloc(128 * 1024, 1), 0, 0, 128 * 1024, below)
+      await layer.flush()
+      await layer.write(Buffer.alloc(4096, 2), 0, 8192, 4096, below)
+      let before = syncs.n
+      await layer.flush()
+      t.is(syncs.n - before, 1, 'an overwrite in place: one fdatasync')
+      before = syncs.n
+      await layer.flush()
+      t.is(syncs.n - before, 0, 'nothing dirty: none')
+      await layer.write(Buffer.alloc(64 * 1024, 3), 0, 1024 * 1024, 64 * 1024, below)
+      before = syncs.n
+      await layer.flush()
+      t.true(syncs.n - before >= 2, `an allocation: the data, then the tables (${syncs.n - before} fdatasyncs)`)
+    } finally {
+      syncs.restore()
+      await layer.close()
+    }
+    const again = await Layer.open(file)
+    try {
+      const b = Buffer.alloc(64 * 1024)
+      await again.read(b, 0, 1024 * 1024, b.length)
+      t.true(b.every(x => x === 3), 'the allocated grain reads back after reopening')
+      await again.read(b, 0, 0, b.length)
+      t.is(b[8192], 2)
+      t.is(b[8192 + 4096], 1)
+    } finally {
+      await again.close()
+    }
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+})
+}
+
 test.serial('a flat layer: overwrites plan inside the file; two flushes at once both return only after the sync that covers them', async t => {
   const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
   const orig = DataSync.prototype.sync

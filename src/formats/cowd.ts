@@ -306,7 +306,7 @@ export class CowdExtent implements Extent {
     await this.durable.sync()
   }
 
-  /** Data, then grain tables, then directory entries and freeSector, each step durable. */
+  /** Data, then grain tables, then directory entries and freeSector, each step durable; data alone is one step. */
   async flush (): Promise<void> {
     if (!this.writable) return
     // Not under the allocation lock: the snapshot below is taken synchronously, and an entry
@@ -323,6 +323,9 @@ export class CowdExtent implements Extent {
       this.dataDirty = this.planned.pending
       try {
         await this.durable.sync()
+        // only data changed (overwrites in place): every allocation dirties a table, so the
+        // tables, the directory and freeSector on disk still describe the file
+        if (tables.length === 0 && dirs.length === 0) return
         faultPoint('cowd.gt')
         for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, t.at * SECTOR)
         await this.durable.sync()
