@@ -13,6 +13,7 @@ import { createDisk, e2e, isMounted, requireFuse, sh, Server, storeWithRedo } fr
 import { prng } from './helpers/model'
 import { mustRun, qemuCheck, run, sha256File, describe } from './helpers/qemu'
 import { storeChain } from './helpers/store'
+import { gtePosition, readU32, writeAt, writeU32 } from './helpers/vmdk'
 
 const ok = requireFuse(test)
 const env = e2e(test)
@@ -276,6 +277,27 @@ if (ok) {
     t.true(after.equals(theirs), 'a writable open wrote the stale intent over the newer descriptor')
     t.false((await readdir(vm)).includes('disk.vmdk.redofs-desc'), 'the stale intent file is still there')
     await checkFiles(t, store)
+  })
+
+  test.serial('torn grain table copies after a power loss: the next writable open keeps, entry by entry, the copy that points at a grain', async t => {
+    // A flush writes the primary and the redundant table, then syncs once: a power loss may
+    // leave either copy without an entry the other has (each entry's grain is already durable).
+    const { vm } = await storeWithRedo(env.tmp, '8M')
+    const top = path.join(vm, 'disk-000001.vmdk')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x33 64k 64k', '-c', 'write -P 0x44 192k 64k', top])
+    const copies = async (grain: number): Promise<number[]> => [await readU32(top, await gtePosition(top, grain)), await readU32(top, await gtePosition(top, grain, true))]
+    const [g1, g3] = [(await copies(1))[0], (await copies(3))[0]]
+    t.deepEqual([await copies(1), await copies(3)], [[g1, g1], [g3, g3]], 'qemu-io wrote both copies')
+    await writeU32(top, await gtePosition(top, 1), 0) // only the redundant copy reached the disk
+    await writeU32(top, await gtePosition(top, 3, true), 0) // only the primary did
+    await writeAt(top, 72, Buffer.from([1])) // uncleanShutdown
+    const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    t.is(r.code, 0, describe(r))
+    t.deepEqual([await copies(1), await copies(3)], [[g1, g1], [g3, g3]], 'both copies hold both entries again')
+    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0x33 64k 64k', '-c', 'read -P 0x44 192k 64k', top])
+    t.is(q.code, 0, describe(q))
+    t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+    await checkFiles(t, path.dirname(vm))
   })
 
   test.serial('an in-place descriptor write that fails after its intent is durable still counts: read through the intent, finished by the next writable open', async t => {

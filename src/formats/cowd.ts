@@ -6,7 +6,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { DataSync, Mutex, PlannedWrites, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, newGrain, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { BAD, entryOf, lookupGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
@@ -264,18 +264,7 @@ export class CowdExtent implements Extent {
             this.newGD.add(gdi)
             this.dirtyGTs.add(gdi)
           }
-          let g: Buffer
-          const valid = Math.min(gb, this.size - gStart)
-          if (n === gb) g = buf.subarray(bo, bo + n)
-          else {
-            g = Buffer.alloc(gb)
-            if (e === 0) {
-              if (inGrain > 0) await below(g, 0, gStart, inGrain)
-              const tail = inGrain + n
-              if (tail < valid) await below(g, tail, gStart + tail, valid - tail)
-            }
-            buf.copy(g, inGrain, bo, bo + n)
-          }
+          const g = await newGrain(buf, bo, n, inGrain, gb, Math.min(gb, this.size - gStart), gStart, e === 0, below)
           if (batchAt >= 0 && batchAt + batch.length * gsec !== this.cursor) await flushBatch()
           if (batchAt < 0) batchAt = this.cursor
           this.cursor += gsec
@@ -306,7 +295,7 @@ export class CowdExtent implements Extent {
     await this.durable.sync()
   }
 
-  /** Data, then grain tables, then directory entries and freeSector, each step durable; data alone is one step. */
+  /** Data made durable, then grain tables, directory entries and freeSector and one more sync; data alone, one sync. */
   async flush (): Promise<void> {
     if (!this.writable) return
     // Not under the allocation lock: the snapshot below is taken synchronously, and an entry
@@ -326,9 +315,12 @@ export class CowdExtent implements Extent {
         // only data changed (overwrites in place): every allocation dirties a table, so the
         // tables, the directory and freeSector on disk still describe the file
         if (tables.length === 0 && dirs.length === 0) return
+        // Tables, directory sectors and header, then one sync. Entries only change from "no
+        // grain" to a grain (or a new table, zeroed before the sync above) that is already
+        // durable, and freeSector is a floor the open raises to the highest grain in use: in
+        // whatever order the three reach the disk, each field is old or new, both valid.
         faultPoint('cowd.gt')
         for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, t.at * SECTOR)
-        await this.durable.sync()
         if (dirs.length > 0) {
           faultPoint('cowd.gd')
           const sectors = new Set(dirs.map(gdi => Math.floor(gdi * 4 / SECTOR)))

@@ -200,6 +200,27 @@ export async function settleAll (ps: Array<Promise<void>>): Promise<void> {
   for (const r of rs) if (r.status === 'rejected') throw r.reason
 }
 
+/**
+ * The whole new grain for a write of `n` bytes at `inGrain` into a grain not allocated yet: the
+ * write's bytes, and around them (when `fill`) what lies below, up to `valid` (the end of the
+ * disk inside the last grain); zeros otherwise. A whole-grain write is used as it is. The head
+ * and the tail are read at once: each read is a round trip to the thread pool, and a partial
+ * write followed by fsync waits for them.
+ */
+export async function newGrain (buf: Buffer, bo: number, n: number, inGrain: number, gb: number, valid: number, gStart: number, fill: boolean, below: ReadBelow): Promise<Buffer> {
+  if (n === gb) return buf.subarray(bo, bo + n)
+  const g = Buffer.alloc(gb)
+  if (fill) {
+    const tail = inGrain + n
+    const reads: Array<Promise<void>> = []
+    if (inGrain > 0) reads.push(below(g, 0, gStart, inGrain))
+    if (tail < valid) reads.push(below(g, tail, gStart + tail, valid - tail))
+    await settleAll(reads)
+  }
+  buf.copy(g, inGrain, bo, bo + n)
+  return g
+}
+
 /** Write several buffers back to back at pos (one writev; finishes a short write piecewise). */
 export async function writeExactv (fh: FileHandle, bufs: Buffer[], pos: number): Promise<void> {
   if (bufs.length === 1) return await writeExact(fh, bufs[0], 0, bufs[0].length, pos)

@@ -11,7 +11,7 @@ import { RedoError } from '../errors'
 import { faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { DataSync, Mutex, PlannedWrites, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, newGrain, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
 import { BAD, entryOf, lookupGrains, overwriteGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
@@ -576,19 +576,7 @@ export class SparseExtent implements Extent {
             throw new RedoError('ENOTSUP', `${this.path}: grain directory entry for grain ${grain} is missing (tables not preallocated)`, this.path)
           }
           if (batchGrains.length > 0 && batchGrains[batchGrains.length - 1] !== grain - 1) await flushBatch()
-          let g: Buffer
-          const valid = Math.min(gb, this.size - gStart)
-          if (n === gb) {
-            g = buf.subarray(bo, bo + n)
-          } else {
-            g = Buffer.alloc(gb)
-            if (e === 0) {
-              if (inGrain > 0) await below(g, 0, gStart, inGrain)
-              const tail = inGrain + n
-              if (tail < valid) await below(g, tail, gStart + tail, valid - tail)
-            }
-            buf.copy(g, inGrain, bo, bo + n)
-          }
+          const g = await newGrain(buf, bo, n, inGrain, gb, Math.min(gb, this.size - gStart), gStart, e === 0, below)
           batch.push(g)
           batchGrains.push(grain)
           if (batch.length >= 64) await flushBatch()
@@ -661,7 +649,7 @@ export class SparseExtent implements Extent {
     this.header.uncleanShutdown = h.uncleanShutdown
   }
 
-  /** Data first, then grain tables (primary, then redundant), each step made durable (VMDK.md §9.1). */
+  /** Data first and durable, then the grain tables, primary and redundant, and one more sync (VMDK.md §9.1). */
   async flush (): Promise<void> {
     if (!this.writable) return
     // Not under the allocation lock: the snapshot below is taken synchronously, and an entry
@@ -682,13 +670,20 @@ export class SparseExtent implements Extent {
       try {
         await this.durable.sync()
         if (tables.length === 0) return
+        // Both copies, then one sync. An entry only ever changes from "no grain" (0, or 1 for a
+        // zeroed grain) to a grain whose data the sync above made durable, so however a crash
+        // tears the two copies, each entry of each copy is old or new, and recovery (recover())
+        // keeps, entry by entry, the one that points at a grain. Readers of the primary alone
+        // see old or new entries too: an unfinished fsync may lose the write, never show junk.
+        // The writes go out together (their order no longer matters).
         faultPoint('sparse.gt.primary')
-        for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.gd[t.gdi] * SECTOR)
+        const writes = tables.map(async t => await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.gd[t.gdi] * SECTOR))
         if (this.rgd !== null) {
-          await this.durable.sync()
           faultPoint('sparse.gt.redundant')
-          for (const t of tables) if (this.rgd[t.gdi] !== 0 && !this.badRedundant.has(t.gdi)) await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.rgd[t.gdi] * SECTOR)
+          const rgd = this.rgd
+          for (const t of tables) if (rgd[t.gdi] !== 0 && !this.badRedundant.has(t.gdi)) writes.push(writeExact(this.fh, t.bytes, 0, t.bytes.length, rgd[t.gdi] * SECTOR))
         }
+        await settleAll(writes)
         await this.durable.sync()
         faultPoint('sparse.gt.done')
       } catch (e) {
