@@ -18,7 +18,8 @@
  *           redofs (after addredo) against QSD writable (a qemu-img child of the same frozen
  *           file), alternating run by run; no fsync, `sync` between runs. Then the allocating
  *           runs again into fresh empty tops, each after drop_caches ("clean cache"): the same
- *           memory state for every run of either target.
+ *           memory state for every run of either target. Also fio random 4k writes each
+ *           followed by fsync, into new grains and over allocated ones (IOPS).
  *   commit  offline `redofs commit <disk> level=0` of the 25 % redo log (512 MiB) against
  *           `qemu-img commit` of an identical copy, and against `qemu-img commit` then `rm` of the
  *           redo log (the same end state: redofs deletes the merged redo log, qemu-img keeps it).
@@ -41,7 +42,7 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync,
 import { cpus, loadavg, totalmem } from 'node:os'
 import { dirname, join } from 'node:path'
 import {
-  GiB, MiB, ROOT, benchDir, buildChain, ddRead, ddWrite, dropCaches, ensureTools, fioRandRead, log, median,
+  GiB, MiB, ROOT, benchDir, buildChain, ddRead, ddWrite, dropCaches, ensureTools, fioRandRead, fioSyncedWrite, log, median,
   mountPassthrough, mountQsd, mountRedofs, must, rawOf, redofs, rssOf, run, sleep, sweepMounts,
   type Server, type TestChain
 } from './native/bench-lib'
@@ -63,8 +64,8 @@ const profile = flag('profile')
 const keep = flag('keep')
 
 const SIZES = quick
-  ? { seq4k: 32 * MiB, seq: 256 * MiB, randSeconds: 2, randRegion: 256 * MiB, write1M: 128 * MiB, write64k: 64 * MiB, openRuns: 2 }
-  : { seq4k: 32 * MiB, seq: 1 * GiB, randSeconds: 2, randRegion: 1 * GiB, write1M: 256 * MiB, write64k: 128 * MiB, openRuns: 3 }
+  ? { seq4k: 32 * MiB, seq: 256 * MiB, randSeconds: 2, randRegion: 256 * MiB, write1M: 128 * MiB, write64k: 64 * MiB, synced: 64 * MiB, openRuns: 2 }
+  : { seq4k: 32 * MiB, seq: 1 * GiB, randSeconds: 2, randRegion: 1 * GiB, write1M: 256 * MiB, write64k: 128 * MiB, synced: 128 * MiB, openRuns: 3 }
 
 // ---------------------------------------------------------------------------------------------
 // results
@@ -270,9 +271,33 @@ async function writeMatrix (targets: Target[], src: string, modes: ReadonlyArray
   return out
 }
 
+/**
+ * Random 4k writes each followed by fsync, QSD and redofs alternating: into grains never written
+ * (each run its own region after the sequential ones: every write allocates a grain and copies
+ * the rest of it from below) and into the grains the 1M runs allocated (overwrites in place).
+ * No issue target; it shows what a database in the guest pays per fsync.
+ */
+async function syncedWrites (targets: Target[], out: Record<string, Record<string, Cell>>): Promise<void> {
+  const firstFree = runs * (SIZES.write1M + SIZES.write64k)
+  for (const mode of ['alloc', 'overwrite'] as const) {
+    const xs = new Map<string, number[]>(targets.map(t => [t.name, []]))
+    for (let r = 0; r < runs; r++) {
+      for (let i = 0; i < targets.length; i++) {
+        const t = targets[(i + r) % targets.length]
+        await must('sync', [])
+        const region = mode === 'alloc' ? { offset: firstFree + r * SIZES.synced, size: SIZES.synced } : { offset: 0, size: SIZES.write1M }
+        xs.get(t.name)?.push((await fioSyncedWrite(t.file, { seconds: SIZES.randSeconds, ...region })).iops)
+      }
+    }
+    const key = `synced rand 4k ${mode} (IOPS)`
+    for (const t of targets) out[t.name][key] = cell(xs.get(t.name) as number[], 'IOPS')
+    log(`  ${key.padEnd(32)}: ` + targets.map(t => `${t.name} ${fmt(out[t.name][key].median)}`).join(', '))
+  }
+}
+
 async function benchWrite (dir: string, chain: TestChain): Promise<void> {
   section('write')
-  const need = runs * (SIZES.write1M + SIZES.write64k)
+  const need = runs * (SIZES.write1M + SIZES.write64k + SIZES.synced)
   if (need > chain.size) throw new Error('write regions exceed the disk')
   const src = join(dir, 'random.src')
   await must('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SIZES.write1M / MiB}`, 'status=none'])
@@ -299,7 +324,10 @@ async function benchWrite (dir: string, chain: TestChain): Promise<void> {
       for (const s of servers.reverse()) await s.stop()
     }
   }
-  await withEmptyTops(async targets => { results.write = await writeMatrix(targets, src, ['alloc', 'overwrite']) })
+  await withEmptyTops(async targets => {
+    results.write = await writeMatrix(targets, src, ['alloc', 'overwrite'])
+    await syncedWrites(targets, results.write)
+  })
   // the same allocating runs once more into fresh empty tops, each from a clean page cache
   await withEmptyTops(async targets => { await writeMatrix(targets, src, ['alloc, clean cache'], results.write) })
   await must('sync', [])
@@ -533,7 +561,7 @@ function report (): string {
   }
   const W = results.write
   if (W !== undefined) {
-    out.push(`### Writes into the top (MB/s, median of ${runs})`, '', '| workload | redofs | QSD | redofs/QSD |', '| --- | ---: | ---: | ---: |')
+    out.push(`### Writes into the top (MB/s; synced rand 4k in IOPS; median of ${runs})`, '', '| workload | redofs | QSD | redofs/QSD |', '| --- | ---: | ---: | ---: |')
     for (const w of Object.keys(W.redofs)) {
       const a = ratio(W.redofs[w]?.median, W.QSD[w]?.median)
       results.ratios[`write ${w} redofs/QSD`] = a

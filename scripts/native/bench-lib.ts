@@ -327,6 +327,22 @@ export async function fioRandRead (file: string, opts: { seconds: number, jobs?:
   return { iops: read.iops, MBps: read.bw_bytes / 1e6, latUsMean: read.lat_ns.mean / 1000 }
 }
 
+/**
+ * fio random 4k writes, each followed by fsync (a database's pattern), for `seconds` over
+ * [offset, offset + size) of the file, through the page cache. iops counts writes; latUsMean is
+ * the mean fsync latency.
+ */
+export async function fioSyncedWrite (file: string, opts: { seconds: number, offset: number, size: number }): Promise<FioResult> {
+  const r = await must('fio', [
+    '--name=sw', `--filename=${file}`, '--rw=randwrite', '--bs=4k', '--ioengine=psync', '--direct=0', '--fsync=1',
+    `--offset=${opts.offset}`, `--size=${opts.size}`, '--time_based', `--runtime=${opts.seconds}`,
+    '--output-format=json', '--randrepeat=1'
+  ])
+  const j = JSON.parse(r.stdout.slice(r.stdout.indexOf('{')))
+  const w = j.jobs[0].write
+  return { iops: w.iops, MBps: w.bw_bytes / 1e6, latUsMean: j.jobs[0].sync.lat_ns.mean / 1000 }
+}
+
 /** Resident set of a process, in MiB: current and peak. */
 export function rssOf (pid: number): { rssMiB: number, hwmMiB: number } {
   const s = readFileSync(`/proc/${pid}/status`, 'utf8')
