@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { createCowdLayer, createFlatLayer, createSparseLayer } from '../src/formats/create'
 import { DataSync, setPlannedIo } from '../src/formats/extent'
+import { countSyncs } from './helpers/spy'
 import { Layer } from '../src/formats/layer'
 import { WorkerIo } from '../src/fs/plans'
 
@@ -123,14 +124,6 @@ test('write plans: a slot holds (state 1, count, epoch) and descriptor runs only
   t.is(new WorkerIo(() => 0).planWrite(4, p => p.data(3, 0, 4) ? 4 : -1), -1, 'no table (patch level 4)')
 })
 
-/** Count DataSync.sync calls (every extent's fdatasync) until restore(). */
-function countSyncs (): { n: number, restore: () => void } {
-  const orig = DataSync.prototype.sync
-  const c = { n: 0, restore: () => { DataSync.prototype.sync = orig } }
-  DataSync.prototype.sync = async function (this: DataSync) { c.n++; return await orig.call(this) }
-  return c
-}
-
 test('drain() waits for write plans too', async t => {
   const done = [0, 0]
   const w = new WorkerIo(epoch => done[epoch], new ArrayBuffer(256 * 272))
@@ -215,50 +208,6 @@ test.serial(`a ${kind} layer plans overwrites only of allocated grains and only 
     } finally {
       setPlannedIo(undefined)
       await layer.close()
-    }
-  } finally {
-    await rm(dir, { recursive: true, force: true })
-  }
-})
-}
-
-for (const [kind, create] of redoKinds) {
-test.serial(`a ${kind} layer: a flush after overwrites costs one fdatasync; after an allocation, two: the data, then the metadata`, async t => {
-  const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
-  try {
-    const file = path.join(dir, 'd.vmdk')
-    await create(file)
-    const below = async (b: Buffer, o: number, _p: number, l: number): Promise<void> => { b.fill(0, o, o + l) }
-    const layer = await Layer.open(file, { writable: true })
-    const syncs = countSyncs()
-    try {
-      await layer.write(Buffer.alloc(128 * 1024, 1), 0, 0, 128 * 1024, below)
-      await layer.flush()
-      await layer.write(Buffer.alloc(4096, 2), 0, 8192, 4096, below)
-      let before = syncs.n
-      await layer.flush()
-      t.is(syncs.n - before, 1, 'an overwrite in place: one fdatasync')
-      before = syncs.n
-      await layer.flush()
-      t.is(syncs.n - before, 0, 'nothing dirty: none')
-      await layer.write(Buffer.alloc(64 * 1024, 3), 0, 1024 * 1024, 64 * 1024, below)
-      before = syncs.n
-      await layer.flush()
-      t.is(syncs.n - before, 2, 'an allocation: one sync for the data, then one for all the metadata')
-    } finally {
-      syncs.restore()
-      await layer.close()
-    }
-    const again = await Layer.open(file)
-    try {
-      const b = Buffer.alloc(64 * 1024)
-      await again.read(b, 0, 1024 * 1024, b.length)
-      t.true(b.every(x => x === 3), 'the allocated grain reads back after reopening')
-      await again.read(b, 0, 0, b.length)
-      t.is(b[8192], 2)
-      t.is(b[8192 + 4096], 1)
-    } finally {
-      await again.close()
     }
   } finally {
     await rm(dir, { recursive: true, force: true })

@@ -306,6 +306,9 @@ export class CowdExtent implements Extent {
       if (this.dirtyGTs.size === 0 && !this.dataDirty) return
       const tables = [...this.dirtyGTs].map(gdi => ({ gdi, at: this.gd[gdi], bytes: Buffer.from((this.gts[gdi] as Uint32Array).slice().buffer) }))
       const dirs = [...this.newGD]
+      // the directory as of now: a table allocated while this flush runs is zeroed on the disk
+      // only by the next flush's first sync, so no directory sector may name it before that
+      const gd = this.gd.slice()
       this.dirtyGTs.clear()
       this.newGD.clear()
       // a write planned while settle() waited may land after the sync below (PlannedWrites)
@@ -316,9 +319,9 @@ export class CowdExtent implements Extent {
         // tables, the directory and freeSector on disk still describe the file
         if (tables.length === 0 && dirs.length === 0) return
         // Tables, directory sectors and header, then one sync. Entries only change from "no
-        // grain" to a grain (or a new table, zeroed before the sync above) that is already
-        // durable, and freeSector is a floor the open raises to the highest grain in use: in
-        // whatever order the three reach the disk, each field is old or new, both valid.
+        // grain" to a grain (or, in the directory snapshot, a table zeroed before the sync
+        // above) that is already durable, and freeSector is a floor the open raises to the
+        // highest sector in use: in whatever order they reach the disk, each is old or new.
         faultPoint('cowd.gt')
         for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, t.at * SECTOR)
         if (dirs.length > 0) {
@@ -328,7 +331,7 @@ export class CowdExtent implements Extent {
             const b = Buffer.alloc(SECTOR)
             for (let k = 0; k < SECTOR / 4; k++) {
               const gdi = sec * (SECTOR / 4) + k
-              if (gdi < this.gd.length) b.writeUInt32LE(this.gd[gdi], k * 4)
+              if (gdi < gd.length) b.writeUInt32LE(gd[gdi], k * 4)
             }
             await writeExact(this.fh, b, 0, SECTOR, (this.header.gdOffset + sec) * SECTOR)
           }

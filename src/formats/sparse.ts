@@ -649,7 +649,22 @@ export class SparseExtent implements Extent {
     this.header.uncleanShutdown = h.uncleanShutdown
   }
 
-  /** Data first and durable, then the grain tables, primary and redundant, and one more sync (VMDK.md §9.1). */
+  /** Redundant grain tables written since the last sync (flush). */
+  private redundantUnsynced = false
+
+  /** Before the file is marked clean: the redundant tables the last flush wrote reach the disk. */
+  private async redundantDurable (): Promise<void> {
+    await this.flushMutex.run(async () => {
+      if (!this.redundantUnsynced) return
+      await this.durable.sync()
+      this.redundantUnsynced = false
+    })
+  }
+
+  /**
+   * Data first and durable, then the primary grain tables and a sync, then the redundant copies
+   * (VMDK.md §9.1): two syncs, the second also making the previous flush's redundant copies durable.
+   */
   async flush (): Promise<void> {
     if (!this.writable) return
     // Not under the allocation lock: the snapshot below is taken synchronously, and an entry
@@ -669,22 +684,21 @@ export class SparseExtent implements Extent {
       this.dataDirty = this.planned.pending
       try {
         await this.durable.sync()
+        this.redundantUnsynced = false
         if (tables.length === 0) return
-        // Both copies, then one sync. An entry only ever changes from "no grain" (0, or 1 for a
-        // zeroed grain) to a grain whose data the sync above made durable, so however a crash
-        // tears the two copies, each entry of each copy is old or new, and recovery (recover())
-        // keeps, entry by entry, the one that points at a grain. Readers of the primary alone
-        // see old or new entries too: an unfinished fsync may lose the write, never show junk.
-        // The writes go out together (their order no longer matters).
+        // The primary tables, synced: what the fsync promises. Then the redundant copies,
+        // synced by the next flush's first sync or before the file is marked clean. The
+        // redundant copy never gets ahead of the durable primary, so after a crash recovery
+        // (recover()) and tools that read only the primary see the same disk.
         faultPoint('sparse.gt.primary')
-        const writes = tables.map(async t => await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.gd[t.gdi] * SECTOR))
+        await settleAll(tables.map(async t => await writeExact(this.fh, t.bytes, 0, t.bytes.length, this.gd[t.gdi] * SECTOR)))
+        await this.durable.sync()
         if (this.rgd !== null) {
           faultPoint('sparse.gt.redundant')
           const rgd = this.rgd
-          for (const t of tables) if (rgd[t.gdi] !== 0 && !this.badRedundant.has(t.gdi)) writes.push(writeExact(this.fh, t.bytes, 0, t.bytes.length, rgd[t.gdi] * SECTOR))
+          await settleAll(tables.filter(t => rgd[t.gdi] !== 0 && !this.badRedundant.has(t.gdi)).map(async t => await writeExact(this.fh, t.bytes, 0, t.bytes.length, rgd[t.gdi] * SECTOR)))
+          this.redundantUnsynced = true
         }
-        await settleAll(writes)
-        await this.durable.sync()
         faultPoint('sparse.gt.done')
       } catch (e) {
         for (const t of tables) this.dirtyGTs.add(t.gdi)
@@ -697,6 +711,7 @@ export class SparseExtent implements Extent {
   async endWrite (): Promise<void> {
     if (!this.writable) return
     await this.flush()
+    await this.redundantDurable()
     if (this.header.uncleanShutdown !== 0) await this.writeHeader(0)
   }
 
@@ -761,6 +776,7 @@ export class SparseExtent implements Extent {
       log.formats('%s: unclean shutdown, repaired %d grain tables', this.path, repaired)
       this.allocated = this.runs().reduce((s, r) => s + (r.state === 'data' ? r.length : 0), 0)
       await this.flush()
+      await this.redundantDurable()
     }
     // consistent again: the flag goes back to clean until the next write session sets it
     if (this.lasting.length === 0) await this.writeHeader(0)
