@@ -13,7 +13,7 @@ import { createCowdLayer, createSparseLayer } from '../src/formats/create'
 import { DataSync } from '../src/formats/extent'
 import { Layer } from '../src/formats/layer'
 import { countSyncs, traceIo } from './helpers/spy'
-import { gtePosition, readU32 } from './helpers/vmdk'
+import { gtePosition, readU32, writeAt, writeU32 } from './helpers/vmdk'
 
 const zeros = async (b: Buffer, o: number, _p: number, l: number): Promise<void> => { b.fill(0, o, o + l) }
 
@@ -92,6 +92,35 @@ test.serial('monolithicSparse: the primary tables are synced before the redundan
     }
     t.is(await readU32(file, primary), await readU32(file, redundant), 'both copies hold the entry')
     t.not(await readU32(file, primary), 0)
+  })
+})
+
+test.serial('monolithicSparse: recovery after an unclean shutdown syncs the repaired redundant copies before it marks the file clean', async t => {
+  await inTmp(async dir => {
+    const file = path.join(dir, 'd.vmdk')
+    await createSparseLayer(file, 4 * 1024 * 1024)
+    const w = await Layer.open(file, { writable: true })
+    await w.write(Buffer.alloc(64 * 1024, 5), 0, 0, 64 * 1024, zeros)
+    await w.close()
+    const primary = await gtePosition(file, 0)
+    const redundant = await gtePosition(file, 0, true)
+    const entry = await readU32(file, primary)
+    await writeU32(file, redundant, 0) // the redundant copy lost its entry
+    await writeAt(file, 72, Buffer.from([1])) // uncleanShutdown
+    const io = traceIo()
+    let ev: string[]
+    try {
+      const layer = await Layer.open(file, { writable: true })
+      ev = io.events.map(e => e === 'sync' ? 'sync' : e === primary ? 'primary' : e === redundant ? 'redundant' : e === 0 ? 'header' : `write@${e}`)
+      await layer.close()
+    } finally {
+      io.restore()
+    }
+    const r = ev.lastIndexOf('redundant')
+    const h = ev.indexOf('header', r)
+    t.true(r >= 0 && h > r, `recovery rewrote the redundant copy, then cleared the flag (${ev.join(', ')})`)
+    t.true(ev.slice(r + 1, h).includes('sync'), `a sync between them (${ev.join(', ')})`)
+    t.is(await readU32(file, redundant), entry, 'the redundant copy has its entry back')
   })
 })
 
