@@ -6,7 +6,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { DataSync, Mutex, PlannedWrites, newGrain, readExact, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, newGrain, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { BAD, entryOf, lookupGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
@@ -264,7 +264,7 @@ export class CowdExtent implements Extent {
             this.newGD.add(gdi)
             this.dirtyGTs.add(gdi)
           }
-          const g = await newGrain(buf, bo, n, inGrain, gb, Math.min(gb, this.size - gStart), gStart, e === 0, below)
+          const g = await newGrain(buf, bo, n, gStart, inGrain, gb, this.size, e === 0, below)
           if (batchAt >= 0 && batchAt + batch.length * gsec !== this.cursor) await flushBatch()
           if (batchAt < 0) batchAt = this.cursor
           this.cursor += gsec
@@ -322,21 +322,22 @@ export class CowdExtent implements Extent {
         // grain" to a grain (or, in the directory snapshot, a table zeroed before the sync
         // above) that is already durable, and freeSector is a floor the open raises to the
         // highest sector in use: in whatever order they reach the disk, each is old or new.
+        // Their order does not matter, so they go out together.
         faultPoint('cowd.gt')
-        for (const t of tables) await writeExact(this.fh, t.bytes, 0, t.bytes.length, t.at * SECTOR)
+        const writes = tables.map(async t => await writeExact(this.fh, t.bytes, 0, t.bytes.length, t.at * SECTOR))
         if (dirs.length > 0) {
           faultPoint('cowd.gd')
-          const sectors = new Set(dirs.map(gdi => Math.floor(gdi * 4 / SECTOR)))
-          for (const sec of sectors) {
+          for (const sec of new Set(dirs.map(gdi => Math.floor(gdi * 4 / SECTOR)))) {
             const b = Buffer.alloc(SECTOR)
             for (let k = 0; k < SECTOR / 4; k++) {
               const gdi = sec * (SECTOR / 4) + k
               if (gdi < gd.length) b.writeUInt32LE(gd[gdi], k * 4)
             }
-            await writeExact(this.fh, b, 0, SECTOR, (this.header.gdOffset + sec) * SECTOR)
+            writes.push(writeExact(this.fh, b, 0, SECTOR, (this.header.gdOffset + sec) * SECTOR))
           }
         }
-        await this.writeHeaderFields()
+        writes.push(this.writeHeaderFields())
+        await settleAll(writes)
         await this.durable.sync()
       } catch (e) {
         for (const t of tables) this.dirtyGTs.add(t.gdi)

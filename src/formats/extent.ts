@@ -201,14 +201,15 @@ export async function settleAll (ps: Array<Promise<void>>): Promise<void> {
 }
 
 /**
- * The whole new grain for a write of `n` bytes at `inGrain` into a grain not allocated yet: the
- * write's bytes, and around them (when `fill`) what lies below, up to `valid` (the end of the
- * disk inside the last grain); zeros otherwise. A whole-grain write is used as it is. The head
- * and the tail are read at once: each read is a round trip to the thread pool, and a partial
- * write followed by fsync waits for them.
+ * The whole new grain (`gb` bytes from `gStart`) for a write of `n` bytes of buf at `inGrain`
+ * into a grain not allocated yet: the write's bytes, and around them (when `fill`) what lies
+ * below, up to the extent's `size`; zeros otherwise. A whole-grain write is used as it is. The
+ * head and the tail are read at once: each read is a round trip to the thread pool, and a
+ * partial write followed by fsync waits for them.
  */
-export async function newGrain (buf: Buffer, bo: number, n: number, inGrain: number, gb: number, valid: number, gStart: number, fill: boolean, below: ReadBelow): Promise<Buffer> {
+export async function newGrain (buf: Buffer, bo: number, n: number, gStart: number, inGrain: number, gb: number, size: number, fill: boolean, below: ReadBelow): Promise<Buffer> {
   if (n === gb) return buf.subarray(bo, bo + n)
+  const valid = Math.min(gb, size - gStart)
   const g = Buffer.alloc(gb)
   if (fill) {
     const tail = inGrain + n

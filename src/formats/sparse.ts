@@ -576,7 +576,7 @@ export class SparseExtent implements Extent {
             throw new RedoError('ENOTSUP', `${this.path}: grain directory entry for grain ${grain} is missing (tables not preallocated)`, this.path)
           }
           if (batchGrains.length > 0 && batchGrains[batchGrains.length - 1] !== grain - 1) await flushBatch()
-          const g = await newGrain(buf, bo, n, inGrain, gb, Math.min(gb, this.size - gStart), gStart, e === 0, below)
+          const g = await newGrain(buf, bo, n, gStart, inGrain, gb, this.size, e === 0, below)
           batch.push(g)
           batchGrains.push(grain)
           if (batch.length >= 64) await flushBatch()
