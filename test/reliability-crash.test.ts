@@ -6,8 +6,9 @@
  * generation ever reads differently.
  */
 import test from 'ava'
-import { copyFile, mkdir, open, readdir, readFile, writeFile } from 'node:fs/promises'
+import { copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises'
 import path from 'node:path'
+import { Layer } from '../src/formats/layer'
 import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, isMounted, requireFuse, sh, Server, storeWithRedo } from './helpers/mount'
 import { prng } from './helpers/model'
@@ -298,6 +299,69 @@ if (ok) {
     t.is(q.code, 0, describe(q))
     t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
     await checkFiles(t, path.dirname(vm))
+  })
+
+  test.serial('an unclean file whose redundant table names another grain\'s sectors or the metadata area: the next writable open does not take that entry', async t => {
+    // recovery prefers the primary and falls back to the redundant copy; a redundant entry that
+    // points onto another grain (or into the tables) is damage, and taking it would make two
+    // grains share sectors: a write to one would overwrite the other
+    const { vm } = await storeWithRedo(env.tmp, '8M')
+    const top = path.join(vm, 'disk-000001.vmdk')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x33 64k 64k', '-c', 'write -P 0x44 192k 64k', top])
+    const copies = async (grain: number): Promise<number[]> => [await readU32(top, await gtePosition(top, grain)), await readU32(top, await gtePosition(top, grain, true))]
+    const g3 = (await copies(3))[0]
+    const gdOffset = Number((await readFile(top)).readBigUInt64LE(56))
+    await writeU32(top, await gtePosition(top, 1), 0) // the primary lost grain 1 ...
+    await writeU32(top, await gtePosition(top, 1, true), g3) // ... and the redundant copy names grain 3's sectors
+    await writeU32(top, await gtePosition(top, 5, true), gdOffset) // grain 5's redundant entry points at the grain directory
+    // grains 6 and 7: both redundant entries name the same free grain at the end of the file
+    const free = (await stat(top)).size / 512
+    await truncate(top, (free + 128) * 512)
+    await writeU32(top, await gtePosition(top, 6, true), free)
+    await writeU32(top, await gtePosition(top, 7, true), free)
+    await writeAt(top, 72, Buffer.from([1])) // uncleanShutdown
+    const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    t.is(r.code, 0, describe(r))
+    t.deepEqual([await copies(1), await copies(3), await copies(5)], [[0, 0], [g3, g3], [0, 0]], 'grain 1 and 5 dropped from both copies, grain 3 kept')
+    t.deepEqual([await copies(6), await copies(7)], [[free, free], [0, 0]], 'the first entry naming the free grain is taken, the second is not')
+    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0 64k 64k', '-c', 'read -P 0x44 192k 64k', '-c', 'read -P 0 320k 64k', top])
+    t.is(q.code, 0, describe(q))
+    t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+    await checkFiles(t, path.dirname(vm))
+  })
+
+  test.serial('a clean file with a grain entry past its end (a truncated copy) opened writable: new grains go around the sectors that entry names', async t => {
+    const { vm } = await storeWithRedo(env.tmp, '8M')
+    const top = path.join(vm, 'disk-000001.vmdk')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x33 0 64k', top])
+    // grain 2 names the sectors where the next grain would be appended
+    const end = Math.ceil((await stat(top)).size / BLOCK) * BLOCK / 512
+    await writeU32(top, await gtePosition(top, 2), end)
+    await writeU32(top, await gtePosition(top, 2, true), end)
+    const layer = await Layer.open(top, { writable: true })
+    try {
+      t.true(layer.problems.some(p => /past the end/.test(p)), layer.problems.join('\n'))
+      await layer.beginSession()
+      await layer.write(Buffer.alloc(BLOCK, 0x55), 0, 4 * BLOCK, BLOCK, async (b, o, _p, l) => { b.fill(0, o, o + l) })
+      await layer.endSession()
+    } finally {
+      await layer.close()
+    }
+    const g4 = await readU32(top, await gtePosition(top, 4))
+    t.true(g4 >= end + 128 || g4 + 128 <= end, `the new grain at sector ${g4} overlaps the sectors grain 2 names (${end})`)
+    t.is(await readU32(top, await gtePosition(top, 2)), end, 'the damaged entry is left as it was')
+    const again = await Layer.open(top)
+    try {
+      t.false(again.problems.some(p => /another grain/.test(p)), again.problems.join('\n'))
+      const b = Buffer.alloc(BLOCK)
+      await again.read(b, 0, 4 * BLOCK, BLOCK)
+      t.true(b.every(x => x === 0x55), 'the new grain reads back')
+    } finally {
+      await again.close()
+    }
+    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0x55 256k 64k', '-c', 'read -P 0x33 0 64k', top])
+    t.is(q.code, 0, describe(q))
+    t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
   })
 
   test.serial('an in-place descriptor write that fails after its intent is durable still counts: read through the intent, finished by the next writable open', async t => {

@@ -227,6 +227,13 @@ export class SparseExtent implements Extent {
   private readonly gtBytes: number
   private fileSize: number
   private nextAlloc: number
+  /**
+   * Byte ranges past the file's end that entries kept on the disk still name (held BAD grains,
+   * tables past the end), sorted by start: new grains are placed around them, or a stale entry
+   * would come to point at a new grain (two grains on the same sectors, for qemu and for the
+   * next open here).
+   */
+  private reserved: Array<[number, number]> = []
   private readonly dirtyGTs = new Set<number>()
   private dataDirty = false
   private readonly planned = new PlannedWrites()
@@ -320,6 +327,7 @@ export class SparseExtent implements Extent {
       await ext.finishDescriptorRewrite()
       await ext.loadTables(handle)
       if (ext.writable && h.uncleanShutdown !== 0) await ext.recover()
+      ext.reservePastEnd()
       return ext
     } catch (e) {
       if (own) await handle.close()
@@ -404,6 +412,47 @@ export class SparseExtent implements Extent {
       k = j
     }
     if (this.kind === 'sparse') this.holdOverlaps()
+  }
+
+  /** Start sectors of every grain the primary tables hold (sorted), with each one's length in sectors. */
+  private grainSectors (): { starts: Uint32Array, lens: Uint32Array } {
+    const per = this.header.numGTEsPerGT
+    const gb = this.grainBytes
+    const pairs: Array<[number, number]> = []
+    this.gts.forEach((gt, gdi) => {
+      if (gt === undefined || this.badTables.has(gdi)) return
+      for (let t = 0; t < per; t++) {
+        const e = gt[t]
+        if (e > 1 && e !== BAD) pairs.push([e, ceilDiv(Math.min(gb, this.size - (gdi * per + t) * gb), SECTOR)])
+      }
+    })
+    pairs.sort((a, b) => a[0] - b[0])
+    return { starts: Uint32Array.from(pairs, p => p[0]), lens: Uint32Array.from(pairs, p => p[1]) }
+  }
+
+  /** Ranges past the end of the file that entries left on the disk name (see `reserved`). */
+  private reservePastEnd (): void {
+    if (!this.writable) return
+    const gtBytes = ceilDiv(this.gtBytes, SECTOR) * SECTOR
+    const r: Array<[number, number]> = []
+    const add = (sector: number, bytes: number): void => {
+      if (sector * SECTOR + bytes > this.fileSize) r.push([sector * SECTOR, sector * SECTOR + bytes])
+    }
+    for (const e of this.badOriginal.values()) add(e, this.grainBytes)
+    for (const i of this.badTables) add(this.gd[i], gtBytes)
+    if (this.rgd !== null) for (const i of this.badRedundant) add(this.rgd[i], gtBytes)
+    this.reserved = r.sort((a, b) => a[0] - b[0])
+  }
+
+  /** Where the next `bytes` of new grains go: the end of the file, past any reserved range. */
+  private placeGrains (bytes: number): number {
+    let at = this.nextAlloc
+    for (const [start, end] of this.reserved) {
+      if (end <= at) continue
+      if (start >= at + bytes) break
+      at = roundUp(end, this.grainBytes)
+    }
+    return at
   }
 
   private damage (msg: string): void {
@@ -537,12 +586,12 @@ export class SparseExtent implements Extent {
       let batchGrains: number[] = []
       const flushBatch = async (): Promise<void> => {
         if (batch.length === 0) return
-        const at = this.nextAlloc
+        const bytes = batch.reduce((n, b) => n + b.length, 0)
+        const at = this.placeGrains(bytes)
         if (Math.floor(at / SECTOR) + batch.length * this.header.grainSize > 0xfffffff0) {
           throw new RedoError('ENOSPC', `${this.path}: the sparse extent cannot grow past 2 TiB`, this.path)
         }
-        const bytes = batch.reduce((n, b) => n + b.length, 0)
-        this.nextAlloc += bytes
+        this.nextAlloc = at + bytes
         faultPoint('sparse.grain')
         // on failure the space is leaked (never referenced) and the next batch starts after it
         if (!await this.writeDirect(batch, at)) await writeExactv(this.fh, batch, at)
@@ -743,6 +792,33 @@ export class SparseExtent implements Extent {
     const per = this.header.numGTEsPerGT
     const gsec = this.header.grainSize
     let repaired = 0
+    // A redundant entry is taken only where it names whole sectors above the metadata area that
+    // no grain uses: adopting one that points into the tables or onto another grain would make
+    // two grains share sectors (and a write to one overwrite the other).
+    const h = this.header
+    const metaEnd = h.overHead > h.gdOffset ? h.overHead : 0
+    const taken = this.grainSectors()
+    const isFree = (v: number): boolean => {
+      // the last grain starting at or below v's last sector must end at or before v
+      let lo = 0
+      let hi = taken.starts.length - 1
+      let k = -1
+      while (lo <= hi) {
+        const mid = (lo + hi) >> 1
+        if (taken.starts[mid] < v + gsec) { k = mid; lo = mid + 1 } else hi = mid - 1
+      }
+      return k < 0 || taken.starts[k] + taken.lens[k] <= v
+    }
+    // entries taken from the redundant copy so far, by grain-sized bucket of their start
+    const adopted = new Map<number, number>()
+    const clashesAdopted = (v: number): boolean => {
+      const b = Math.floor(v / gsec)
+      for (const k of [b - 1, b, b + 1]) {
+        const a = adopted.get(k)
+        if (a !== undefined && v < a + gsec && a < v + gsec) return true
+      }
+      return false
+    }
     for (let gdi = 0; gdi < rgd.length; gdi++) {
       if (this.gd[gdi] === 0 || rgd[gdi] === 0 || this.badTables.has(gdi) || this.badRedundant.has(gdi)) continue
       const rb = Buffer.alloc(this.gtBytes)
@@ -757,7 +833,10 @@ export class SparseExtent implements Extent {
         const r = rb.readUInt32LE(t * 4)
         if (p === r) continue
         const ok = (v: number): boolean => v > 1 && v !== BAD && v + gsec <= limit
-        const v = ok(p) ? p : ok(r) ? r : 0
+        const okRedundant = (v: number): boolean => ok(v) && v >= metaEnd && isFree(v) && !clashesAdopted(v)
+        const v = ok(p) ? p : okRedundant(r) ? r : 0
+        if (v === r && v !== 0) adopted.set(Math.floor(v / gsec), v)
+        else if (r > 1 && v === 0) log.formats('%s: grain table %d entry %d: redundant copy %d not taken (outside the file, in the metadata area or on another grain)', this.path, gdi, t, r)
         if (p === BAD) this.badOriginal.delete(gdi * per + t)
         fixed[t] = v
         changed = true
