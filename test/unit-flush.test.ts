@@ -124,6 +124,41 @@ test.serial('monolithicSparse: recovery after an unclean shutdown syncs the repa
   })
 })
 
+test.serial('vmfsSparse (COWD): freeSector covering new grains is on the disk before any table names them', async t => {
+  // a tool that allocates at freeSector (VMware) must never find a durable table entry at or
+  // above it: the header goes out with the data, before the sync that precedes the tables
+  await inTmp(async dir => {
+    const file = path.join(dir, 'd.vmdk')
+    await createCowdLayer(file, 4 * 1024 * 1024, { hint: 'parent.vmdk', cid: 0x1234 })
+    const delta = path.join(dir, 'd-delta.vmdk')
+    const layer = await Layer.open(file, { writable: true })
+    try {
+      await layer.beginSession()
+      const io = traceIo()
+      try {
+        await layer.write(Buffer.alloc(65536, 7), 0, 1024 * 1024, 65536, zeros)
+        await layer.flush()
+      } finally {
+        io.restore()
+      }
+      const ev = io.events
+      const header = ev.indexOf(0)
+      const firstSync = ev.indexOf('sync')
+      const table = ev.findIndex((e, i) => i > firstSync && typeof e === 'number' && e > 0)
+      t.true(header >= 0 && header < firstSync, `the header is written before the first sync (${ev.join(', ')})`)
+      t.true(table > firstSync && ev.indexOf('sync', table) > table, `the table after it, then a sync (${ev.join(', ')})`)
+      const [free, grainSize, gdOffset] = [await readU32(delta, 28), await readU32(delta, 16), await readU32(delta, 20)]
+      const last = (1024 * 1024 + 65536) / (grainSize * 512) - 1 // the write's last grain
+      const gt = await readU32(delta, gdOffset * 512 + Math.floor(last / 4096) * 4)
+      const entry = await readU32(delta, gt * 512 + (last % 4096) * 4)
+      t.true(entry > 0 && free >= entry + grainSize, `freeSector ${free} lies past the write's last grain at ${entry}`)
+    } finally {
+      await layer.endSession()
+      await layer.close()
+    }
+  })
+})
+
 test.serial('vmfsSparse (COWD): a grain table allocated while a flush runs is named in the directory only by the next flush', async t => {
   await inTmp(async dir => {
     const file = path.join(dir, 'd.vmdk')

@@ -278,10 +278,11 @@ export class CowdExtent implements Extent {
     })
   }
 
-  private async writeHeaderFields (): Promise<void> {
+  /** The header with freeSector raised to `free` (never lowered) and the unclean flag. */
+  private async writeHeaderFields (free = this.cursor): Promise<void> {
     const raw = Buffer.alloc(COWD_HEADER_BYTES)
     await readExact(this.fh, this.path, raw, 0, raw.length, 0)
-    raw.writeUInt32LE(Math.max(this.cursor, raw.readUInt32LE(28)), 28)
+    raw.writeUInt32LE(Math.max(free, raw.readUInt32LE(28)), 28)
     raw.writeUInt32LE(this.unclean, 1648)
     faultPoint('cowd.header')
     await writeExact(this.fh, raw, 0, raw.length, 0)
@@ -295,7 +296,10 @@ export class CowdExtent implements Extent {
     await this.durable.sync()
   }
 
-  /** Data made durable, then grain tables, directory entries and freeSector and one more sync; data alone, one sync. */
+  /**
+   * After allocations: freeSector raised past the new grains and tables, made durable with the
+   * data; then grain tables and directory entries, and one more sync. Data alone: one sync.
+   */
   async flush (): Promise<void> {
     if (!this.writable) return
     // Not under the allocation lock: the snapshot below is taken synchronously, and an entry
@@ -309,20 +313,25 @@ export class CowdExtent implements Extent {
       // the directory as of now: a table allocated while this flush runs is zeroed on the disk
       // only by the next flush's first sync, so no directory sector may name it before that
       const gd = this.gd.slice()
+      // every grain and table the snapshot names lies below the cursor
+      const free = this.cursor
       this.dirtyGTs.clear()
       this.newGD.clear()
       // a write planned while settle() waited may land after the sync below (PlannedWrites)
       this.dataDirty = this.planned.pending
       try {
+        // Only data changed (overwrites in place): every allocation dirties a table, so the
+        // tables, the directory and freeSector on disk still describe the file. Otherwise
+        // freeSector goes out with the data, before the first sync: a table on the disk must
+        // never name sectors at or above it, or a tool that allocates there (VMware does not
+        // scan the tables as redofs' open does) would put a new grain over one in use.
+        if (tables.length > 0 || dirs.length > 0) await this.writeHeaderFields(free)
         await this.durable.sync()
-        // only data changed (overwrites in place): every allocation dirties a table, so the
-        // tables, the directory and freeSector on disk still describe the file
         if (tables.length === 0 && dirs.length === 0) return
-        // Tables, directory sectors and header, then one sync. Entries only change from "no
-        // grain" to a grain (or, in the directory snapshot, a table zeroed before the sync
-        // above) that is already durable, and freeSector is a floor the open raises to the
-        // highest sector in use: in whatever order they reach the disk, each is old or new.
-        // Their order does not matter, so they go out together.
+        // Tables and directory sectors, then one sync. Entries only change from "no grain" to
+        // a grain (or, in the directory snapshot, a table zeroed before the sync above) that
+        // is already durable: in whatever order they reach the disk, each is old or new. Their
+        // order does not matter, so they go out together.
         faultPoint('cowd.gt')
         const writes = tables.map(async t => await writeExact(this.fh, t.bytes, 0, t.bytes.length, t.at * SECTOR))
         if (dirs.length > 0) {
@@ -336,7 +345,6 @@ export class CowdExtent implements Extent {
             writes.push(writeExact(this.fh, b, 0, SECTOR, (this.header.gdOffset + sec) * SECTOR))
           }
         }
-        writes.push(this.writeHeaderFields())
         await settleAll(writes)
         await this.durable.sync()
       } catch (e) {
