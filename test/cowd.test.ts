@@ -4,7 +4,7 @@
  * `qemu-img convert` agrees and `vmdkinfo` (libvmdk) accepts the file.
  */
 import test, { type ExecutionContext } from 'ava'
-import { mkdir, readFile } from 'node:fs/promises'
+import { mkdir, readFile, rm } from 'node:fs/promises'
 import path from 'node:path'
 import { makeCowd, writeVmfsBase, writeVmfsSparseChild, type SectorWrite } from './helpers/cowd'
 import { requireEnv } from './helpers/env'
@@ -12,7 +12,7 @@ import { firstDifference, prng, randomBytes } from './helpers/model'
 import { convertToRaw, createBase, describe, qemuWrite, run } from './helpers/qemu'
 import { exportGen, infoJson, redofs } from './helpers/redofs'
 import { tmpDirs } from './helpers/tmp'
-import { cidLinkProblems, findTops, layerInfo, magicOf } from './helpers/vmdk'
+import { cidLinkProblems, findTops, layerInfo, magicOf, writeU32 } from './helpers/vmdk'
 import { openChain } from '../src/index'
 
 requireEnv(test)
@@ -212,4 +212,46 @@ test('addredo --redo-format cowd makes a vmfsSparse redo log that qemu and libvm
   const tops = await findTops(dir)
   t.deepEqual(tops.map(f => path.basename(f)), ['disk.vmdk'])
   await assertQemu(t, base.descriptor, expected, scratch)
+})
+
+test('a COWD file with a grain over its own grain table: writes are refused, naming the file and the overlap, and the file is left as it was; a full one refuses new grains (ENOSPC) instead of wrapping its 32-bit entries', async t => {
+  const root = await tmp()
+  const dir = path.join(root, 'store', 'vm1')
+  await mkdir(dir, { recursive: true })
+  const base = await writeVmfsBase(dir, 'disk', SECTORS, Buffer.alloc(0))
+  const write = async (top: string, pos: number): Promise<{ code?: string, message?: string } | undefined> => {
+    let chain
+    try {
+      chain = await openChain(top, { writable: true })
+      await chain.view(chain.generations - 1).write(Buffer.alloc(4096, 9), 0, pos, 4096)
+      return undefined
+    } catch (e) {
+      return e as { code?: string, message?: string }
+    } finally {
+      await chain?.close()
+    }
+  }
+  // a grain entry over its grain table
+  const c1 = await writeVmfsSparseChild(dir, 'disk-000001', SECTORS, base.cid, 'disk.vmdk', child1Writes)
+  const b = await readFile(c1.delta)
+  const gt = b.readUInt32LE(b.readUInt32LE(20) * SECTOR)
+  await writeU32(c1.delta, gt * SECTOR, gt + 1) // sector 0's grain now lies inside table 0
+  const damaged = await readFile(c1.delta)
+  const chk = await redofs(['check', c1.descriptor])
+  t.is(chk.code, 1, describe(chk))
+  t.regex(chk.stdout + chk.stderr, /-delta\.vmdk: a grain at sector \d+ overlaps/)
+  const refused = await write(c1.descriptor, 3 * 1024 * 1024)
+  t.regex(String(refused?.message), /-delta\.vmdk: a grain at sector \d+ overlaps/, 'the write is refused, naming the file and the problem')
+  t.true((await readFile(c1.delta)).equals(damaged), 'the damaged file is left as it was')
+  // freeSector at the last sector a 32-bit entry can name
+  await rm(path.join(dir, 'disk-000001.vmdk'))
+  await rm(c1.delta)
+  const c2 = await writeVmfsSparseChild(dir, 'disk-000001', SECTORS, base.cid, 'disk.vmdk', child1Writes)
+  await writeU32(c2.delta, 28, 0xfffffff0)
+  const before = await readFile(c2.delta)
+  const e = await write(c2.descriptor, 3 * 1024 * 1024)
+  t.is(e?.code, 'ENOSPC', String(e?.message))
+  const after = await readFile(c2.delta)
+  t.is(after.length, before.length, 'nothing was appended')
+  t.true(after.subarray(2048).equals(before.subarray(2048)), 'no table or directory entry changed')
 })

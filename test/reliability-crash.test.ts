@@ -330,38 +330,58 @@ if (ok) {
     await checkFiles(t, path.dirname(vm))
   })
 
-  test.serial('a clean file with a grain entry past its end (a truncated copy) opened writable: new grains go around the sectors that entry names', async t => {
+  test.serial('a clean file with a grain entry past its end (a truncated copy) opens read-only, says why, and is left as it was', async t => {
+    // new grains are appended: they would land where that entry points (or leave a hole it
+    // reads as zeros) instead of the read failing; such a file is served read-only
     const { vm } = await storeWithRedo(env.tmp, '8M')
     const top = path.join(vm, 'disk-000001.vmdk')
     await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x33 0 64k', top])
-    // grain 2 names the sectors where the next grain would be appended
     const end = Math.ceil((await stat(top)).size / BLOCK) * BLOCK / 512
     await writeU32(top, await gtePosition(top, 2), end)
     await writeU32(top, await gtePosition(top, 2, true), end)
+    const before = await readFile(top)
     const layer = await Layer.open(top, { writable: true })
     try {
-      t.true(layer.problems.some(p => /past the end/.test(p)), layer.problems.join('\n'))
+      t.false(layer.writable, 'the layer opened writable')
+      t.true(layer.problems.some(p => /opened read-only: entries point past the end/.test(p)), layer.problems.join('\n'))
+      await t.throwsAsync(layer.write(Buffer.alloc(BLOCK, 0x55), 0, 4 * BLOCK, BLOCK, async (b, o, _p, l) => { b.fill(0, o, o + l) }), { code: 'EROFS' })
+      const b = Buffer.alloc(BLOCK)
+      await layer.read(b, 0, 0, BLOCK)
+      t.true(b.every(x => x === 0x33), 'the rest still reads')
+    } finally {
+      await layer.close()
+    }
+    t.true((await readFile(top)).equals(before), 'the file is unchanged')
+    // the CLI names the file and the problem
+    const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    t.not(r.code, 0, describe(r))
+    t.regex(r.stderr, /disk-000001\.vmdk/, describe(r))
+  })
+
+  test.serial('a redundant directory entry naming a primary grain table: flushes never write over that table, and check reports it', async t => {
+    const { vm } = await storeWithRedo(env.tmp, '64M') // two grain tables of 32 MiB each
+    const top = path.join(vm, 'disk-000001.vmdk')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x33 0 64k', '-c', 'write -P 0x44 40M 64k', top])
+    const hdr = await readFile(top)
+    const [rgdOffset, gdOffset] = [Number(hdr.readBigUInt64LE(48)), Number(hdr.readBigUInt64LE(56))]
+    const table1 = await readU32(top, gdOffset * 512 + 4)
+    await writeU32(top, rgdOffset * 512, table1) // the redundant copy of table 0 "lies" on primary table 1
+    const table1Bytes = (await readFile(top)).subarray(table1 * 512, table1 * 512 + 2048)
+    const layer = await Layer.open(top, { writable: true })
+    try {
       await layer.beginSession()
-      await layer.write(Buffer.alloc(BLOCK, 0x55), 0, 4 * BLOCK, BLOCK, async (b, o, _p, l) => { b.fill(0, o, o + l) })
+      await layer.write(Buffer.alloc(BLOCK, 0x55), 0, BLOCK, BLOCK, async (b, o, _p, l) => { b.fill(0, o, o + l) })
       await layer.endSession()
     } finally {
       await layer.close()
     }
-    const g4 = await readU32(top, await gtePosition(top, 4))
-    t.true(g4 >= end + 128 || g4 + 128 <= end, `the new grain at sector ${g4} overlaps the sectors grain 2 names (${end})`)
-    t.is(await readU32(top, await gtePosition(top, 2)), end, 'the damaged entry is left as it was')
-    const again = await Layer.open(top)
-    try {
-      t.false(again.problems.some(p => /another grain/.test(p)), again.problems.join('\n'))
-      const b = Buffer.alloc(BLOCK)
-      await again.read(b, 0, 4 * BLOCK, BLOCK)
-      t.true(b.every(x => x === 0x55), 'the new grain reads back')
-    } finally {
-      await again.close()
-    }
-    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0x55 256k 64k', '-c', 'read -P 0x33 0 64k', top])
+    t.true((await readFile(top)).subarray(table1 * 512, table1 * 512 + 2048).equals(table1Bytes), 'primary table 1 was overwritten')
+    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0x33 0 64k', '-c', 'read -P 0x55 64k 64k', '-c', 'read -P 0x44 40M 64k', top])
     t.is(q.code, 0, describe(q))
     t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+    const c = await run(process.execPath, [REDOFS_BIN, 'check', top])
+    t.is(c.code, 1, describe(c))
+    t.regex(c.stdout, /redundant grain directory entry 0 points to sector/, describe(c))
   })
 
   test.serial('an in-place descriptor write that fails after its intent is durable still counts: read through the intent, finished by the next writable open', async t => {

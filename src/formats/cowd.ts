@@ -173,10 +173,48 @@ export class CowdExtent implements Extent {
       this.gts[i] = gt
     }
     this.cursor = Math.max(h.freeSector, high)
+    this.findOverlaps(ceilDiv(gdBytes, SECTOR))
     if (this.writable && this.problems.length > 0) {
       // never extend a damaged file: its tables may point anywhere
       (this as { writable: boolean }).writable = false
     }
+  }
+
+  /**
+   * Tables or grains over the header, the directory or each other: a write to one would
+   * overwrite the other. Listed as problems, which leave the file read-only (see load).
+   */
+  private findOverlaps (gdSectors: number): void {
+    const h = this.header
+    const gtSectors = COWD_GT_ENTRIES * 4 / SECTOR
+    // every area as start * 4 + kind (0 header and directory, 1 table, 2 grain): one numeric sort
+    const len = [h.gdOffset + gdSectors, gtSectors, h.grainSize]
+    const what = ['the header and grain directory', 'a grain table', 'a grain']
+    let n = 1
+    for (let i = 0; i < this.gd.length; i++) {
+      const gt = this.gts[i]
+      if (gt === undefined) continue
+      if (this.gd[i] !== 0 && this.gd[i] * SECTOR + gtSectors * SECTOR <= this.fileSize) n++
+      for (const e of gt) if (e > 1 && e !== BAD) n++
+    }
+    const areas = new Float64Array(n)
+    let k = 1
+    for (let i = 0; i < this.gd.length; i++) {
+      const gt = this.gts[i]
+      if (gt === undefined) continue
+      if (this.gd[i] !== 0 && this.gd[i] * SECTOR + gtSectors * SECTOR <= this.fileSize) areas[k++] = this.gd[i] * 4 + 1
+      for (const e of gt) if (e > 1 && e !== BAD) areas[k++] = e * 4 + 2
+    }
+    areas.sort()
+    let found = 0
+    let farEnd = 0
+    for (const a of areas) {
+      const start = Math.floor(a / 4)
+      const kind = a - start * 4
+      if (start < farEnd && found++ < 16) this.problems.push(`${this.path}: ${what[kind]} at sector ${start} overlaps the header, the grain directory, a grain table or another grain`)
+      farEnd = Math.max(farEnd, start + len[kind])
+    }
+    if (found > 16) this.problems.push(`${this.path}: ${found - 16} more overlaps`)
   }
 
   private entry (grain: number): number {
@@ -256,6 +294,7 @@ export class CowdExtent implements Extent {
           if (this.gts[gdi] === undefined || this.gd[gdi] === 0) {
             // a new grain table: 32 zeroed sectors at the cursor, referenced from the GD at flush
             await flushBatch()
+            this.roomFor(COWD_GT_ENTRIES * 4 / SECTOR)
             const at = this.cursor
             this.cursor += COWD_GT_ENTRIES * 4 / SECTOR
             await writeExact(this.fh, Buffer.alloc(COWD_GT_ENTRIES * 4), 0, COWD_GT_ENTRIES * 4, at * SECTOR)
@@ -265,6 +304,7 @@ export class CowdExtent implements Extent {
             this.dirtyGTs.add(gdi)
           }
           const g = await newGrain(buf, bo, n, gStart, inGrain, gb, this.size, e === 0, below)
+          this.roomFor(gsec)
           if (batchAt >= 0 && batchAt + batch.length * gsec !== this.cursor) await flushBatch()
           if (batchAt < 0) batchAt = this.cursor
           this.cursor += gsec
@@ -276,6 +316,11 @@ export class CowdExtent implements Extent {
       }
       await flushBatch()
     })
+  }
+
+  /** Entries are 32-bit sector numbers: refuse to allocate where one could not name the sectors. */
+  private roomFor (sectors: number): void {
+    if (this.cursor + sectors > 0xfffffff0) throw new RedoError('ENOSPC', `${this.path}: the COWD file cannot grow past sector ${0xfffffff0} (its freeSector is ${this.cursor})`, this.path)
   }
 
   /** The header with freeSector raised to `free` (never lowered) and the unclean flag. */
@@ -372,17 +417,7 @@ export class CowdExtent implements Extent {
   async check (): Promise<string[]> {
     const out = [...this.problems]
     if (this.unclean !== 0 && !this.writable) out.push(`${this.path}: uncleanShutdown is set (the file was not closed cleanly)`)
-    const seen = new Set<number>()
-    for (let i = 0; i < this.gts.length; i++) {
-      const gt = this.gts[i]
-      if (gt === undefined) continue
-      for (const e of gt) {
-        if (e <= 1 || e === BAD) continue
-        if (e < this.header.gdOffset + ceilDiv(this.header.numGDEntries * 4, SECTOR)) out.push(`${this.path}: grain table ${i} points into the header or directory (sector ${e})`)
-        if (seen.has(e)) out.push(`${this.path}: sector ${e} is used by two grains`)
-        seen.add(e)
-      }
-    }
+    // entries into the header or directory and shared sectors were found at open (findOverlaps)
     return out
   }
 }

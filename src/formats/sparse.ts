@@ -227,13 +227,6 @@ export class SparseExtent implements Extent {
   private readonly gtBytes: number
   private fileSize: number
   private nextAlloc: number
-  /**
-   * Byte ranges past the file's end that entries kept on the disk still name (held BAD grains,
-   * tables past the end), sorted by start: new grains are placed around them, or a stale entry
-   * would come to point at a new grain (two grains on the same sectors, for qemu and for the
-   * next open here).
-   */
-  private reserved: Array<[number, number]> = []
   private readonly dirtyGTs = new Set<number>()
   private dataDirty = false
   private readonly planned = new PlannedWrites()
@@ -327,7 +320,7 @@ export class SparseExtent implements Extent {
       await ext.finishDescriptorRewrite()
       await ext.loadTables(handle)
       if (ext.writable && h.uncleanShutdown !== 0) await ext.recover()
-      ext.reservePastEnd()
+      ext.readOnlyIfPastEnd()
       return ext
     } catch (e) {
       if (own) await handle.close()
@@ -344,7 +337,7 @@ export class SparseExtent implements Extent {
     // metadata or another grain's data. Only enforced where overHead covers the grain directory.
     const metaEnd = this.kind === 'sparse' && h.overHead > h.gdOffset ? h.overHead : Infinity
     const gtSectors = ceilDiv(gtBytes, SECTOR)
-    const order: number[] = []
+    const listed: number[] = []
     for (let i = 0; i < this.numGTs; i++) {
       const s = this.gd[i]
       if (s === 0) continue
@@ -356,7 +349,7 @@ export class SparseExtent implements Extent {
         this.badTables.add(i)
         continue
       }
-      order.push(i)
+      listed.push(i)
     }
     if (this.rgd !== null) {
       // readers use the primary only (as qemu and VMware do): a bad redundant entry is listed by
@@ -366,7 +359,8 @@ export class SparseExtent implements Extent {
         if (r !== 0 && (r * SECTOR + gtBytes > this.fileSize || r + gtSectors > metaEnd)) this.badRedundant.add(i)
       }
     }
-    order.sort((a, b) => this.gd[a] - this.gd[b])
+    if (this.kind === 'sparse') this.holdMetadataOverlaps(gtSectors)
+    const order = listed.filter(i => !this.badTables.has(i)).sort((a, b) => this.gd[a] - this.gd[b])
     const limitGte = Math.ceil(this.fileSize / SECTOR)
     const zeroGteAllowed = (this.header.flags & FLAG_ZERO_GTE) !== 0
     const gb = this.grainBytes
@@ -414,45 +408,126 @@ export class SparseExtent implements Extent {
     if (this.kind === 'sparse') this.holdOverlaps()
   }
 
-  /** Start sectors of every grain the primary tables hold (sorted), with each one's length in sectors. */
-  private grainSectors (): { starts: Uint32Array, lens: Uint32Array } {
-    const per = this.header.numGTEsPerGT
+  /**
+   * Every sector range in use: header, descriptor, both directories and all their tables, and
+   * every grain the primary tables name (held damaged ones too). Sorted by start, with the
+   * running maximum of their ends, so a range is free when the last one starting below its end
+   * has a running end at or below its start.
+   */
+  private usedSectors (): { starts: Float64Array, maxEnds: Float64Array } {
+    const h = this.header
+    const per = h.numGTEsPerGT
     const gb = this.grainBytes
-    const pairs: Array<[number, number]> = []
+    const gtSectors = ceilDiv(this.gtBytes, SECTOR)
+    const gdSectors = ceilDiv(this.numGTs * 4, SECTOR)
+    const pairs: Array<[number, number]> = [[0, 1], [h.gdOffset, gdSectors]]
+    if (h.descriptorSize > 0) pairs.push([h.descriptorOffset, h.descriptorSize])
+    if (this.rgd !== null) pairs.push([h.rgdOffset, gdSectors])
+    for (let i = 0; i < this.numGTs; i++) {
+      if (this.gd[i] !== 0) pairs.push([this.gd[i], gtSectors])
+      if (this.rgd !== null && this.rgd[i] !== 0) pairs.push([this.rgd[i], gtSectors])
+    }
     this.gts.forEach((gt, gdi) => {
       if (gt === undefined || this.badTables.has(gdi)) return
       for (let t = 0; t < per; t++) {
-        const e = gt[t]
-        if (e > 1 && e !== BAD) pairs.push([e, ceilDiv(Math.min(gb, this.size - (gdi * per + t) * gb), SECTOR)])
+        const grain = gdi * per + t
+        const e = gt[t] === BAD ? (this.heldDamage.has(grain) ? this.badOriginal.get(grain) ?? 0 : 0) : gt[t]
+        if (e > 1) pairs.push([e, ceilDiv(Math.min(gb, this.size - grain * gb), SECTOR)])
       }
     })
     pairs.sort((a, b) => a[0] - b[0])
-    return { starts: Uint32Array.from(pairs, p => p[0]), lens: Uint32Array.from(pairs, p => p[1]) }
+    const starts = Float64Array.from(pairs, p => p[0])
+    const maxEnds = new Float64Array(pairs.length)
+    let m = 0
+    pairs.forEach((p, k) => { m = Math.max(m, p[0] + p[1]); maxEnds[k] = m })
+    return { starts, maxEnds }
   }
 
-  /** Ranges past the end of the file that entries left on the disk name (see `reserved`). */
-  private reservePastEnd (): void {
+  /**
+   * A writable open that finds entries pointing past the end of the file, which recovery did
+   * not drop because the file was closed cleanly (a truncated copy, or a tool that crashed
+   * without the flag): new grains are appended there, so such an entry would come to name a
+   * new grain, or a hole that reads as zeros, instead of failing. Served read-only instead,
+   * with the problems listed (as a damaged COWD file is).
+   */
+  private readOnlyIfPastEnd (): void {
     if (!this.writable) return
     const gtBytes = ceilDiv(this.gtBytes, SECTOR) * SECTOR
-    const r: Array<[number, number]> = []
-    const add = (sector: number, bytes: number): void => {
-      if (sector * SECTOR + bytes > this.fileSize) r.push([sector * SECTOR, sector * SECTOR + bytes])
-    }
-    for (const e of this.badOriginal.values()) add(e, this.grainBytes)
-    for (const i of this.badTables) add(this.gd[i], gtBytes)
-    if (this.rgd !== null) for (const i of this.badRedundant) add(this.rgd[i], gtBytes)
-    this.reserved = r.sort((a, b) => a[0] - b[0])
+    const past = (sector: number, bytes: number): boolean => sector * SECTOR + bytes > this.fileSize
+    const held = [...this.badOriginal].some(([grain, e]) => !this.heldDamage.has(grain) && past(e, this.grainBytes)) ||
+      [...this.badTables].some(i => past(this.gd[i], gtBytes)) ||
+      (this.rgd !== null && [...this.badRedundant].some(i => past((this.rgd as Uint32Array)[i], gtBytes)))
+    if (!held) return
+    (this as { writable: boolean }).writable = false
+    this.damage(`${this.path}: opened read-only: entries point past the end of the file (truncated?), and new grains would be written where they point`)
   }
 
-  /** Where the next `bytes` of new grains go: the end of the file, past any reserved range. */
-  private placeGrains (bytes: number): number {
-    let at = this.nextAlloc
-    for (const [start, end] of this.reserved) {
-      if (end <= at) continue
-      if (start >= at + bytes) break
-      at = roundUp(end, this.grainBytes)
+  /**
+   * Grain tables (either copy) sharing sectors with the header, the descriptor, a directory or
+   * another table: a flush of one would overwrite the other. Readers use the primary copy, so
+   * where a redundant table (or the redundant directory) is involved only the redundant side is
+   * set aside (never written, never trusted by recovery); a primary table over the header, the
+   * descriptor, the primary directory or another primary table is held as damage (its grains
+   * fail with EIO, it is never written).
+   */
+  private holdMetadataOverlaps (gtSectors: number): void {
+    const h = this.header
+    const gdSectors = ceilDiv(this.numGTs * 4, SECTOR)
+    const rgd = this.rgd
+    // every area as start, end, kind (0 fixed, 1 primary table, 2 redundant table or directory)
+    // and table index (-1: a directory or the header); typed arrays, as a 2 TiB disk has 2^17
+    const max = 4 + 2 * this.numGTs
+    const S = new Float64Array(max)
+    const E = new Float64Array(max)
+    const K = new Uint8Array(max)
+    const I = new Int32Array(max)
+    let n = 0
+    const add = (s: number, len: number, kind: number, i: number): void => { S[n] = s; E[n] = s + len; K[n] = kind; I[n] = i; n++ }
+    add(0, 1, 0, -1)
+    if (h.descriptorSize > 0) add(h.descriptorOffset, h.descriptorSize, 0, -1)
+    // in the order qemu and VMware lay them out, so a well-formed file needs no sort
+    if (rgd !== null) {
+      add(h.rgdOffset, gdSectors, 2, -1)
+      for (let i = 0; i < this.numGTs; i++) if (rgd[i] !== 0 && !this.badRedundant.has(i)) add(rgd[i], gtSectors, 2, i)
     }
-    return at
+    add(h.gdOffset, gdSectors, 0, -1)
+    for (let i = 0; i < this.numGTs; i++) if (this.gd[i] !== 0 && !this.badTables.has(i)) add(this.gd[i], gtSectors, 1, i)
+    let sorted = true
+    for (let k = 1; k < n && sorted; k++) sorted = S[k - 1] <= S[k]
+    const order = Uint32Array.from({ length: n }, (_, k) => k)
+    if (!sorted) order.sort((a, b) => S[a] - S[b])
+    const badPrimary = new Set<number>()
+    const badRedundant = new Set<number>()
+    let badRgd = false
+    const mark = (x: number): void => {
+      if (K[x] === 2) { if (I[x] < 0) badRgd = true; else badRedundant.add(I[x]) }
+    }
+    // areas that started earlier and end after the current one starts
+    const active: number[] = []
+    for (let k = 0; k < n; k++) {
+      const a = order[k]
+      let w = 0
+      for (const b of active) if (E[b] > S[a]) active[w++] = b
+      active.length = w
+      for (const b of active) {
+        // a and b share sectors: the redundant side goes if there is one, else the primary tables
+        if (K[a] === 2 || K[b] === 2) { mark(a); mark(b) } else {
+          if (K[a] === 1) badPrimary.add(I[a])
+          if (K[b] === 1) badPrimary.add(I[b])
+        }
+      }
+      active.push(a)
+    }
+    if (badRgd && rgd !== null) {
+      this.damage(`${this.path}: the redundant grain directory at sector ${h.rgdOffset} overlaps other metadata; the redundant copy is not used`)
+      for (let i = 0; i < this.numGTs; i++) if (rgd[i] !== 0) this.badRedundant.add(i)
+    }
+    for (const i of badRedundant) this.badRedundant.add(i)
+    for (const i of badPrimary) {
+      this.damage(`${this.path}: grain directory entry ${i} points to sector ${this.gd[i]}, over other metadata (the header, the descriptor, the grain directory or another table)`)
+      this.gts[i] = new Uint32Array(h.numGTEsPerGT).fill(BAD)
+      this.badTables.add(i)
+    }
   }
 
   private damage (msg: string): void {
@@ -586,12 +661,12 @@ export class SparseExtent implements Extent {
       let batchGrains: number[] = []
       const flushBatch = async (): Promise<void> => {
         if (batch.length === 0) return
-        const bytes = batch.reduce((n, b) => n + b.length, 0)
-        const at = this.placeGrains(bytes)
+        const at = this.nextAlloc
         if (Math.floor(at / SECTOR) + batch.length * this.header.grainSize > 0xfffffff0) {
           throw new RedoError('ENOSPC', `${this.path}: the sparse extent cannot grow past 2 TiB`, this.path)
         }
-        this.nextAlloc = at + bytes
+        const bytes = batch.reduce((n, b) => n + b.length, 0)
+        this.nextAlloc += bytes
         faultPoint('sparse.grain')
         // on failure the space is leaked (never referenced) and the next batch starts after it
         if (!await this.writeDirect(batch, at)) await writeExactv(this.fh, batch, at)
@@ -797,17 +872,17 @@ export class SparseExtent implements Extent {
     // two grains share sectors (and a write to one overwrite the other).
     const h = this.header
     const metaEnd = h.overHead > h.gdOffset ? h.overHead : 0
-    const taken = this.grainSectors()
-    const isFree = (v: number): boolean => {
-      // the last grain starting at or below v's last sector must end at or before v
+    const used = this.usedSectors()
+    const isFree = (v: number, n: number): boolean => {
+      // every range starting below v + n must end at or before v
       let lo = 0
-      let hi = taken.starts.length - 1
+      let hi = used.starts.length - 1
       let k = -1
       while (lo <= hi) {
         const mid = (lo + hi) >> 1
-        if (taken.starts[mid] < v + gsec) { k = mid; lo = mid + 1 } else hi = mid - 1
+        if (used.starts[mid] < v + n) { k = mid; lo = mid + 1 } else hi = mid - 1
       }
-      return k < 0 || taken.starts[k] + taken.lens[k] <= v
+      return k < 0 || used.maxEnds[k] <= v
     }
     // entries taken from the redundant copy so far, by grain-sized bucket of their start
     const adopted = new Map<number, number>()
@@ -832,9 +907,13 @@ export class SparseExtent implements Extent {
         const p = gt === undefined ? 0 : gt[t]
         const r = rb.readUInt32LE(t * 4)
         if (p === r) continue
-        const ok = (v: number): boolean => v > 1 && v !== BAD && v + gsec <= limit
-        const okRedundant = (v: number): boolean => ok(v) && v >= metaEnd && isFree(v) && !clashesAdopted(v)
-        const v = ok(p) ? p : okRedundant(r) ? r : 0
+        // the disk's last grain may be stored partial (rounded to a sector)
+        const grain = gdi * per + t
+        const need = ceilDiv(Math.min(this.grainBytes, this.size - grain * this.grainBytes), SECTOR)
+        const ok = (v: number): boolean => v > 1 && v !== BAD && v + need <= limit
+        const okRedundant = (v: number): boolean => ok(v) && v >= metaEnd && isFree(v, need) && !clashesAdopted(v)
+        // a primary 1 is a grain written as zeros (newer than the redundant copy): kept
+        const v = ok(p) || p === 1 ? p : okRedundant(r) ? r : 0
         if (v === r && v !== 0) adopted.set(Math.floor(v / gsec), v)
         else if (r > 1 && v === 0) log.formats('%s: grain table %d entry %d: redundant copy %d not taken (outside the file, in the metadata area or on another grain)', this.path, gdi, t, r)
         if (p === BAD) this.badOriginal.delete(gdi * per + t)
@@ -894,7 +973,7 @@ export class SparseExtent implements Extent {
           continue
         }
         if (this.badRedundant.has(gdi)) {
-          problems.push(`${this.path}: redundant grain directory entry ${gdi} points to sector ${b}, outside the metadata area or past the end of the file`)
+          problems.push(`${this.path}: redundant grain directory entry ${gdi} points to sector ${b}, outside the metadata area, past the end of the file or over other metadata`)
           continue
         }
         if (a === 0 || b * SECTOR + this.gtBytes > this.fileSize) continue

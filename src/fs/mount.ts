@@ -335,7 +335,7 @@ export class RedoMount {
             if (wantsWrite && (n.gen !== 'live' || !n.disk.writable)) {
               n.disk.lastError = n.gen !== 'live'
                 ? `${path}: generation ${n.disk.indexOf(n.gen)} is frozen; open it read-only`
-                : `${path}: the live file is read-only (${n.disk.opts.readOnly ? 'store mounted --read-only' : 'its top is another chain\'s parent; addredo first'})`
+                : `${path}: the live file is read-only (${n.disk.readOnlyBecause ?? 'read-only'})`
               return EROFS
             }
             const busy = n.disk.openRefusal(n.gen)

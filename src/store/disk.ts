@@ -93,8 +93,15 @@ export class Disk {
     return d
   }
 
-  /** Read-only when the store is, or while the top is another chain's parent (a linked clone's). */
-  get writable (): boolean { return !this.opts.readOnly && this.chain.topChildren.length === 0 && this.chain.top.writable }
+  /** Read-only when the store is, while the top is another chain's parent (a linked clone's), or when its file cannot be written. */
+  get writable (): boolean { return this.readOnlyBecause === undefined }
+  /** Why the live file is read-only, or undefined when it is writable. */
+  get readOnlyBecause (): string | undefined {
+    if (this.opts.readOnly === true) return 'store mounted --read-only'
+    if (this.chain.topChildren.length > 0) return 'its top is another chain\'s parent; addredo first'
+    if (!this.chain.top.writable) return `${this.chain.top.path} cannot be written; see the disk's problems in status`
+    return undefined
+  }
   get size (): number { return this.chain.size }
 
   // ---- open accounting -------------------------------------------------------------------
