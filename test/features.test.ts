@@ -5,6 +5,7 @@
 import test from 'ava'
 import { copyFile, mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises'
 import { spawn } from 'node:child_process'
+import { existsSync } from 'node:fs'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, requireFuse, sh, shOk, type Server } from './helpers/mount'
@@ -158,6 +159,27 @@ if (ok) {
     t.regex(await s.errorText('vm1', 'disk'), /shared by other chains/)
     t.not(await sha256File(s.img('vm2', 'disk')), await sha256File(s.img('vm1', 'disk', 0)))
     await s.stopClean(t)
+    const q = await run('qemu-img', ['convert', '-O', 'raw', clone, path.join(dir, 'c.raw')])
+    t.is(q.code, 0, describe(q))
+  })
+
+  test.serial('linked clones: a commit or discard that would delete the layer a clone is built on is refused, force or not', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm1', 'disk', '16M')
+    await redofsOk('addredo', path.join(store, 'vm1', 'disk'))
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 9 0 1M', path.join(store, 'vm1', 'disk-000001.vmdk')])
+    // without @G the live generation is frozen: vm1 gets a new top and vm2's clone sits on disk-000001
+    const clone = (await redofsOk('clone', path.join(store, 'vm1', 'disk'), 'vm2')).stdout.trim()
+    const r1 = path.join(store, 'vm1', 'disk-000001.vmdk')
+    const before = await sha256File(clone)
+    for (const args of [['commit', 'level=1'], ['commit', 'level=1', 'force=1'], ['discard', 'to=0'], ['discard', 'to=0', 'force=1']]) {
+      const r = await redofs(args[0], path.join(store, 'vm1', 'disk'), ...args.slice(1))
+      t.is(r.code, 1, `${args.join(' ')}: ${describe(r)}`)
+      t.regex(r.stderr, /disk-000001\.vmdk: other chains are built on it \(.*vm2/, args.join(' '))
+    }
+    t.true(existsSync(r1), 'the clone\'s parent is still there')
+    t.is(await sha256File(clone), before)
     const q = await run('qemu-img', ['convert', '-O', 'raw', clone, path.join(dir, 'c.raw')])
     t.is(q.code, 0, describe(q))
   })

@@ -16,7 +16,7 @@ import { findLabel, labelOf, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
-import { childrenOf } from './peek'
+import { childrenOfEach } from './peek'
 
 export interface Progress {
   done: number
@@ -113,9 +113,15 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const parent = chain.layers[i - 1]
   const above = i < N ? chain.layers[i + 1] : undefined
   if (!parent.writable) throw new RedoError('EROFS', `${parent.path}: parent is read-only; cannot commit into it`, parent.path)
-  const others = (await childrenOf(parent.path, chain.opts.root)).filter(p => resolve(p) !== resolve(child.path))
+  const [ofParent, ofChild] = await childrenOfEach([parent.path, child.path], chain.opts.root)
+  const others = ofParent.filter(p => resolve(p) !== resolve(child.path))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
+  }
+  // the merged file is deleted: no other chain may be built on it (force cannot help them)
+  const onChild = ofChild.filter(p => above === undefined || resolve(p) !== resolve(above.path))
+  if (onChild.length > 0) {
+    throw new RedoError('EBUSY', `${child.path}: other chains are built on it (${onChild.join(', ')}); a commit would delete it under them`, child.path)
   }
   await ensureSpace(dirname(parent.path), commitSpace(child, parent) + (1 << 20), `commit into ${parent.path}`)
   const bad = child.runs().find(r => r.state === 'bad')
@@ -335,9 +341,19 @@ export async function discard (chain: Chain, to?: number, opts: { force?: boolea
   if (!Number.isInteger(g) || g < 0 || g >= N) throw new RedoError('EINVAL', `to=${g} is out of range (generations 0..${N - 1} can be kept)`)
   // the layer that becomes live will be written: it must not be another chain's parent
   const next = chain.layers[g + 1].path
-  const others = (await childrenOf(chain.layers[g].path, chain.opts.root)).filter(p => resolve(p) !== resolve(next))
+  const kids = await childrenOfEach(chain.layers.slice(g).map(l => l.path), chain.opts.root)
+  const others = kids[0].filter(p => resolve(p) !== resolve(next))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)
+  }
+  // the discarded files are deleted: no other chain may be built on any of them (force cannot help them)
+  for (let k = 1; k < kids.length; k++) {
+    const above = chain.layers[g + k + 1]?.path
+    const on = kids[k].filter(p => above === undefined || resolve(p) !== resolve(above))
+    if (on.length > 0) {
+      const l = chain.layers[g + k].path
+      throw new RedoError('EBUSY', `${l}: other chains are built on it (${on.join(', ')}); a discard would delete it under them`, l)
+    }
   }
   // top first: every intermediate state is a valid, shorter chain
   const files: string[] = []

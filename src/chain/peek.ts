@@ -101,13 +101,18 @@ export async function storeDirs (root: string): Promise<string[]> {
 
 /** Files (descriptors) anywhere in the store that name `parent` as their parent. */
 export async function childrenOf (parent: string, root: string | undefined): Promise<string[]> {
-  const dirs = root !== undefined ? await storeDirs(root) : [dirname(parent)]
-  const target = await realpath(parent).catch(() => resolve(parent))
-  const out: string[] = []
+  return (await childrenOfEach([parent], root))[0]
+}
+
+/** childrenOf for several layers of one store (or of one directory, without a root), in one scan. */
+export async function childrenOfEach (parents: string[], root: string | undefined): Promise<string[][]> {
+  const dirs = root !== undefined ? await storeDirs(root) : [...new Set(parents.map(p => dirname(p)))]
+  const targets = await Promise.all(parents.map(async p => await realpath(p).catch(() => resolve(p))))
+  const out: string[][] = parents.map(() => [])
   for (const p of await peekDirs(dirs)) {
     if (p.parent === undefined) continue
     const r = await realpath(p.parent).catch(() => p.parent as string)
-    if (r === target) out.push(p.path)
+    targets.forEach((t, i) => { if (r === t) out[i].push(p.path) })
   }
   return out
 }
