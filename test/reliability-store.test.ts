@@ -137,6 +137,35 @@ if (ok) {
     await server.stopClean(t)
   })
 
+  test.serial('a commit that fails and cannot be undone keeps the chain\'s shape until it is finished: other jobs are refused, the next open finishes it', async t => {
+    const { dir, store, vm } = await storeWithRedo(env.tmp, '16M')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x5a 1M 2M', path.join(vm, 'disk-000001.vmdk')])
+    // the server's first fdatasync is the parent's, as the commit starts writing it: it fails,
+    // the parent keeps the error, so the commit can be neither finished nor undone
+    const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'datasync' })
+    const live = await sha256File(server.img('vm', 'disk'))
+    const r = await server.command('vm', 'disk', 'commit', 'level=0')
+    t.not(r.code, 0, 'the commit succeeded')
+    t.regex(await server.errorText('vm', 'disk'), /could not be undone/)
+    t.true((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the journal is kept')
+    for (const [cmd, arg] of [['addredo', ''], ['discard', '']]) {
+      const refused = await server.command('vm', 'disk', cmd, arg)
+      t.not(refused.code, 0, `${cmd} ran on a chain whose commit is unfinished`)
+      t.regex(await server.errorText('vm', 'disk'), /failed and is not undone/, cmd)
+    }
+    t.is((await server.status('vm', 'disk')).redoLogs, 1, 'the chain changed shape')
+    t.is(await sha256File(server.img('vm', 'disk')), live, 'the live file reads as before')
+    await server.stop()
+    // the next writable open finishes the commit: one layer, the same content
+    const again = await env.mount(store, path.join(dir, 'mnt'))
+    t.is((await again.status('vm', 'disk')).redoLogs, 0, 'the commit was not finished')
+    t.is(await sha256File(again.img('vm', 'disk')), live)
+    await again.stopClean(t)
+    t.false((await readdir(vm)).includes('disk.vmdk.redofs-commit'))
+    const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(vm, 'disk')])
+    t.is(c.code, 0, describe(c))
+  })
+
   test.serial('redo growth: --redo-limit warns in status; --redo-limit-hard fails writes past it with ENOSPC, without damage', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

@@ -42,6 +42,19 @@ export class Chain {
   private indexes = new Map<number, Index>()
   /** Files that name the top as their parent (set at writable open): the top must not change. */
   topChildren: string[] = []
+  /**
+   * A commit that failed and could not be undone left its journal: the next writable open rolls
+   * it forward along the chain as the journal describes it, so until then the chain keeps that
+   * shape (unfinishedRefusal); committing the same redo log again finishes it.
+   */
+  unfinished: { child: string, journal: string } | undefined
+
+  /** Why a job other than committing `child` must wait (see unfinished), or undefined. */
+  unfinishedRefusal (what: string, child?: string): RedoError | undefined {
+    const u = this.unfinished
+    if (u === undefined || (child !== undefined && resolve(child) === resolve(u.child))) return undefined
+    return new RedoError('EBUSY', `${what}: the commit of ${u.child} failed and is not undone (${u.journal}); commit that redo log again, or reopen the disk, which finishes it`, u.journal)
+  }
   /** Journals found at open whose commit is still to be finished (read-only opens). */
   readonly pendingJournals: CommitJournal[]
 

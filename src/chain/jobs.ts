@@ -14,7 +14,7 @@ import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
 import { findLabel, labelOf, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
-import { removeJournal, writeJournal, type CommitJournal } from './journal'
+import { journalPath, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
 import { childrenOfEach } from './peek'
 
@@ -49,6 +49,8 @@ export type RedoFormat = 'sparse' | 'cowd'
 
 export async function addRedo (chain: Chain, opts: { label?: string, format?: RedoFormat, record?: boolean } = {}): Promise<string> {
   const top = chain.top
+  const pending = chain.unfinishedRefusal('addredo')
+  if (pending !== undefined) throw pending
   // a child beside it means this file is not the top of its own chain: adding one would fork it
   const sameDir = chain.topChildren.filter(c => dirname(resolve(c)) === dirname(resolve(top.path)))
   if (sameDir.length > 0) {
@@ -112,6 +114,8 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const child = chain.layers[i]
   const parent = chain.layers[i - 1]
   const above = i < N ? chain.layers[i + 1] : undefined
+  const pending = chain.unfinishedRefusal(`commit of ${child.path}`, child.path)
+  if (pending !== undefined) throw pending
   if (!parent.writable) throw new RedoError('EROFS', `${parent.path}: parent is read-only; cannot commit into it`, parent.path)
   const [ofParent, ofChild] = await childrenOfEach([parent.path, child.path], chain.opts.root)
   const others = ofParent.filter(p => resolve(p) !== resolve(child.path))
@@ -148,6 +152,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     // is safe then) or the undo fails: the journal stays and the next writable open finishes it.
     const err = toRedoError(e)
     const undone = parent.problems.length === parentProblems && await abandonCommit(child, parent).then(() => true, () => false)
+    if (!undone) chain.unfinished = { child: child.path, journal: journalPath(parent.path) }
     chain.invalidate()
     throw new RedoError(err.code, `commit of ${child.path} failed: ${err.message}; ` + (undone
       ? `generations ${i} and up are unchanged; generation ${i - 1} may hold part of generation ${i}'s changes`
@@ -161,12 +166,20 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const droppedLabel = labelOf(parent)
   const swap = opts.switchOver ?? (async (fn: () => Promise<void>) => await fn())
   let dropped: string[] = []
-  await swap(async () => {
-    dropped = await relinkAndDrop(j, parent, child, above)
-    chain.layers.splice(i, 1)
-    chain.invalidate()
-    if (above === undefined) chain.topChildren = others
-  })
+  try {
+    await swap(async () => {
+      dropped = await relinkAndDrop(j, parent, child, above)
+      chain.unfinished = undefined
+      chain.layers.splice(i, 1)
+      chain.invalidate()
+      if (above === undefined) chain.topChildren = others
+    })
+  } catch (e) {
+    // the copy is complete and the journal kept: the next writable open (or the same commit
+    // again) finishes the switch
+    if (chain.layers[i] === child) chain.unfinished = { child: child.path, journal: journalPath(parent.path) }
+    throw e
+  }
   // deleting the merged file can take a while: after the switch, with I/O flowing again
   if (opts.reap !== undefined) opts.reap(dropped)
   else await reapDropped(dropped)
@@ -339,6 +352,8 @@ export async function discard (chain: Chain, to?: number, opts: { force?: boolea
   if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to discard`)
   const g = to ?? N - 1
   if (!Number.isInteger(g) || g < 0 || g >= N) throw new RedoError('EINVAL', `to=${g} is out of range (generations 0..${N - 1} can be kept)`)
+  const pending = chain.unfinishedRefusal('discard')
+  if (pending !== undefined) throw pending
   // the layer that becomes live will be written: it must not be another chain's parent
   const next = chain.layers[g + 1].path
   const kids = await childrenOfEach(chain.layers.slice(g).map(l => l.path), chain.opts.root)

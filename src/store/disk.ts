@@ -292,6 +292,10 @@ export class Disk {
     if (this.opts.readOnly) throw new RedoError('EROFS', `${kind}: the store is mounted read-only`)
     if (this.closing) throw new RedoError('EBUSY', `${this.vm}/${this.name}: the store is being unmounted`)
     if (this.job !== null) throw new RedoError('EBUSY', `${this.vm}/${this.name}: a ${this.job.kind} job is running`)
+    if (kind !== 'commit' && kind !== 'label') {
+      const pending = this.chain.unfinishedRefusal(`${this.vm}/${this.name}`)
+      if (pending !== undefined) throw pending
+    }
     if (kind === 'addredo' && this.chain.redoCount >= this.opts.maxRedos) {
       throw new RedoError('EBUSY', `${this.vm}/${this.name}: already ${this.chain.redoCount} redo logs (--max-redos ${this.opts.maxRedos})`)
     }
@@ -326,6 +330,8 @@ export class Disk {
     for (const l of levels) {
       if (l > N - 1) throw new RedoError('EINVAL', `commit: level=${l} is out of range: the disk has ${N} redo log${N === 1 ? '' : 's'} (levels 0..${N - 1})`)
     }
+    const pending = this.chain.unfinishedRefusal(`${this.vm}/${this.name}`, this.chain.layers[N - levels[0]].path)
+    if (pending !== undefined) throw pending
     // the generation just below the merged redo log disappears
     const removed = level === 'all' ? this.frozen.slice() : [this.frozen[N - (level as number) - 1]]
     this.refuseIfOpen(removed, 'commit')
@@ -482,6 +488,8 @@ export class Disk {
           // identity, so the kernel drops what it cached of it at the next open
           const k = this.frozen.indexOf(merged)
           if (k >= 0) { this.frozen[k] = new Generation(merged.frozenAt); this.shape++ }
+          const u = this.chain.unfinished
+          if (u !== undefined) this.notice(`commit of ${u.child} failed and is not undone: the chain keeps its shape until it is committed again or the store is remounted`)
           throw e
         }
         if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: commit merged generation ${i - 1} away`)

@@ -240,6 +240,11 @@ export class Store {
     if (disk.opts.readOnly) return
     const k = this.sessionStart(disk)
     if (k === undefined) return
+    if (disk.chain.unfinished !== undefined) {
+      // the journal describes the chain as it is: the next writable open finishes that commit first
+      log.store('%s/%s: power-off action skipped: the commit of %s is not finished', disk.vm, disk.name, disk.chain.unfinished.child)
+      return
+    }
     if (disk.mode === 'nonpersistent' || (disk.mode === 'undoable' && disk.poweroff === 'discard')) {
       await disk.doDiscard(k - 1)
     } else if (disk.mode === 'undoable' && disk.poweroff === 'commit') {
