@@ -214,7 +214,7 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.is(c.code, 0, describe(c))
   })
 
-  test.serial('ESX 2.x: a .REDO file, bare or wrapped in a descriptor, reads as its content', async t => {
+  test.serial('ESX 2.x: a .REDO file, bare or wrapped in a descriptor, reads as its content; a bare one commits into its raw base, after a crash too', async t => {
     const dir = await env.tmp()
     const vm = path.join(dir, 'store', 'vm')
     await mkdir(vm, { recursive: true })
@@ -243,6 +243,24 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.is(await sha256File(path.join(dir, 'wrapped.raw')), await sha256File(path.join(dir, 'expected.raw')))
     await mustRun('qemu-img', ['convert', '-O', 'raw', path.join(wrapped, 'disk-redo.vmdk'), path.join(dir, 'qw.raw')])
     t.is(await sha256File(path.join(dir, 'qw.raw')), await sha256File(path.join(dir, 'expected.raw')))
+    // committed into its raw base (which has no descriptor for a label or a CID); then once more,
+    // killed before the REDO file is dropped: the next writable open finishes it
+    for (const crash of [undefined, 'commit.drop']) {
+      const v = path.join(dir, 'store', `commit-${crash ?? 'plain'}`)
+      await mkdir(v, { recursive: true })
+      for (const f of ['disk.vmdk', 'disk.vmdk.REDO']) await copyFile(path.join(vm, f), path.join(v, f))
+      const env = crash === undefined ? process.env : { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: crash }
+      const c = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(v, 'disk.vmdk.REDO'), 'level=0'], { env })
+      if (crash === undefined) t.is(c.code, 0, describe(c))
+      else {
+        t.not(c.code, 0, 'the commit was not killed')
+        t.true((await readdir(v)).includes('disk.vmdk.redofs-commit'), 'no journal left by the killed commit')
+        const again = await redofs('commit', path.join(v, 'disk.vmdk.REDO'), 'level=0')
+        t.regex(again.stderr, /disk\.vmdk: the disk has no redo log to commit/, describe(again))
+      }
+      t.deepEqual(await readdir(v), ['disk.vmdk'], `${crash ?? 'plain'}: the REDO file and the journal are gone`)
+      t.is(await sha256File(path.join(v, 'disk.vmdk')), await sha256File(path.join(dir, 'expected.raw')), `${crash ?? 'plain'}: the base holds the content`)
+    }
   })
 
   test.serial('safe relink: re-stamps parentCID when the parent is unchanged where the child does not cover it, refuses otherwise', async t => {

@@ -67,8 +67,10 @@ export class Chain {
    * interrupted by a crash is finished first when the chain is opened writable.
    */
   static async open (top: string, opts: ChainOptions = {}): Promise<Chain> {
+    // after a finished commit of an ESX 2.x .REDO file the top is its raw base
+    let rawTop = false
     for (let attempt = 0; ; attempt++) {
-      const { layers, journals } = await walk(resolve(top), opts)
+      const { layers, journals } = await walk(resolve(top), opts, rawTop)
       if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
         const chain = new Chain(layers, opts, journals)
         if (opts.writable === true) {
@@ -82,7 +84,7 @@ export class Chain {
       for (const j of journals) {
         log.chain('finishing interrupted commit of %s into %s', j.child, j.parent)
         await finishCommit(j, opts)
-        if (resolve(top) === j.child && j.above === null) top = j.parent
+        if (resolve(top) === j.child && j.above === null) { top = j.parent; rawTop = true }
       }
     }
   }
@@ -255,7 +257,7 @@ function linkProblems (child: Layer, parent: Layer): string[] {
   return out
 }
 
-async function walk (top: string, opts: ChainOptions): Promise<{ layers: Layer[], journals: CommitJournal[] }> {
+async function walk (top: string, opts: ChainOptions, rawTop = false): Promise<{ layers: Layer[], journals: CommitJournal[] }> {
   const layers: Layer[] = []
   const journals: CommitJournal[] = []
   const seen = new Map<string, string>()
@@ -275,7 +277,7 @@ async function walk (top: string, opts: ChainOptions): Promise<{ layers: Layer[]
       } catch (e) {
         const err = toRedoError(e, path)
         // ESX 2.x: the parent of a bare REDO file is a raw flat disk without descriptor
-        if (child?.legacyParent !== undefined && err.code === 'EINVAL' && /not a VMDK file/.test(err.message)) {
+        if ((child === undefined ? rawTop : child.legacyParent !== undefined) && err.code === 'EINVAL' && /not a VMDK file/.test(err.message)) {
           layer = await Layer.openRaw(path, { writable: opts.writable })
         } else throw err
       }

@@ -287,7 +287,8 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
     }
   }
   // the parent now holds the content of the child's generation: it takes its label and time
-  const c = child ?? (await exists(j.child) ? await Layer.open(j.child, {}) : undefined)
+  // (an ESX 2.x raw base has no descriptor to hold them)
+  const c = !parent.hasCids ? undefined : child ?? (await exists(j.child) ? await Layer.open(j.child, {}) : undefined)
   if (c !== undefined) {
     const frozen = c.descriptor.get('ddb.redofs.frozen')
     await setMeta(parent, { label: labelOf(c) ?? null, frozen: frozen !== undefined ? new Date(frozen) : null })
@@ -313,21 +314,32 @@ async function exists (p: string): Promise<boolean> {
 /** Finish a commit that a crash interrupted (all steps are idempotent). */
 export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promise<void> {
   const { Chain } = await import('./chain')
+  // the parent of an ESX 2.x .REDO file may be a raw disk without descriptor: a chain of its own
+  const notVmdk = (e: unknown): undefined => {
+    const err = toRedoError(e, j.parent)
+    if (err.code !== 'EINVAL' || !/not a VMDK file/.test(err.message)) throw err
+    return undefined
+  }
+  const rawParent = async (e: unknown): Promise<Layer> => {
+    notVmdk(e)
+    return await Layer.openRaw(j.parent, { writable: true })
+  }
   if (await exists(j.child)) {
     // open the parent's own chain for the COW source below it, and the child alone
-    const pchain = await Chain.open(j.parent, { ...opts, writable: true, ignoreCid: true, noRecovery: true })
+    const pchain = await Chain.open(j.parent, { ...opts, writable: true, ignoreCid: true, noRecovery: true }).catch(notVmdk)
+    const parent = pchain?.top ?? await Layer.openRaw(j.parent, { writable: true })
     const child = await Layer.open(j.child, { root: opts.root })
     try {
-      const parent = pchain.top
-      const below = pchain.redoCount > 0 ? pchain.index(pchain.redoCount - 1) : undefined
-      await copyInto(child, parent, j.parentCID, pchain.layers, below, {})
+      const below = pchain !== undefined && pchain.redoCount > 0 ? pchain.index(pchain.redoCount - 1) : undefined
+      await copyInto(child, parent, j.parentCID, pchain?.layers ?? [parent], below, {})
       await reapDropped(await relinkAndDrop(j, parent, child, undefined))
     } finally {
       await child.close().catch(() => {})
-      await pchain.close()
+      if (pchain !== undefined) await pchain.close()
+      else await parent.close()
     }
   } else {
-    const parent = await Layer.open(j.parent, { writable: true, root: opts.root })
+    const parent = await Layer.open(j.parent, { writable: true, root: opts.root }).catch(rawParent)
     try {
       await reapDropped(await relinkAndDrop(j, parent, undefined, undefined))
     } finally {
