@@ -68,6 +68,15 @@ if (ok) {
     t.is(q.code, 0, describe(q))
   })
 
+  test.serial('locking: a command killed while taking the lock leaves no lock that blocks the next one', async t => {
+    const { store, vm } = await storeWithRedo(env.tmp, '8M')
+    const killed = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'lock.staged' } })
+    t.regex(killed.stderr, /crashing at lock\.staged/, describe(killed))
+    const next = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+    t.is(next.code, 0, describe(next))
+    t.deepEqual((await readdir(store)).filter(n => n.startsWith('.redofs.lock')), [], 'lock files left behind')
+  })
+
   test.serial('locking: a second mount and an offline commit are refused naming the holder; a stale lock is taken over', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

@@ -2,10 +2,11 @@
  * One user per store: a lock file created with O_EXCL (also atomic on NFSv3+) naming the
  * holder. A lock left by a dead process on this host is taken over.
  */
-import { link, open, readFile, rename, unlink } from 'node:fs/promises'
+import { link, open, readdir, readFile, rename, unlink } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { RedoError } from '../errors'
+import { faultPoint } from '../fault'
 
 export interface LockInfo {
   pid: number
@@ -33,21 +34,42 @@ export async function readLock (root: string): Promise<LockInfo | undefined> {
   }
 }
 
+let tmpSeq = 0
+
 export class StoreLock {
   private constructor (readonly root: string, private readonly info: LockInfo) {}
 
   static async acquire (root: string, what: string): Promise<StoreLock> {
     const info: LockInfo = { pid: process.pid, host: hostname(), since: new Date().toISOString(), what }
     const p = lockPath(root)
+    // The lock appears complete or not at all: written and synced under a name of our own, then
+    // linked into place (link fails if the name exists; atomic on NFS too). Created in place,
+    // a kill between the create and the write left an empty lock that nobody could read.
+    const tmp = `${p}.${process.pid}.${++tmpSeq}.tmp`
+    // such names left by killed processes
+    for (const n of await readdir(root).catch(() => [])) {
+      const m = /^\.redofs\.lock\.(\d+)\.\d+\.tmp$/.exec(n)
+      if (m !== null && !alive(Number(m[1]))) await unlink(join(root, n)).catch(() => {})
+    }
+    const fh = await open(tmp, 'w', 0o644)
+    try {
+      await fh.writeFile(JSON.stringify(info) + '\n')
+      await fh.sync()
+    } finally {
+      await fh.close()
+    }
+    faultPoint('lock.staged')
+    try {
+      return await StoreLock.take(root, info, p, tmp)
+    } finally {
+      await unlink(tmp).catch(() => {})
+    }
+  }
+
+  private static async take (root: string, info: LockInfo, p: string, tmp: string): Promise<StoreLock> {
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
-        const fh = await open(p, 'wx', 0o644)
-        try {
-          await fh.writeFile(JSON.stringify(info) + '\n')
-          await fh.sync()
-        } finally {
-          await fh.close()
-        }
+        await link(tmp, p)
         return new StoreLock(root, info)
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
