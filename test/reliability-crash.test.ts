@@ -384,6 +384,22 @@ if (ok) {
     t.regex(c.stdout, /redundant grain directory entry 0 points to sector/, describe(c))
   })
 
+  test.serial('a commit killed after moving the merged generation\'s content record keeps that record when the next open finishes it', async t => {
+    const { vm } = await storeWithRedo(env.tmp, '8M')
+    const disk = path.join(vm, 'disk')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x21 0 1M', path.join(vm, 'disk-000001.vmdk')])
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', disk, 'record=1']) // records generation 1
+    const record = await readFile(path.join(vm, 'disk-000001.vmdk.redofs-digest'))
+    const killed = await run(process.execPath, [REDOFS_BIN, 'commit', disk, 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.unjournal' } })
+    t.regex(killed.stderr, /crashing at commit\.unjournal/, describe(killed))
+    t.true((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'no journal left to finish')
+    const r = await run(process.execPath, [REDOFS_BIN, 'label', disk, 'gen=0', 'name=merged'])
+    t.is(r.code, 0, describe(r))
+    t.false((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the commit was not finished')
+    t.deepEqual(await readFile(path.join(vm, 'disk.vmdk.redofs-digest')).catch(() => undefined), record, 'the base lost the record of the content it now holds')
+    await checkFiles(t, path.dirname(vm))
+  })
+
   test.serial('an in-place descriptor write that fails after its intent is durable still counts: read through the intent, finished by the next writable open', async t => {
     const { vm } = await storeWithRedo(env.tmp, '8M')
     const base = path.join(vm, 'disk.vmdk')

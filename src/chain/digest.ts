@@ -71,17 +71,21 @@ export async function loadDigest (layerPath: string): Promise<Digest | undefined
   return d
 }
 
-export async function dropDigest (layerPath: string): Promise<void> {
-  await unlink(digestPath(layerPath)).catch(e => { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e })
+/** Delete the record of a layer; true when there was one. */
+export async function dropDigest (layerPath: string): Promise<boolean> {
+  return await unlink(digestPath(layerPath)).then(() => true, e => { if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e; return false })
 }
 
-/** The record of `from` now describes `to` (after a commit merged from into to). */
+/**
+ * The record of `from` now describes `to` (after a commit merged from into to). The commit
+ * dropped `to`'s own record before it started (and a roll-forward may find the move done), so
+ * without a record of `from` there is nothing to do.
+ */
 export async function moveDigest (from: string, to: string): Promise<void> {
   try {
     await rename(digestPath(from), digestPath(to))
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e
-    await dropDigest(to)
   }
 }
 

@@ -7,6 +7,7 @@ import { dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { createCowdLayer, createSparseLayer } from '../formats/create'
 import { newCid } from '../formats/descriptor'
+import { syncDir } from '../formats/extent'
 import { Layer, parentHintFor, reapDropped } from '../formats/layer'
 import { failPoint, faultPoint } from '../fault'
 import { log } from '../log'
@@ -131,6 +132,9 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const bad = child.runs().find(r => r.state === 'bad')
   if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; commit refused (run redofs check)`, child.path)
   await child.flush()
+  // the parent's content record goes first (durably): from here on it describes nothing, and a
+  // roll-forward must not mistake it for the child's record moved onto the parent
+  if (await dropDigest(parent.path)) await syncDir(dirname(parent.path))
   const j: CommitJournal = {
     op: 'commit',
     parent: resolve(parent.path),
