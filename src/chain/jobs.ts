@@ -334,6 +334,10 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
     const parent = pchain?.top ?? await Layer.openRaw(j.parent, { writable: true })
     const child = await Layer.open(j.child, { root: opts.root })
     try {
+      // the commit checked the child before it started: damage found now must not be merged
+      // away (its ranges would read the parent's old data instead of failing)
+      const bad = child.runs().find(r => r.state === 'bad')
+      if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; the interrupted commit into ${j.parent} cannot be finished (run redofs check)`, child.path)
       const below = pchain !== undefined && pchain.redoCount > 0 ? pchain.index(pchain.redoCount - 1) : undefined
       await copyInto(child, parent, j.parentCID, pchain?.layers ?? [parent], below, {})
       await reapDropped(await relinkAndDrop(j, parent, child, undefined))
