@@ -253,7 +253,15 @@ export async function writeFileDurable (path: string, text: string | Buffer): Pr
 
 export async function syncDir (dir: string): Promise<void> {
   const fh = await open(dir, 'r')
-  try { await fh.sync() } catch { /* some filesystems refuse fsync on directories */ } finally { await fh.close() }
+  try {
+    await fh.sync()
+  } catch (e) {
+    // some filesystems refuse fsync on directories; an I/O error is a real failure
+    const code = (e as NodeJS.ErrnoException).code
+    if (code !== 'EINVAL' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'EBADF' && code !== 'EISDIR' && code !== 'EPERM' && code !== 'EACCES') throw e
+  } finally {
+    await fh.close()
+  }
 }
 
 /** A whole small file, or undefined when it does not exist (other errors are thrown). */
