@@ -214,7 +214,7 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.is(c.code, 0, describe(c))
   })
 
-  test.serial('ESX 2.x: a .REDO file, bare or wrapped in a descriptor, reads as its content; a bare one commits into its raw base, after a crash too', async t => {
+  test.serial('ESX 2.x: a .REDO file, bare or wrapped in a descriptor, reads as its content; a bare one commits into its raw base, after a crash too, and refuses a redo log above it', async t => {
     const dir = await env.tmp()
     const vm = path.join(dir, 'store', 'vm')
     await mkdir(vm, { recursive: true })
@@ -243,6 +243,11 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.is(await sha256File(path.join(dir, 'wrapped.raw')), await sha256File(path.join(dir, 'expected.raw')))
     await mustRun('qemu-img', ['convert', '-O', 'raw', path.join(wrapped, 'disk-redo.vmdk'), path.join(dir, 'qw.raw')])
     t.is(await sha256File(path.join(dir, 'qw.raw')), await sha256File(path.join(dir, 'expected.raw')))
+    // a redo log above the bare REDO could not name it (no CID): refused, nothing created
+    const above = await redofs('addredo', redo)
+    t.is(above.code, 1, describe(above))
+    t.regex(above.stderr, /disk\.vmdk\.REDO: has no descriptor/)
+    t.deepEqual((await readdir(vm)).sort(), ['disk.vmdk', 'disk.vmdk.REDO'])
     // committed into its raw base (which has no descriptor for a label or a CID); then once more,
     // killed before the REDO file is dropped: the next writable open finishes it
     for (const crash of [undefined, 'commit.drop']) {

@@ -175,6 +175,29 @@ if (ok) {
     t.is(c.code, 0, describe(c))
   })
 
+  test.serial('the same failed commit run again and undone this time lifts the refusal: the chain is whole and serves as before', async t => {
+    const { dir, store, vm } = await storeWithRedo(env.tmp, '16M')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x5a 1M 2M', path.join(vm, 'disk-000001.vmdk')])
+    const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'datasync' })
+    const live = await sha256File(server.img('vm', 'disk'))
+    t.not((await server.command('vm', 'disk', 'commit', 'level=0')).code, 0)
+    t.true((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the first failure kept its journal')
+    // the parent's write-back error stays until a remount: the retry fails at once, before the
+    // copy, and nothing new failed, so it is undone and its journal removed
+    t.not((await server.command('vm', 'disk', 'commit', 'level=0')).code, 0, 'the retried commit succeeded over a failed write-back')
+    t.false((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the retry was not undone')
+    await server.commandOk('vm', 'disk', 'addredo')
+    t.is((await server.status('vm', 'disk')).redoLogs, 2)
+    t.is(await sha256File(server.img('vm', 'disk')), live)
+    await server.stop()
+    const again = await env.mount(store, path.join(dir, 'mnt'))
+    t.is((await again.status('vm', 'disk')).redoLogs, 2)
+    t.is(await sha256File(again.img('vm', 'disk')), live)
+    await again.stopClean(t)
+    const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(vm, 'disk')])
+    t.is(c.code, 0, describe(c))
+  })
+
   test.serial('redo growth: --redo-limit warns in status; --redo-limit-hard fails writes past it with ENOSPC, without damage', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

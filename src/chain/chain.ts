@@ -84,7 +84,7 @@ export class Chain {
       for (const j of journals) {
         log.chain('finishing interrupted commit of %s into %s', j.child, j.parent)
         await finishCommit(j, opts)
-        if (resolve(top) === j.child && j.above === null) { top = j.parent; rawTop = true }
+        if (resolve(top) === j.child && j.above === null) { top = j.parent; rawTop = j.rawParent === true }
       }
     }
   }

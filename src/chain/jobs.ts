@@ -52,6 +52,9 @@ export async function addRedo (chain: Chain, opts: { label?: string, format?: Re
   const top = chain.top
   const pending = chain.unfinishedRefusal('addredo')
   if (pending !== undefined) throw pending
+  // a child names its parent by CID (parentCID ffffffff means "no parent"): a layer without
+  // descriptor (an ESX 2.x .REDO file or raw disk) has none to name
+  if (!top.hasCids) throw new RedoError('EINVAL', `${top.path}: has no descriptor (ESX 2.x), so a redo log above it could not name it as its parent; commit it into its base first`, top.path)
   // a child beside it means this file is not the top of its own chain: adding one would fork it
   const sameDir = chain.topChildren.filter(c => dirname(resolve(c)) === dirname(resolve(top.path)))
   if (sameDir.length > 0) {
@@ -118,6 +121,9 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const pending = chain.unfinishedRefusal(`commit of ${child.path}`, child.path)
   if (pending !== undefined) throw pending
   if (!parent.writable) throw new RedoError('EROFS', `${parent.path}: parent is read-only; cannot commit into it`, parent.path)
+  if (!parent.hasCids && above !== undefined) {
+    throw new RedoError('EINVAL', `${parent.path}: has no descriptor (ESX 2.x), so ${above.path} could not be re-linked to it; commit from the top down instead`, parent.path)
+  }
   const [ofParent, ofChild] = await childrenOfEach([parent.path, child.path], chain.opts.root)
   const others = ofParent.filter(p => resolve(p) !== resolve(child.path))
   if (others.length > 0 && opts.force !== true) {
@@ -141,6 +147,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     child: resolve(child.path),
     above: above !== undefined ? resolve(above.path) : null,
     parentCID: newCid(parent.cid),
+    rawParent: parent.isRaw,
     started: new Date().toISOString()
   }
   await writeJournal(j)
@@ -157,6 +164,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     const err = toRedoError(e)
     const undone = parent.problems.length === parentProblems && await abandonCommit(child, parent).then(() => true, () => false)
     if (!undone) chain.unfinished = { child: child.path, journal: journalPath(parent.path) }
+    else if (chain.unfinished?.child === child.path) chain.unfinished = undefined // the journal is gone
     chain.invalidate()
     throw new RedoError(err.code, `commit of ${child.path} failed: ${err.message}; ` + (undone
       ? `generations ${i} and up are unchanged; generation ${i - 1} may hold part of generation ${i}'s changes`
@@ -165,6 +173,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   if (opts.cancelled?.() === true) {
     chain.invalidate()
     await abandonCommit(child, parent)
+    if (chain.unfinished?.child === child.path) chain.unfinished = undefined
     throw new RedoError('ECANCELED', `commit of ${child.path} cancelled: generations ${i} and up are unchanged; generation ${i - 1} now holds part of generation ${i}'s changes`)
   }
   const droppedLabel = labelOf(parent)
@@ -318,22 +327,16 @@ async function exists (p: string): Promise<boolean> {
 /** Finish a commit that a crash interrupted (all steps are idempotent). */
 export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promise<void> {
   const { Chain } = await import('./chain')
-  // the parent of an ESX 2.x .REDO file may be a raw disk without descriptor: a chain of its own
-  const notVmdk = (e: unknown): undefined => {
-    const err = toRedoError(e, j.parent)
-    if (err.code !== 'EINVAL' || !/not a VMDK file/.test(err.message)) throw err
-    return undefined
-  }
-  const rawParent = async (e: unknown): Promise<Layer> => {
-    notVmdk(e)
-    return await Layer.openRaw(j.parent, { writable: true })
-  }
+  // the parent of an ESX 2.x .REDO file may be a raw disk without descriptor (the journal says)
+  const raw = j.rawParent === true
   if (await exists(j.child)) {
     // open the parent's own chain for the COW source below it, and the child alone
-    const pchain = await Chain.open(j.parent, { ...opts, writable: true, ignoreCid: true, noRecovery: true }).catch(notVmdk)
-    const parent = pchain?.top ?? await Layer.openRaw(j.parent, { writable: true })
-    const child = await Layer.open(j.child, { root: opts.root })
+    const pchain = raw ? undefined : await Chain.open(j.parent, { ...opts, writable: true, ignoreCid: true, noRecovery: true })
+    let parent: Layer | undefined
+    let child: Layer | undefined
     try {
+      parent = pchain?.top ?? await Layer.openRaw(j.parent, { writable: true })
+      child = await Layer.open(j.child, { root: opts.root })
       // the commit checked the child before it started: damage found now must not be merged
       // away (its ranges would read the parent's old data instead of failing)
       const bad = child.runs().find(r => r.state === 'bad')
@@ -342,12 +345,12 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
       await copyInto(child, parent, j.parentCID, pchain?.layers ?? [parent], below, {})
       await reapDropped(await relinkAndDrop(j, parent, child, undefined))
     } finally {
-      await child.close().catch(() => {})
+      await child?.close().catch(() => {})
       if (pchain !== undefined) await pchain.close()
-      else await parent.close()
+      else await parent?.close()
     }
   } else {
-    const parent = await Layer.open(j.parent, { writable: true, root: opts.root }).catch(rawParent)
+    const parent = raw ? await Layer.openRaw(j.parent, { writable: true }) : await Layer.open(j.parent, { writable: true, root: opts.root })
     try {
       await reapDropped(await relinkAndDrop(j, parent, undefined, undefined))
     } finally {

@@ -18,6 +18,8 @@ export interface CommitJournal {
   above: string | null
   /** CID the parent carries from the start of the commit. */
   parentCID: number
+  /** The parent is a raw disk without descriptor (ESX 2.x); absent in older journals. */
+  rawParent?: boolean
   started: string
 }
 

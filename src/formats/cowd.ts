@@ -187,33 +187,37 @@ export class CowdExtent implements Extent {
   private findOverlaps (gdSectors: number): void {
     const h = this.header
     const gtSectors = COWD_GT_ENTRIES * 4 / SECTOR
-    // every area as start * 4 + kind (0 header and directory, 1 table, 2 grain): one numeric sort
-    const len = [h.gdOffset + gdSectors, gtSectors, h.grainSize]
-    const what = ['the header and grain directory', 'a grain table', 'a grain']
-    let n = 1
+    const tables: number[] = []
     for (let i = 0; i < this.gd.length; i++) {
-      const gt = this.gts[i]
-      if (gt === undefined) continue
-      if (this.gd[i] !== 0 && this.gd[i] * SECTOR + gtSectors * SECTOR <= this.fileSize) n++
-      for (const e of gt) if (e > 1 && e !== BAD) n++
+      const s = this.gd[i]
+      if (s !== 0 && this.gts[i] !== undefined && s * SECTOR + gtSectors * SECTOR <= this.fileSize) tables.push(s)
     }
-    const areas = new Float64Array(n)
-    let k = 1
-    for (let i = 0; i < this.gd.length; i++) {
-      const gt = this.gts[i]
-      if (gt === undefined) continue
-      if (this.gd[i] !== 0 && this.gd[i] * SECTOR + gtSectors * SECTOR <= this.fileSize) areas[k++] = this.gd[i] * 4 + 1
-      for (const e of gt) if (e > 1 && e !== BAD) areas[k++] = e * 4 + 2
-    }
-    areas.sort()
+    // One bit per unit of the file, the unit being the largest power of two (up to 64 KiB) that
+    // divides every start and length: one bit per grain for ESX's 512-byte grains, a few KiB of
+    // bits per GiB of file otherwise. Every area was checked to lie inside the file.
+    let unit = 128
+    const fit = (x: number): void => { while (x % unit !== 0) unit /= 2 }
+    fit(h.gdOffset + gdSectors)
+    fit(gtSectors)
+    fit(h.grainSize)
+    for (const s of tables) fit(s)
+    for (const gt of this.gts) if (gt !== undefined) for (const e of gt) if (e > 1 && e !== BAD) fit(e)
+    const used = new Uint8Array(Math.ceil(this.fileSize / SECTOR / unit / 8) + 1)
     let found = 0
-    let farEnd = 0
-    for (const a of areas) {
-      const start = Math.floor(a / 4)
-      const kind = a - start * 4
-      if (start < farEnd && found++ < 16) this.problems.push(`${this.path}: ${what[kind]} at sector ${start} overlaps the header, the grain directory, a grain table or another grain`)
-      farEnd = Math.max(farEnd, start + len[kind])
+    const claim = (start: number, len: number, what: string): void => {
+      for (let u = start / unit; u < (start + len) / unit; u++) {
+        const byte = Math.floor(u / 8)
+        const bit = 1 << (u % 8)
+        if ((used[byte] & bit) !== 0) {
+          if (found++ < 16) this.problems.push(`${this.path}: ${what} at sector ${start} overlaps the header, the grain directory, a grain table or another grain`)
+          return
+        }
+        used[byte] |= bit
+      }
     }
+    claim(0, h.gdOffset + gdSectors, 'the header and grain directory')
+    for (const s of tables) claim(s, gtSectors, 'a grain table')
+    for (const gt of this.gts) if (gt !== undefined) for (const e of gt) if (e > 1 && e !== BAD) claim(e, h.grainSize, 'a grain')
     if (found > 16) this.problems.push(`${this.path}: ${found - 16} more overlaps`)
   }
 

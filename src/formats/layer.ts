@@ -156,6 +156,8 @@ export class Layer {
   get hasParent (): boolean { return this.legacyParent !== undefined || this.descriptor.hasParent }
   get parentHint (): string | undefined { return this.legacyParent ?? this.descriptor.parentFileNameHint }
   get hasCids (): boolean { return this.home.kind !== 'none' }
+  /** A raw disk without descriptor (the flat base of an ESX 2.x REDO log, see openRaw). */
+  get isRaw (): boolean { return this.home.kind === 'none' && !this.hasParent }
   get problems (): string[] { return this.extents.flatMap(e => e.problems) }
 
   /** Every file that belongs to this layer: the descriptor first, then extents. */

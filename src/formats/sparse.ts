@@ -420,26 +420,40 @@ export class SparseExtent implements Extent {
     const gb = this.grainBytes
     const gtSectors = ceilDiv(this.gtBytes, SECTOR)
     const gdSectors = ceilDiv(this.numGTs * 4, SECTOR)
-    const pairs: Array<[number, number]> = [[0, 1], [h.gdOffset, gdSectors]]
-    if (h.descriptorSize > 0) pairs.push([h.descriptorOffset, h.descriptorSize])
-    if (this.rgd !== null) pairs.push([h.rgdOffset, gdSectors])
+    // each range as start * 2^21 + length (starts below 2^32, lengths below 2^21 sectors: exact):
+    // one native numeric sort, 8 bytes a range
+    const SHIFT = 2 ** 21
+    let n = 3 + 2 * this.numGTs
+    for (const gt of this.gts) if (gt !== undefined) n += gt.length
+    const v = new Float64Array(n)
+    let k = 0
+    const add = (start: number, len: number): void => { if (len > 0) v[k++] = start * SHIFT + Math.min(len, SHIFT - 1) }
+    add(0, 1)
+    add(h.gdOffset, gdSectors)
+    if (h.descriptorSize > 0) add(h.descriptorOffset, h.descriptorSize)
+    if (this.rgd !== null) add(h.rgdOffset, gdSectors)
     for (let i = 0; i < this.numGTs; i++) {
-      if (this.gd[i] !== 0) pairs.push([this.gd[i], gtSectors])
-      if (this.rgd !== null && this.rgd[i] !== 0) pairs.push([this.rgd[i], gtSectors])
+      if (this.gd[i] !== 0) add(this.gd[i], gtSectors)
+      if (this.rgd !== null && this.rgd[i] !== 0) add(this.rgd[i], gtSectors)
     }
     this.gts.forEach((gt, gdi) => {
       if (gt === undefined || this.badTables.has(gdi)) return
       for (let t = 0; t < per; t++) {
         const grain = gdi * per + t
         const e = gt[t] === BAD ? (this.heldDamage.has(grain) ? this.badOriginal.get(grain) ?? 0 : 0) : gt[t]
-        if (e > 1) pairs.push([e, ceilDiv(Math.min(gb, this.size - grain * gb), SECTOR)])
+        if (e > 1) add(e, ceilDiv(Math.min(gb, this.size - grain * gb), SECTOR))
       }
     })
-    pairs.sort((a, b) => a[0] - b[0])
-    const starts = Float64Array.from(pairs, p => p[0])
-    const maxEnds = new Float64Array(pairs.length)
+    const sorted = v.subarray(0, k).sort()
+    const starts = new Float64Array(k)
+    const maxEnds = new Float64Array(k)
     let m = 0
-    pairs.forEach((p, k) => { m = Math.max(m, p[0] + p[1]); maxEnds[k] = m })
+    for (let x = 0; x < k; x++) {
+      const start = Math.floor(sorted[x] / SHIFT)
+      starts[x] = start
+      m = Math.max(m, start + sorted[x] - start * SHIFT)
+      maxEnds[x] = m
+    }
     return { starts, maxEnds }
   }
 
@@ -509,6 +523,20 @@ export class SparseExtent implements Extent {
       let w = 0
       for (const b of active) if (E[b] > S[a]) active[w++] = b
       active.length = w
+      if (active.length > 64) {
+        // a directory this damaged (many tables on the same sectors): every table involved is
+        // set aside, without the pairwise rule, and only the area reaching furthest stays
+        // active, so that the scan stays linear
+        let far = a
+        for (const b of [a, ...active]) {
+          mark(b)
+          if (K[b] === 1) badPrimary.add(I[b])
+          if (E[b] > E[far]) far = b
+        }
+        active.length = 0
+        active.push(far)
+        continue
+      }
       for (const b of active) {
         // a and b share sectors: the redundant side goes if there is one, else the primary tables
         if (K[a] === 2 || K[b] === 2) { mark(a); mark(b) } else {
@@ -872,8 +900,10 @@ export class SparseExtent implements Extent {
     // two grains share sectors (and a write to one overwrite the other).
     const h = this.header
     const metaEnd = h.overHead > h.gdOffset ? h.overHead : 0
-    const used = this.usedSectors()
+    // built on first need: most recoveries take nothing from the redundant copy
+    let usedCache: { starts: Float64Array, maxEnds: Float64Array } | undefined
     const isFree = (v: number, n: number): boolean => {
+      const used = usedCache ??= this.usedSectors()
       // every range starting below v + n must end at or before v
       let lo = 0
       let hi = used.starts.length - 1

@@ -45,11 +45,11 @@ export class StoreLock {
     // The lock appears complete or not at all: written and synced under a name of our own, then
     // linked into place (link fails if the name exists; atomic on NFS too). Created in place,
     // a kill between the create and the write left an empty lock that nobody could read.
-    const tmp = `${p}.${process.pid}.${++tmpSeq}.tmp`
-    // such names left by killed processes
+    const tmp = `${p}.${info.host}.${process.pid}.${++tmpSeq}.tmp`
+    // such names left by killed processes of this host
     for (const n of await readdir(root).catch(() => [])) {
-      const m = /^\.redofs\.lock\.(\d+)\.\d+\.tmp$/.exec(n)
-      if (m !== null && !alive(Number(m[1]))) await unlink(join(root, n)).catch(() => {})
+      const m = /^\.redofs\.lock\.(.+)\.(\d+)\.\d+\.tmp$/.exec(n)
+      if (m !== null && m[1] === info.host && !alive(Number(m[2]))) await unlink(join(root, n)).catch(() => {})
     }
     const fh = await open(tmp, 'w', 0o644)
     try {
@@ -72,7 +72,12 @@ export class StoreLock {
         await link(tmp, p)
         return new StoreLock(root, info)
       } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
+        const code = (e as NodeJS.ErrnoException).code
+        if (code === 'EPERM' || code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'ENOSYS') {
+          // no hard links here (vfat, exFAT, some network and FUSE file systems): created in
+          // place, which a kill between create and write can leave empty
+          if (await StoreLock.createInPlace(p, info)) return new StoreLock(root, info)
+        } else if (code !== 'EEXIST') throw e
       }
       const holder = await readLock(root)
       if (holder !== undefined && holder.host === info.host && !alive(holder.pid)) {
@@ -95,6 +100,24 @@ export class StoreLock {
       throw new RedoError('EBUSY', `${root}: store is in use by ${holder.what} (pid ${holder.pid} on ${holder.host} since ${holder.since})`, p)
     }
     throw new RedoError('EBUSY', `${root}: could not take the store lock ${p}`, p)
+  }
+
+  /** The lock created with O_EXCL and written; false when it exists. */
+  private static async createInPlace (p: string, info: LockInfo): Promise<boolean> {
+    let fh
+    try {
+      fh = await open(p, 'wx', 0o644)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false
+      throw e
+    }
+    try {
+      await fh.writeFile(JSON.stringify(info) + '\n')
+      await fh.sync()
+    } finally {
+      await fh.close()
+    }
+    return true
   }
 
   async release (): Promise<void> {
