@@ -1,6 +1,7 @@
 /**
- * One user per store: a lock file created with O_EXCL (also atomic on NFSv3+) naming the
- * holder. A lock left by a dead process on this host is taken over.
+ * One user per store: a lock file naming the holder, written under a name of its own and
+ * hard-linked into place (atomic, on NFS too; created with O_EXCL where hard links are refused).
+ * A lock left by a dead process on this host is taken over.
  */
 import { link, open, readdir, readFile, rename, unlink } from 'node:fs/promises'
 import { hostname } from 'node:os'

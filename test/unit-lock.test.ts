@@ -1,0 +1,48 @@
+/**
+ * The store lock (src/store/lock.ts): staged and linked into place, created in place where hard
+ * links are refused, and the staged files of dead processes swept (this host's only).
+ */
+import test from 'ava'
+import fsp from 'node:fs/promises'
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises'
+import { hostname, tmpdir } from 'node:os'
+import path from 'node:path'
+import { spawnSync } from 'node:child_process'
+import { StoreLock, readLock } from '../src/store/lock'
+
+async function inTmp (fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
+  try { await fn(dir) } finally { await rm(dir, { recursive: true, force: true }) }
+}
+
+test.serial('where hard links are refused the lock is created in place, and still refuses a second taker', async t => {
+  await inTmp(async dir => {
+    const link = fsp.link
+    let calls = 0
+    ;(fsp as { link: typeof link }).link = async () => { calls++; throw Object.assign(new Error('link refused'), { code: 'EPERM' }) }
+    try {
+      const lock = await StoreLock.acquire(dir, 'test')
+      t.true(calls > 0, 'link was not tried')
+      t.is((await readLock(dir))?.pid, process.pid)
+      const second = await StoreLock.acquire(dir, 'second').then(() => undefined, (e: { code?: string }) => e)
+      t.is(second?.code, 'EBUSY')
+      await lock.release()
+      t.deepEqual((await readdir(dir)).filter(n => n.startsWith('.redofs.lock')), [], 'files left behind')
+    } finally {
+      (fsp as { link: typeof link }).link = link
+    }
+  })
+})
+
+test.serial('staged lock files of dead processes of this host are swept, another host\'s are kept', async t => {
+  await inTmp(async dir => {
+    const dead = Number(spawnSync('sh', ['-c', 'echo $$'], { encoding: 'utf8' }).stdout.trim())
+    const mine = `.redofs.lock.${hostname()}.${dead}.1.tmp`
+    const theirs = `.redofs.lock.other-host.example.${dead}.1.tmp`
+    await writeFile(path.join(dir, mine), '{}')
+    await writeFile(path.join(dir, theirs), '{}')
+    const lock = await StoreLock.acquire(dir, 'test')
+    t.deepEqual((await readdir(dir)).filter(n => n.endsWith('.tmp')), [theirs])
+    await lock.release()
+  })
+})
