@@ -422,6 +422,35 @@ if (ok) {
     t.true((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the journal is gone')
   })
 
+  test.serial('a grain directory with 70 entries naming one table: those tables are held and never written, the other tables keep working', async t => {
+    const dir = await env.tmp()
+    const file = path.join(dir, 'd.vmdk')
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', file, '3G']) // 96 grain tables of 32 MiB
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x31 0 64k', '-c', 'write -P 0x32 2560M 64k', file])
+    const gdOffset = Number((await readFile(file)).readBigUInt64LE(56))
+    const table0 = await readU32(file, gdOffset * 512)
+    for (let i = 1; i <= 70; i++) await writeU32(file, gdOffset * 512 + i * 4, table0)
+    const before = await readFile(file)
+    const layer = await Layer.open(file, { writable: true })
+    try {
+      t.true(layer.problems.filter(p => /over other metadata/.test(p)).length >= 70, layer.problems.slice(0, 3).join('\n'))
+      const b = Buffer.alloc(BLOCK)
+      await t.throwsAsync(layer.read(b, 0, 5 * 32 * 1024 * 1024, BLOCK), { code: 'EIO' })
+      await layer.read(b, 0, 2560 * 1024 * 1024, BLOCK) // table 80 is untouched
+      t.true(b.every(x => x === 0x32))
+      await layer.beginSession()
+      await layer.write(Buffer.alloc(BLOCK, 0x33), 0, 2600 * 1024 * 1024, BLOCK, async (buf, o, _p, l) => { buf.fill(0, o, o + l) })
+      await layer.endSession()
+    } finally {
+      await layer.close()
+    }
+    const after = await readFile(file)
+    t.true(after.subarray(table0 * 512, table0 * 512 + 2048).equals(before.subarray(table0 * 512, table0 * 512 + 2048)), 'the shared table was written')
+    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0x33 2600M 64k', file])
+    t.is(q.code, 0, describe(q))
+    t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+  })
+
   test.serial('an in-place descriptor write that fails after its intent is durable still counts: read through the intent, finished by the next writable open', async t => {
     const { vm } = await storeWithRedo(env.tmp, '8M')
     const base = path.join(vm, 'disk.vmdk')

@@ -54,7 +54,7 @@ export async function addRedo (chain: Chain, opts: { label?: string, format?: Re
   if (pending !== undefined) throw pending
   // a child names its parent by CID (parentCID ffffffff means "no parent"): a layer without
   // descriptor (an ESX 2.x .REDO file or raw disk) has none to name
-  if (!top.hasCids) throw new RedoError('EINVAL', `${top.path}: has no descriptor (ESX 2.x), so a redo log above it could not name it as its parent; commit it into its base first`, top.path)
+  if (!top.hasCids) throw new RedoError('EINVAL', `${top.path}: has no descriptor (ESX 2.x), so a redo log above it could not name it as its parent${top.isRaw ? '' : '; commit it into its base first'}`, top.path)
   // a child beside it means this file is not the top of its own chain: adding one would fork it
   const sameDir = chain.topChildren.filter(c => dirname(resolve(c)) === dirname(resolve(top.path)))
   if (sameDir.length > 0) {

@@ -420,14 +420,14 @@ export class SparseExtent implements Extent {
     const gb = this.grainBytes
     const gtSectors = ceilDiv(this.gtBytes, SECTOR)
     const gdSectors = ceilDiv(this.numGTs * 4, SECTOR)
-    // each range as start * 2^21 + length (starts below 2^32, lengths below 2^21 sectors: exact):
-    // one native numeric sort, 8 bytes a range
+    // each range as start * 2^21 + (length - 1) (starts below 2^32, lengths up to 2^21 sectors:
+    // exact below 2^53): one native numeric sort, 8 bytes a range
     const SHIFT = 2 ** 21
-    let n = 3 + 2 * this.numGTs
+    let n = 4 + 2 * this.numGTs
     for (const gt of this.gts) if (gt !== undefined) n += gt.length
     const v = new Float64Array(n)
     let k = 0
-    const add = (start: number, len: number): void => { if (len > 0) v[k++] = start * SHIFT + Math.min(len, SHIFT - 1) }
+    const add = (start: number, len: number): void => { if (len > 0) v[k++] = start * SHIFT + Math.min(len, SHIFT) - 1 }
     add(0, 1)
     add(h.gdOffset, gdSectors)
     if (h.descriptorSize > 0) add(h.descriptorOffset, h.descriptorSize)
@@ -451,7 +451,7 @@ export class SparseExtent implements Extent {
     for (let x = 0; x < k; x++) {
       const start = Math.floor(sorted[x] / SHIFT)
       starts[x] = start
-      m = Math.max(m, start + sorted[x] - start * SHIFT)
+      m = Math.max(m, sorted[x] - start * SHIFT + 1 + start)
       maxEnds[x] = m
     }
     return { starts, maxEnds }
@@ -524,18 +524,19 @@ export class SparseExtent implements Extent {
       for (const b of active) if (E[b] > S[a]) active[w++] = b
       active.length = w
       if (active.length > 64) {
-        // a directory this damaged (many tables on the same sectors): every table involved is
-        // set aside, without the pairwise rule, and only the area reaching furthest stays
-        // active, so that the scan stays linear
-        let far = a
-        for (const b of [a, ...active]) {
+        // A directory this damaged (many tables on the same sectors): to keep the scan linear,
+        // only the area of each kind reaching furthest stays active (a later area overlapping
+        // one of the others overlaps it too), and the tables dropped from the list are set
+        // aside, whatever they overlap, so none of them is ever written.
+        const far = [-1, -1, -1]
+        for (const b of active) if (far[K[b]] < 0 || E[b] > E[far[K[b]]]) far[K[b]] = b
+        for (const b of active) {
+          if (far.includes(b)) continue
           mark(b)
           if (K[b] === 1) badPrimary.add(I[b])
-          if (E[b] > E[far]) far = b
         }
         active.length = 0
-        active.push(far)
-        continue
+        for (const b of far) if (b >= 0) active.push(b)
       }
       for (const b of active) {
         // a and b share sectors: the redundant side goes if there is one, else the primary tables

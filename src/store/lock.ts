@@ -90,7 +90,13 @@ export class StoreLock {
         // Between our read and our rename another taker may have replaced the stale lock with
         // its own live one: then put that back (link never overwrites) instead of deleting it.
         const moved = await readFile(aside, 'utf8').then(t => JSON.parse(t) as LockInfo, () => undefined)
-        if (moved !== undefined && (moved.pid !== holder.pid || moved.since !== holder.since)) await link(aside, p).catch(() => {})
+        if (moved !== undefined && (moved.pid !== holder.pid || moved.since !== holder.since)) {
+          // put it back (never over a newer one); where hard links are refused, by an O_EXCL create
+          await link(aside, p).catch(async e => {
+            const code = (e as NodeJS.ErrnoException).code
+            if (code === 'EPERM' || code === 'ENOTSUP' || code === 'EOPNOTSUPP' || code === 'ENOSYS') await StoreLock.createInPlace(p, moved).catch(() => {})
+          })
+        }
         await unlink(aside).catch(() => {})
         continue
       }
