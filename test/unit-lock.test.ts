@@ -7,7 +7,7 @@ import fsp from 'node:fs/promises'
 import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises'
 import { hostname, tmpdir } from 'node:os'
 import path from 'node:path'
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { StoreLock, readLock } from '../src/store/lock'
 
 async function inTmp (fn: (dir: string) => Promise<void>): Promise<void> {
@@ -43,6 +43,35 @@ test.serial('staged lock files of dead processes of this host are swept, another
     await writeFile(path.join(dir, theirs), '{}')
     const lock = await StoreLock.acquire(dir, 'test')
     t.deepEqual((await readdir(dir)).filter(n => n.endsWith('.tmp')), [theirs])
+    await lock.release()
+  })
+})
+
+test.serial('many processes racing for a store with a stale lock: exactly one gets it', async t => {
+  await inTmp(async dir => {
+    const dead = Number(spawnSync('sh', ['-c', 'echo $$'], { encoding: 'utf8' }).stdout.trim())
+    await writeFile(path.join(dir, '.redofs.lock'), JSON.stringify({ pid: dead, host: hostname(), since: new Date(0).toISOString(), what: 'redofs mount' }))
+    const lockJs = path.join(__dirname, '..', 'src', 'store', 'lock.js')
+    const script = `const { StoreLock } = require(${JSON.stringify(lockJs)})
+StoreLock.acquire(process.argv[1], 'racer').then(async l => { console.log('got'); await new Promise(r => setTimeout(r, 1500)); await l.release() }, e => console.log(e.code))`
+    const racers = Array.from({ length: 8 }, () => new Promise<string>(resolve => {
+      const c = spawn(process.execPath, ['-e', script, dir], { stdio: ['ignore', 'pipe', 'inherit'] })
+      let out = ''
+      c.stdout.on('data', (d: Buffer) => { out += d.toString() })
+      c.on('close', () => resolve(out.trim()))
+    }))
+    const results = await Promise.all(racers)
+    t.is(results.filter(r => r === 'got').length, 1, results.join(', '))
+    t.is(results.filter(r => r === 'EBUSY').length, 7, results.join(', '))
+  })
+})
+
+test.serial('a lock file of this host whose pid now belongs to another process is taken over', async t => {
+  await inTmp(async dir => {
+    // the pid is alive (this test's own), but nothing holds the store: its writer is gone
+    await writeFile(path.join(dir, '.redofs.lock'), JSON.stringify({ pid: process.ppid, host: hostname(), since: new Date(0).toISOString(), what: 'redofs mount' }))
+    const lock = await StoreLock.acquire(dir, 'test')
+    t.is((await readLock(dir))?.pid, process.pid)
     await lock.release()
   })
 })
