@@ -53,9 +53,11 @@ test.serial('many processes racing for a store with a stale lock: exactly one ge
     await writeFile(path.join(dir, '.redofs.lock'), JSON.stringify({ pid: dead, host: hostname(), since: new Date(0).toISOString(), what: 'redofs mount' }))
     const lockJs = path.join(__dirname, '..', 'src', 'store', 'lock.js')
     const script = `const { StoreLock } = require(${JSON.stringify(lockJs)})
-StoreLock.acquire(process.argv[1], 'racer').then(async l => { console.log('got'); await new Promise(r => setTimeout(r, 1500)); await l.release() }, e => console.log(e.code))`
+StoreLock.acquire(process.argv[1], 'racer').then(async l => { console.log('got'); await new Promise(r => setTimeout(r, 2500)); await l.release() }, e => console.log(e.code))`
     const racers = Array.from({ length: 8 }, () => new Promise<string>(resolve => {
-      const c = spawn(process.execPath, ['-e', script, dir], { stdio: ['ignore', 'pipe', 'inherit'] })
+      // each taker that finds the lock stale waits 300 ms before replacing it: without the
+      // host claim every racer would read the stale lock in that time and replace it
+      const c = spawn(process.execPath, ['-e', script, dir], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, REDOFS_DELAY: 'lock.takeover:300' } })
       let out = ''
       c.stdout.on('data', (d: Buffer) => { out += d.toString() })
       c.on('close', () => resolve(out.trim()))
@@ -73,5 +75,17 @@ test.serial('a lock file of this host whose pid now belongs to another process i
     const lock = await StoreLock.acquire(dir, 'test')
     t.is((await readLock(dir))?.pid, process.pid)
     await lock.release()
+  })
+})
+
+test.serial('a live holder of this host is never replaced, even one that holds no claim (an older redofs, another network namespace)', async t => {
+  await inTmp(async dir => {
+    const file = path.join(dir, '.redofs.lock')
+    await writeFile(file, JSON.stringify({ pid: process.ppid, host: hostname(), since: new Date().toISOString(), what: 'redofs mount' }))
+    const before = await fsp.readFile(file, 'utf8')
+    const e = await StoreLock.acquire(dir, 'test').then(() => undefined, (err: { code?: string, message?: string }) => err)
+    t.is(e?.code, 'EBUSY')
+    t.regex(String(e?.message), new RegExp(`in use by redofs mount \\(pid ${process.ppid} `))
+    t.is(await fsp.readFile(file, 'utf8'), before, 'the holder\'s lock file was replaced')
   })
 })

@@ -1,16 +1,16 @@
 /**
- * One user per store. On this host, an abstract socket the kernel frees when its process ends
- * (claimHost) decides; the lock file names the holder for messages and for other hosts sharing
- * the store: written under a name of its own and hard-linked into place (atomic, on NFS too;
- * created with O_EXCL where hard links are refused). A lock file of this host whose writer no
- * longer holds the claim is stale and is replaced.
+ * One user per store: a lock file naming the holder, written under a name of its own and
+ * hard-linked into place (atomic, on NFS too; created with O_EXCL where hard links are refused).
+ * A lock of this host whose process is gone (or whose pid a younger process took) is stale and
+ * is replaced; takers of one host take turns through an abstract socket (claimHost), so only
+ * one of them can replace it.
  */
 import { link, open, readdir, readFile, rename, stat, unlink } from 'node:fs/promises'
 import { createServer, type Server } from 'node:net'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { RedoError } from '../errors'
-import { faultPoint } from '../fault'
+import { delayPoint, faultPoint } from '../fault'
 import { log } from '../log'
 
 export interface LockInfo {
@@ -41,22 +41,48 @@ export async function readLock (root: string): Promise<LockInfo | undefined> {
 
 let tmpSeq = 0
 
+const busy = (root: string, h: LockInfo): RedoError =>
+  new RedoError('EBUSY', `${root}: store is in use by ${h.what} (pid ${h.pid} on ${h.host} since ${h.since})`, lockPath(root))
+
 const NO_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS'])
 
 /**
  * This host's claim on a store: an abstract UNIX socket named after the store directory's
- * device and inode. The kernel gives the name to one process at a time and frees it when that
- * process ends, however it ends, so among the processes of this host exactly one can hold (or
- * be taking) the store, and a lock file naming this host whose writer does not hold the claim
- * is stale, even if its pid now belongs to someone else. undefined: another process has it.
+ * device and inode. The kernel gives the name to one process at a time (per network namespace)
+ * and frees it when that process ends, however it ends, so of the processes taking the store
+ * on this host one at a time gets to look at the lock file: a stale lock is replaced by one
+ * taker only. It does not decide alone (a holder may predate it, or live in another network
+ * namespace): the lock file's holder must also be gone. Connections are refused. undefined:
+ * another process has the claim.
  */
 async function claimHost (root: string): Promise<Server | undefined> {
-  const st = await stat(root)
-  const srv = createServer()
+  const st = await stat(root, { bigint: true })
+  const srv = createServer(c => c.destroy())
+  srv.maxConnections = 0
   return await new Promise((resolve, reject) => {
-    srv.once('error', e => { if ((e as NodeJS.ErrnoException).code === 'EADDRINUSE') resolve(undefined); else reject(e) })
-    srv.listen({ path: `\0redofs-store:${st.dev}:${st.ino}` }, () => { srv.unref(); resolve(srv) })
+    const failed = (e: Error): void => { if ((e as NodeJS.ErrnoException).code === 'EADDRINUSE') resolve(undefined); else reject(e) }
+    srv.once('error', failed)
+    srv.listen({ path: `\0redofs-store:${st.dev}:${st.ino}` }, () => {
+      srv.off('error', failed)
+      srv.on('error', e => log.store('%s: store claim socket: %s', root, e.message))
+      srv.unref()
+      resolve(srv)
+    })
   })
+}
+
+/** Whether the process `pid` of this host started after `since` (its pid was reused). */
+async function startedAfter (pid: number, since: string): Promise<boolean> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'latin1')
+    const btime = Number(/^btime (\d+)$/m.exec(await readFile('/proc/stat', 'latin1'))?.[1])
+    // field 22, counted after the command name (which may hold spaces and parentheses)
+    const start = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]) / 100 // USER_HZ
+    const t = Date.parse(since)
+    return Number.isFinite(btime) && Number.isFinite(start) && Number.isFinite(t) && (btime + start) * 1000 > t + 2000
+  } catch {
+    return false
+  }
 }
 
 export class StoreLock {
@@ -65,13 +91,15 @@ export class StoreLock {
   static async acquire (root: string, what: string): Promise<StoreLock> {
     const info: LockInfo = { pid: process.pid, host: hostname(), since: new Date().toISOString(), what }
     const p = lockPath(root)
-    const claim = await claimHost(root)
-    if (claim === undefined) {
+    let claim = await claimHost(root)
+    // another process of this host is taking the store (or holds it): give a taker a moment
+    for (let wait = 0; claim === undefined && wait < 5; wait++) {
       const holder = await readLock(root)
-      throw new RedoError('EBUSY', holder !== undefined && holder.host === info.host
-        ? `${root}: store is in use by ${holder.what} (pid ${holder.pid} on ${holder.host} since ${holder.since})`
-        : `${root}: store is in use by another process of this host`, p)
+      if (holder !== undefined && holder.host === info.host && alive(holder.pid)) throw busy(root, holder)
+      await new Promise(resolve => setTimeout(resolve, 100))
+      claim = await claimHost(root)
     }
+    if (claim === undefined) throw new RedoError('EBUSY', `${root}: store is in use by another process of this host (it holds the store's claim but no lock file names it yet)`, p)
     try {
       // The lock file appears complete or not at all: written and synced under a name of our
       // own, then linked into place (link fails if the name exists; atomic on NFS too).
@@ -117,17 +145,20 @@ export class StoreLock {
         } else if (code !== 'EEXIST') throw e
       }
       const holder = await readLock(root)
-      if (holder !== undefined && holder.host !== info.host) {
-        throw new RedoError('EBUSY', `${root}: store is in use by ${holder.what} (pid ${holder.pid} on ${holder.host} since ${holder.since})`, p)
+      if (holder === undefined) {
+        // another host's, being created in place, or damaged: never taken over
+        if (attempt < 2) { await new Promise(resolve => setTimeout(resolve, 50)); continue }
+        throw new RedoError('EBUSY', `${root}: store is locked (${p} exists but cannot be read)`, p)
       }
-      // Written on this host, or unreadable: whoever wrote it does not hold this host's claim
-      // (it ended, or its pid now belongs to another process). An unreadable file may still be
-      // another host's, being created in place: it gets a moment first.
-      if (holder === undefined && attempt < 2) { await new Promise(resolve => setTimeout(resolve, 50)); continue }
-      log.store('%s: taking over a stale lock (%s)', root, holder !== undefined ? `pid ${holder.pid} since ${holder.since}` : 'unreadable')
-      await rename(tmp, p) // replaces it in one step
+      if (holder.host !== info.host || (alive(holder.pid) && !await startedAfter(holder.pid, holder.since))) throw busy(root, holder)
+      // its writer is gone (or its pid now belongs to a younger process), and no other taker
+      // of this host can be here (we hold the claim): replaced in one step
+      log.store('%s: taking over a stale lock (pid %d since %s)', root, holder.pid, holder.since)
+      await delayPoint('lock.takeover') // tests: widen the window another taker would race in
+      await rename(tmp, p)
       return
     }
+    throw new RedoError('EBUSY', `${root}: could not take the store lock ${p}`, p)
   }
 
   /** The lock created with O_EXCL and written; false when it exists. */
