@@ -359,7 +359,7 @@ export class SparseExtent implements Extent {
         if (r !== 0 && (r * SECTOR + gtBytes > this.fileSize || r + gtSectors > metaEnd)) this.badRedundant.add(i)
       }
     }
-    if (this.kind === 'sparse') this.holdMetadataOverlaps(gtSectors)
+    if (this.kind === 'sparse') this.holdMetadataOverlaps()
     const order = listed.filter(i => !this.badTables.has(i)).sort((a, b) => this.gd[a] - this.gd[b])
     const limitGte = Math.ceil(this.fileSize / SECTOR)
     const zeroGteAllowed = (this.header.flags & FLAG_ZERO_GTE) !== 0
@@ -415,11 +415,8 @@ export class SparseExtent implements Extent {
    * has a running end at or below its start.
    */
   private usedSectors (): { starts: Float64Array, maxEnds: Float64Array } {
-    const h = this.header
-    const per = h.numGTEsPerGT
+    const per = this.header.numGTEsPerGT
     const gb = this.grainBytes
-    const gtSectors = ceilDiv(this.gtBytes, SECTOR)
-    const gdSectors = ceilDiv(this.numGTs * 4, SECTOR)
     // each range as start * 2^21 + (length - 1) (starts below 2^32, lengths up to 2^21 sectors:
     // exact below 2^53): one native numeric sort, 8 bytes a range
     const SHIFT = 2 ** 21
@@ -428,14 +425,7 @@ export class SparseExtent implements Extent {
     const v = new Float64Array(n)
     let k = 0
     const add = (start: number, len: number): void => { if (len > 0) v[k++] = start * SHIFT + Math.min(len, SHIFT) - 1 }
-    add(0, 1)
-    add(h.gdOffset, gdSectors)
-    if (h.descriptorSize > 0) add(h.descriptorOffset, h.descriptorSize)
-    if (this.rgd !== null) add(h.rgdOffset, gdSectors)
-    for (let i = 0; i < this.numGTs; i++) {
-      if (this.gd[i] !== 0) add(this.gd[i], gtSectors)
-      if (this.rgd !== null && this.rgd[i] !== 0) add(this.rgd[i], gtSectors)
-    }
+    this.metadataAreas(false, add)
     this.gts.forEach((gt, gdi) => {
       if (gt === undefined || this.badTables.has(gdi)) return
       for (let t = 0; t < per; t++) {
@@ -477,6 +467,27 @@ export class SparseExtent implements Extent {
   }
 
   /**
+   * Every metadata area as (start sector, sectors, kind, table index): the header and the
+   * descriptor (kind 0, index -1), the redundant directory (2, -1) and its tables (2, i), the
+   * primary directory (0, -1) and its tables (1, i), in the order qemu and VMware lay them out.
+   * `usable`: without the tables already set aside (badTables, badRedundant).
+   */
+  private metadataAreas (usable: boolean, add: (start: number, sectors: number, kind: 0 | 1 | 2, i: number) => void): void {
+    const h = this.header
+    const gtSectors = ceilDiv(this.gtBytes, SECTOR)
+    const gdSectors = ceilDiv(this.numGTs * 4, SECTOR)
+    add(0, 1, 0, -1)
+    if (h.descriptorSize > 0) add(h.descriptorOffset, h.descriptorSize, 0, -1)
+    const rgd = this.rgd
+    if (rgd !== null) {
+      add(h.rgdOffset, gdSectors, 2, -1)
+      for (let i = 0; i < this.numGTs; i++) if (rgd[i] !== 0 && !(usable && this.badRedundant.has(i))) add(rgd[i], gtSectors, 2, i)
+    }
+    add(h.gdOffset, gdSectors, 0, -1)
+    for (let i = 0; i < this.numGTs; i++) if (this.gd[i] !== 0 && !(usable && this.badTables.has(i))) add(this.gd[i], gtSectors, 1, i)
+  }
+
+  /**
    * Grain tables (either copy) sharing sectors with the header, the descriptor, a directory or
    * another table: a flush of one would overwrite the other. Readers use the primary copy, so
    * where a redundant table (or the redundant directory) is involved only the redundant side is
@@ -484,9 +495,8 @@ export class SparseExtent implements Extent {
    * descriptor, the primary directory or another primary table is held as damage (its grains
    * fail with EIO, it is never written).
    */
-  private holdMetadataOverlaps (gtSectors: number): void {
+  private holdMetadataOverlaps (): void {
     const h = this.header
-    const gdSectors = ceilDiv(this.numGTs * 4, SECTOR)
     const rgd = this.rgd
     // every area as start, end, kind (0 fixed, 1 primary table, 2 redundant table or directory)
     // and table index (-1: a directory or the header); typed arrays, as a 2 TiB disk has 2^17
@@ -496,16 +506,7 @@ export class SparseExtent implements Extent {
     const K = new Uint8Array(max)
     const I = new Int32Array(max)
     let n = 0
-    const add = (s: number, len: number, kind: number, i: number): void => { S[n] = s; E[n] = s + len; K[n] = kind; I[n] = i; n++ }
-    add(0, 1, 0, -1)
-    if (h.descriptorSize > 0) add(h.descriptorOffset, h.descriptorSize, 0, -1)
-    // in the order qemu and VMware lay them out, so a well-formed file needs no sort
-    if (rgd !== null) {
-      add(h.rgdOffset, gdSectors, 2, -1)
-      for (let i = 0; i < this.numGTs; i++) if (rgd[i] !== 0 && !this.badRedundant.has(i)) add(rgd[i], gtSectors, 2, i)
-    }
-    add(h.gdOffset, gdSectors, 0, -1)
-    for (let i = 0; i < this.numGTs; i++) if (this.gd[i] !== 0 && !this.badTables.has(i)) add(this.gd[i], gtSectors, 1, i)
+    this.metadataAreas(true, (s, len, kind, i) => { S[n] = s; E[n] = s + len; K[n] = kind; I[n] = i; n++ })
     let sorted = true
     for (let k = 1; k < n && sorted; k++) sorted = S[k - 1] <= S[k]
     const order = Uint32Array.from({ length: n }, (_, k) => k)
