@@ -71,6 +71,22 @@ async function claimHost (root: string): Promise<Server | undefined> {
   })
 }
 
+/** `info` written to `path` (opened with `flags`) and synced. */
+async function writeLockFile (path: string, flags: 'w' | 'wx', info: LockInfo): Promise<void> {
+  const fh = await open(path, flags, 0o644)
+  try {
+    await fh.writeFile(JSON.stringify(info) + '\n')
+    await fh.sync()
+  } finally {
+    await fh.close()
+  }
+}
+
+/** A holder of this host whose process still runs (its pid not taken by a younger process). */
+async function holdsHere (h: LockInfo): Promise<boolean> {
+  return h.host === hostname() && alive(h.pid) && !await startedAfter(h.pid, h.since)
+}
+
 /** Whether the process `pid` of this host started after `since` (its pid was reused). */
 async function startedAfter (pid: number, since: string): Promise<boolean> {
   try {
@@ -95,7 +111,7 @@ export class StoreLock {
     // another process of this host is taking the store (or holds it): give a taker a moment
     for (let wait = 0; claim === undefined && wait < 5; wait++) {
       const holder = await readLock(root)
-      if (holder !== undefined && holder.host === info.host && alive(holder.pid)) throw busy(root, holder)
+      if (holder !== undefined && await holdsHere(holder)) throw busy(root, holder)
       await new Promise(resolve => setTimeout(resolve, 100))
       claim = await claimHost(root)
     }
@@ -110,13 +126,7 @@ export class StoreLock {
         const m = /^\.redofs\.lock\.(.+)\.(\d+)\.\d+\.tmp$/.exec(n)
         if (m !== null && m[1] === info.host && !alive(Number(m[2]))) await unlink(join(root, n)).catch(() => {})
       }
-      const fh = await open(tmp, 'w', 0o644)
-      try {
-        await fh.writeFile(JSON.stringify(info) + '\n')
-        await fh.sync()
-      } finally {
-        await fh.close()
-      }
+      await writeLockFile(tmp, 'w', info)
       faultPoint('lock.staged')
       try {
         await StoreLock.take(root, info, p, tmp)
@@ -150,7 +160,7 @@ export class StoreLock {
         if (attempt < 2) { await new Promise(resolve => setTimeout(resolve, 50)); continue }
         throw new RedoError('EBUSY', `${root}: store is locked (${p} exists but cannot be read)`, p)
       }
-      if (holder.host !== info.host || (alive(holder.pid) && !await startedAfter(holder.pid, holder.since))) throw busy(root, holder)
+      if (holder.host !== info.host || await holdsHere(holder)) throw busy(root, holder)
       // its writer is gone (or its pid now belongs to a younger process), and no other taker
       // of this host can be here (we hold the claim): replaced in one step
       log.store('%s: taking over a stale lock (pid %d since %s)', root, holder.pid, holder.since)
@@ -163,20 +173,7 @@ export class StoreLock {
 
   /** The lock created with O_EXCL and written; false when it exists. */
   private static async createInPlace (p: string, info: LockInfo): Promise<boolean> {
-    let fh
-    try {
-      fh = await open(p, 'wx', 0o644)
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false
-      throw e
-    }
-    try {
-      await fh.writeFile(JSON.stringify(info) + '\n')
-      await fh.sync()
-    } finally {
-      await fh.close()
-    }
-    return true
+    return await writeLockFile(p, 'wx', info).then(() => true, e => { if ((e as NodeJS.ErrnoException).code === 'EEXIST') return false; throw e })
   }
 
   async release (): Promise<void> {
