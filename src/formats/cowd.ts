@@ -99,7 +99,14 @@ export class CowdExtent implements Extent {
   private readonly flushMutex = new Mutex()
   private unclean: number
 
-  private constructor (readonly path: string, private readonly fh: FileHandle, readonly header: CowdHeader, private fileSize: number, readonly writable: boolean) {
+  /**
+   * The header's 2048 bytes as this extent last wrote (or read) them: while it is open writable
+   * (under the store lock) nothing else writes them, so a header update need not read them first.
+   */
+  private readonly rawHeader: Buffer
+
+  private constructor (readonly path: string, private readonly fh: FileHandle, readonly header: CowdHeader, rawHeader: Buffer, private fileSize: number, readonly writable: boolean) {
+    this.rawHeader = Buffer.from(rawHeader)
     this.durable = new DataSync(fh, path, this.problems)
     this.grainBytes = header.grainSize * SECTOR
     this.size = header.numSectors * SECTOR
@@ -116,7 +123,7 @@ export class CowdExtent implements Extent {
       const hb = Buffer.alloc(COWD_HEADER_BYTES)
       const { bytesRead } = await fh.read(hb, 0, hb.length, 0)
       const h = parseCowdHeader(hb.subarray(0, bytesRead), path)
-      const ext = new CowdExtent(path, fh, h, st.size, writable)
+      const ext = new CowdExtent(path, fh, h, hb, st.size, writable)
       await ext.load()
       if (ext.writable && ext.unclean !== 0) {
         // after a crash: the cursor was rebuilt from the tables; record it and mark clean
@@ -329,12 +336,12 @@ export class CowdExtent implements Extent {
 
   /** The header with freeSector raised to `free` (never lowered) and the unclean flag. */
   private async writeHeaderFields (free = this.cursor): Promise<void> {
-    const raw = Buffer.alloc(COWD_HEADER_BYTES)
-    await readExact(this.fh, this.path, raw, 0, raw.length, 0)
-    raw.writeUInt32LE(Math.max(free, raw.readUInt32LE(28)), 28)
-    raw.writeUInt32LE(this.unclean, 1648)
+    const h = this.rawHeader
+    h.writeUInt32LE(Math.max(free, h.readUInt32LE(28)), 28)
+    h.writeUInt32LE(this.unclean, 1648)
     faultPoint('cowd.header')
-    await writeExact(this.fh, raw, 0, raw.length, 0)
+    // a copy: another update may change the fields while this write is in flight
+    await writeExact(this.fh, Buffer.from(h), 0, h.length, 0)
   }
 
   async beginWrite (): Promise<void> {
