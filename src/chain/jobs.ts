@@ -152,6 +152,8 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   }
   await writeJournal(j)
   faultPoint('commit.journal')
+  // the journal stays for the next writable open: the chain must keep its shape until then
+  const unfinished = (): void => { chain.unfinished = { child: child.path, journal: journalPath(parent.path) } }
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
   const parentProblems = parent.problems.length
   try {
@@ -163,7 +165,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     // is safe then) or the undo fails: the journal stays and the next writable open finishes it.
     const err = toRedoError(e)
     const undone = parent.problems.length === parentProblems && await abandonCommit(child, parent).then(() => true, () => false)
-    if (!undone) chain.unfinished = { child: child.path, journal: journalPath(parent.path) }
+    if (!undone) unfinished()
     else if (chain.unfinished?.child === child.path) chain.unfinished = undefined // the journal is gone
     chain.invalidate()
     throw new RedoError(err.code, `commit of ${child.path} failed: ${err.message}; ` + (undone
@@ -190,7 +192,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   } catch (e) {
     // the copy is complete and the journal kept: the next writable open (or the same commit
     // again) finishes the switch
-    if (chain.layers[i] === child) chain.unfinished = { child: child.path, journal: journalPath(parent.path) }
+    if (chain.layers[i] === child) unfinished()
     throw e
   }
   // deleting the merged file can take a while: after the switch, with I/O flowing again
