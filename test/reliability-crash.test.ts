@@ -87,6 +87,18 @@ async function checkFiles (t: import('ava').ExecutionContext, store: string): Pr
   t.is(c.code, 0, `redofs check\n${describe(c)}`)
 }
 
+/** qemu-io reads `file` and checks each `pattern offset length` ("0x33 64k 64k"). */
+async function qemuReadsBack (t: import('ava').ExecutionContext, file: string, ...reads: string[]): Promise<void> {
+  const q = await run('qemu-io', ['-r', '-f', 'vmdk', ...reads.flatMap(r => ['-c', `read -P ${r}`]), file])
+  t.is(q.code, 0, describe(q))
+  t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+}
+
+/** The primary and redundant grain table entries of `grain`. */
+async function gteCopies (file: string, grain: number): Promise<number[]> {
+  return [await readU32(file, await gtePosition(file, grain)), await readU32(file, await gtePosition(file, grain, true))]
+}
+
 if (ok) {
   test.serial('crash during writes: every fsync-acknowledged byte survives a SIGKILL at any metadata write', async t => {
     t.timeout(300_000)
@@ -286,18 +298,15 @@ if (ok) {
     const { vm } = await storeWithRedo(env.tmp, '8M')
     const top = path.join(vm, 'disk-000001.vmdk')
     await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x33 64k 64k', '-c', 'write -P 0x44 192k 64k', top])
-    const copies = async (grain: number): Promise<number[]> => [await readU32(top, await gtePosition(top, grain)), await readU32(top, await gtePosition(top, grain, true))]
-    const [g1, g3] = [(await copies(1))[0], (await copies(3))[0]]
-    t.deepEqual([await copies(1), await copies(3)], [[g1, g1], [g3, g3]], 'qemu-io wrote both copies')
+    const [g1, g3] = [(await gteCopies(top, 1))[0], (await gteCopies(top, 3))[0]]
+    t.deepEqual([await gteCopies(top, 1), await gteCopies(top, 3)], [[g1, g1], [g3, g3]], 'qemu-io wrote both copies')
     await writeU32(top, await gtePosition(top, 1), 0) // the primary lost its entry
     await writeU32(top, await gtePosition(top, 3, true), 0) // the redundant copy lost its
     await writeAt(top, 72, Buffer.from([1])) // uncleanShutdown
     const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
     t.is(r.code, 0, describe(r))
-    t.deepEqual([await copies(1), await copies(3)], [[g1, g1], [g3, g3]], 'both copies hold both entries again')
-    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0x33 64k 64k', '-c', 'read -P 0x44 192k 64k', top])
-    t.is(q.code, 0, describe(q))
-    t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+    t.deepEqual([await gteCopies(top, 1), await gteCopies(top, 3)], [[g1, g1], [g3, g3]], 'both copies hold both entries again')
+    await qemuReadsBack(t, top, '0x33 64k 64k', '0x44 192k 64k')
     await checkFiles(t, path.dirname(vm))
   })
 
@@ -308,8 +317,7 @@ if (ok) {
     const { vm } = await storeWithRedo(env.tmp, '8M')
     const top = path.join(vm, 'disk-000001.vmdk')
     await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x33 64k 64k', '-c', 'write -P 0x44 192k 64k', top])
-    const copies = async (grain: number): Promise<number[]> => [await readU32(top, await gtePosition(top, grain)), await readU32(top, await gtePosition(top, grain, true))]
-    const g3 = (await copies(3))[0]
+    const g3 = (await gteCopies(top, 3))[0]
     const gdOffset = Number((await readFile(top)).readBigUInt64LE(56))
     await writeU32(top, await gtePosition(top, 1), 0) // the primary lost grain 1 ...
     await writeU32(top, await gtePosition(top, 1, true), g3) // ... and the redundant copy names grain 3's sectors
@@ -322,11 +330,9 @@ if (ok) {
     await writeAt(top, 72, Buffer.from([1])) // uncleanShutdown
     const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
     t.is(r.code, 0, describe(r))
-    t.deepEqual([await copies(1), await copies(3), await copies(5)], [[0, 0], [g3, g3], [0, 0]], 'grain 1 and 5 dropped from both copies, grain 3 kept')
-    t.deepEqual([await copies(6), await copies(7)], [[free, free], [0, 0]], 'the first entry naming the free grain is taken, the second is not')
-    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0 64k 64k', '-c', 'read -P 0x44 192k 64k', '-c', 'read -P 0 320k 64k', top])
-    t.is(q.code, 0, describe(q))
-    t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+    t.deepEqual([await gteCopies(top, 1), await gteCopies(top, 3), await gteCopies(top, 5)], [[0, 0], [g3, g3], [0, 0]], 'grain 1 and 5 dropped from both copies, grain 3 kept')
+    t.deepEqual([await gteCopies(top, 6), await gteCopies(top, 7)], [[free, free], [0, 0]], 'the first entry naming the free grain is taken, the second is not')
+    await qemuReadsBack(t, top, '0 64k 64k', '0x44 192k 64k', '0 320k 64k')
     await checkFiles(t, path.dirname(vm))
   })
 
@@ -376,9 +382,7 @@ if (ok) {
       await layer.close()
     }
     t.true((await readFile(top)).subarray(table1 * 512, table1 * 512 + 2048).equals(table1Bytes), 'primary table 1 was overwritten')
-    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0x33 0 64k', '-c', 'read -P 0x55 64k 64k', '-c', 'read -P 0x44 40M 64k', top])
-    t.is(q.code, 0, describe(q))
-    t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+    await qemuReadsBack(t, top, '0x33 0 64k', '0x55 64k 64k', '0x44 40M 64k')
     const c = await run(process.execPath, [REDOFS_BIN, 'check', top])
     t.is(c.code, 1, describe(c))
     t.regex(c.stdout, /redundant grain directory entry 0 points to sector/, describe(c))
@@ -446,9 +450,7 @@ if (ok) {
     }
     const after = await readFile(file)
     t.true(after.subarray(table0 * 512, table0 * 512 + 2048).equals(before.subarray(table0 * 512, table0 * 512 + 2048)), 'the shared table was written')
-    const q = await run('qemu-io', ['-r', '-f', 'vmdk', '-c', 'read -P 0x33 2600M 64k', file])
-    t.is(q.code, 0, describe(q))
-    t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
+    await qemuReadsBack(t, file, '0x33 2600M 64k')
   })
 
   test.serial('an in-place descriptor write that fails after its intent is durable still counts: read through the intent, finished by the next writable open', async t => {
