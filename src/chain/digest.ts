@@ -27,7 +27,9 @@ function hash (b: Buffer): Buffer {
   return createHash('sha256').update(b).digest().subarray(0, HASH_BYTES)
 }
 
-const ZERO_HASH = hash(Buffer.alloc(DIGEST_BLOCK))
+/** The hash of an all-zero block, computed on first use (~10 ms a command's start need not pay). */
+let zeroHash: Buffer | undefined
+const zeroBlockHash = (): Buffer => (zeroHash ??= hash(Buffer.alloc(DIGEST_BLOCK)))
 
 /** Hash every block of generation g; blocks nothing provides are not read. */
 export async function computeDigest (chain: Chain, g: number, cancelled?: () => boolean): Promise<Digest | undefined> {
@@ -45,7 +47,7 @@ export async function computeDigest (chain: Chain, g: number, cancelled?: () => 
     if (cancelled?.() === true) return undefined
     const len = Math.min(DIGEST_BLOCK, size - b * DIGEST_BLOCK)
     let h: Buffer
-    if (holds[b] === 0 && len === DIGEST_BLOCK) h = ZERO_HASH
+    if (holds[b] === 0 && len === DIGEST_BLOCK) h = zeroBlockHash()
     else {
       await chain.read(g, buf, 0, b * DIGEST_BLOCK, len)
       h = hash(buf.subarray(0, len))

@@ -7,7 +7,7 @@ import { dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { createCowdLayer, createSparseLayer } from '../formats/create'
 import { newCid } from '../formats/descriptor'
-import { syncDir } from '../formats/extent'
+import { syncDir, type Run } from '../formats/extent'
 import { Layer, parentHintFor, reapDropped } from '../formats/layer'
 import { failPoint, faultPoint } from '../fault'
 import { log } from '../log'
@@ -90,12 +90,12 @@ async function ensureSpace (dir: string, bytes: number, what: string): Promise<v
 }
 
 /** Upper bound of the bytes a commit of `child` into `parent` adds to the parent's files. */
-function commitSpace (child: Layer, parent: Layer): number {
+function commitSpace (runs: Run[], parent: Layer): number {
   if (parent.extents.every(e => e.kind === 'flat')) return 0
   // every grain of the child may land in a new grain of the parent (plus rounding at both ends)
   let n = 0
   const gb = Math.max(...parent.extents.map(e => e.grainBytes))
-  for (const r of child.runs()) n += Math.ceil(r.length / gb) * gb + gb
+  for (const r of runs) n += Math.ceil(r.length / gb) * gb + gb
   return n
 }
 
@@ -134,8 +134,10 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   if (onChild.length > 0) {
     throw new RedoError('EBUSY', `${child.path}: other chains are built on it (${onChild.join(', ')}); a commit would delete it under them`, child.path)
   }
-  await ensureSpace(dirname(parent.path), commitSpace(child, parent) + (1 << 20), `commit into ${parent.path}`)
-  const bad = child.runs().find(r => r.state === 'bad')
+  // what the child holds, worked out once: a frozen child does not change while it is merged
+  const runs = child.runs()
+  await ensureSpace(dirname(parent.path), commitSpace(runs, parent) + (1 << 20), `commit into ${parent.path}`)
+  const bad = runs.find(r => r.state === 'bad')
   if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; commit refused (run redofs check)`, child.path)
   await child.flush()
   // the parent's content record goes first (durably): from here on it describes nothing, and a
@@ -157,7 +159,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
   const parentProblems = parent.problems.length
   try {
-    await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts)
+    await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts, runs)
   } catch (e) {
     // Failed, not crashed: the user is told so, so the next open must not finish this commit
     // (nor trip over a chain changed since). Undone like a cancel, unless writing the parent
@@ -216,11 +218,11 @@ async function abandonCommit (child: Layer, parent: Layer): Promise<void> {
 }
 
 /** Copy every run the child holds into the parent through the parent's write path. */
-async function copyInto (child: Layer, parent: Layer, parentCID: number, layers: Layer[], belowIndex: Index | undefined, opts: JobControl): Promise<void> {
+async function copyInto (child: Layer, parent: Layer, parentCID: number, layers: Layer[], belowIndex: Index | undefined, opts: JobControl, runs: Run[]): Promise<void> {
   await parent.beginSession(parentCID)
   // the work as chunks: neighbouring runs share a chunk; damaged runs were refused earlier
   const chunks: Array<{ pos: number, len: number, zero: boolean }> = []
-  for (const r of child.runs()) {
+  for (const r of runs) {
     if (r.state === 'bad') continue
     for (let p = r.start; p < r.start + r.length; p += COPY_CHUNK) chunks.push({ pos: p, len: Math.min(COPY_CHUNK, r.start + r.length - p), zero: r.state === 'zero' })
   }
@@ -341,10 +343,11 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
       child = await Layer.open(j.child, { root: opts.root })
       // the commit checked the child before it started: damage found now must not be merged
       // away (its ranges would read the parent's old data instead of failing)
-      const bad = child.runs().find(r => r.state === 'bad')
+      const runs = child.runs()
+      const bad = runs.find(r => r.state === 'bad')
       if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; the interrupted commit into ${j.parent} cannot be finished (run redofs check)`, child.path)
       const below = pchain !== undefined && pchain.redoCount > 0 ? pchain.index(pchain.redoCount - 1) : undefined
-      await copyInto(child, parent, j.parentCID, pchain?.layers ?? [parent], below, {})
+      await copyInto(child, parent, j.parentCID, pchain?.layers ?? [parent], below, {}, runs)
       await reapDropped(await relinkAndDrop(j, parent, child, undefined))
     } finally {
       await child?.close().catch(() => {})
