@@ -1,30 +1,34 @@
 /**
- * Deleting dropped files (src/formats/layer.ts reapDropped): the name goes at once; a large
- * file's blocks are freed by a helper process that holds its last reference, so the caller does
- * not wait for the file system to free them; without a helper the caller frees them itself.
+ * Deleting dropped files (src/formats/layer.ts): reapDropped unlinks them; reapDroppedFreeingLater
+ * (the offline commands' last step) removes the names at once and leaves freeing a large file's
+ * blocks to a helper process that holds its last reference, so the command does not wait for the
+ * file system; without a helper the caller frees them itself.
  */
 import test from 'ava'
 import cp from 'node:child_process'
-import type { ChildProcess } from 'node:child_process'
-import { existsSync } from 'node:fs'
-import { mkdtemp, open, readdir, readlink, rm, writeFile } from 'node:fs/promises'
+import { spawnSync, type ChildProcess } from 'node:child_process'
+import { existsSync, readlinkSync } from 'node:fs'
+import { mkdtemp, open, readdir, readlink, realpath, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
-import { DROPPED, reapDropped } from '../src/formats/layer'
+import { DROPPED, reapDropped, reapDroppedFreeingLater } from '../src/formats/layer'
 import { waitFor } from './helpers/mount'
 
+/** A temporary directory by its real path (descriptor links in /proc name real paths). */
 async function inTmp (fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await mkdtemp(path.join(tmpdir(), 'redofs-test-'))
+  const dir = await realpath(await mkdtemp(path.join(tmpdir(), 'redofs-test-')))
   try { await fn(dir) } finally { await rm(dir, { recursive: true, force: true }) }
 }
 
-/** PIDs (this one included) with a descriptor on `p` after it was deleted. */
+const names = (link: string, p: string): boolean => link === p || link === `${p} (deleted)`
+
+/** PIDs (this one included) with a descriptor on `p`, deleted or not. */
 async function holders (p: string): Promise<number[]> {
   const out: number[] = []
   for (const pid of (await readdir('/proc')).filter(n => /^\d+$/.test(n))) {
     const fds = await readdir(`/proc/${pid}/fd`).catch(() => [] as string[])
     for (const fd of fds) {
-      if (await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '') === `${p} (deleted)`) { out.push(Number(pid)); break }
+      if (names(await readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''), p)) { out.push(Number(pid)); break }
     }
   }
   return out
@@ -38,55 +42,76 @@ async function droppedFile (dir: string, mib: number): Promise<string> {
   return p
 }
 
-/** Run `fn` recording the processes spawned meanwhile. */
-async function spawned (fn: () => Promise<void>): Promise<Array<{ cmd: string, child: ChildProcess }>> {
-  const calls: Array<{ cmd: string, child: ChildProcess }> = []
+interface Spawned { cmd: string, child: ChildProcess, fd3: string }
+
+/**
+ * Run `fn` recording the processes spawned meanwhile and what each one's fd 3 names (read as
+ * spawn returns: the child has exec'd by then). `redirect` replaces the command.
+ */
+async function spawned (fn: () => Promise<void>, redirect?: string): Promise<Spawned[]> {
+  const calls: Spawned[] = []
   const real = cp.spawn
   ;(cp as { spawn: unknown }).spawn = (cmd: string, ...rest: unknown[]) => {
-    const child = (real as (...a: unknown[]) => ChildProcess)(cmd, ...rest)
-    calls.push({ cmd, child })
+    const child = (real as (...a: unknown[]) => ChildProcess)(redirect ?? cmd, ...rest)
+    let fd3 = ''
+    try { fd3 = child.pid !== undefined ? readlinkSync(`/proc/${child.pid}/fd/3`) : '' } catch {}
+    calls.push({ cmd, child, fd3 })
     return child
   }
   try { await fn() } finally { (cp as { spawn: unknown }).spawn = real }
   return calls
 }
 
-test.serial('a large dropped file: the name is gone on return, a helper frees the blocks, then nobody holds it', async t => {
+test.serial('the holder scan sees a descriptor on the file (control for the tests below)', async t => {
+  await inTmp(async dir => {
+    const p = await droppedFile(dir, 1)
+    const fh = await open(p, 'r')
+    try { t.true((await holders(p)).includes(process.pid)) } finally { await fh.close() }
+    t.false((await holders(p)).includes(process.pid))
+  })
+})
+
+test.serial('a large dropped file, freeing later: the name is gone on return, a helper holds the file and frees it, then nobody holds it', async t => {
   await inTmp(async dir => {
     const p = await droppedFile(dir, 40)
-    const calls = await spawned(async () => await reapDropped([p]))
+    const calls = await spawned(async () => await reapDroppedFreeingLater([p]))
     t.false(existsSync(p), 'the name is still there')
     t.false((await holders(p)).includes(process.pid), 'the caller kept a descriptor on the deleted file')
-    t.deepEqual(calls.map(c => c.cmd), ['cat'], 'no helper took the file')
+    t.deepEqual(calls.map(c => c.cmd), ['/bin/cat'], 'no helper took the file')
+    t.true(names(calls[0].fd3, p), `the helper's fd 3 is ${calls[0].fd3}, not the file`)
     const helper = calls[0].child
     t.true(await waitFor(() => helper.exitCode !== null, 100, 100), 'the helper did not exit')
     t.deepEqual(await holders(p), [], 'a process still holds the deleted file')
   })
 })
 
-test.serial('without a helper (no cat on PATH) the caller frees the file itself', async t => {
+test.serial('freeing later without a helper (it cannot start): the caller frees the file itself', async t => {
   await inTmp(async dir => {
     const p = await droppedFile(dir, 40)
-    const empty = await mkdtemp(path.join(dir, 'bin-'))
-    const saved = process.env.PATH
-    process.env.PATH = empty
-    try {
-      await reapDropped([p])
-    } finally {
-      process.env.PATH = saved
-    }
+    const calls = await spawned(async () => await reapDroppedFreeingLater([p]), path.join(dir, 'no-such-cat'))
+    t.is(calls.length, 1, 'no helper was tried')
     t.false(existsSync(p), 'the name is still there')
     t.deepEqual(await holders(p), [], 'a process still holds the deleted file')
   })
 })
 
-test.serial('a small dropped file is just unlinked; missing ones are fine; other names are refused', async t => {
+test.serial('reapDropped unlinks without a helper (the space is free on return); small files are just unlinked; missing ones are fine; other names are refused', async t => {
   await inTmp(async dir => {
-    const p = path.join(dir, `small.vmdk${DROPPED}`)
-    await writeFile(p, 'x')
-    const calls = await spawned(async () => await reapDropped([p, path.join(dir, `gone.vmdk${DROPPED}`)]))
-    t.false(existsSync(p))
+    const big = await droppedFile(dir, 40)
+    const small = path.join(dir, `small.vmdk${DROPPED}`)
+    await writeFile(small, 'x')
+    t.deepEqual(await spawned(async () => await reapDropped([big])), [], 'reapDropped started a helper')
+    t.false(existsSync(big))
+    t.deepEqual(await holders(big), [])
+    const calls = await spawned(async () => await reapDroppedFreeingLater([small, path.join(dir, `gone.vmdk${DROPPED}`)]))
+    t.false(existsSync(small))
     t.deepEqual(calls, [], 'a helper was started for a small file')
+    // a FIFO named like a dropped file: removed, not waited on
+    const fifo = path.join(dir, `fifo.vmdk${DROPPED}`)
+    t.is(spawnSync('mkfifo', [fifo]).status, 0, 'mkfifo failed')
+    await reapDroppedFreeingLater([fifo])
+    t.false(existsSync(fifo))
+    await t.throwsAsync(reapDroppedFreeingLater([path.join(dir, 'disk.vmdk')]), { message: /not a dropped file/ })
     await t.throwsAsync(reapDropped([path.join(dir, 'disk.vmdk')]), { message: /not a dropped file/ })
   })
 })

@@ -2,6 +2,7 @@
  * A layer: one descriptor (stand-alone or embedded in a KDMV file) and its extents, seen as one
  * byte range. This is what chain/ stacks; it knows nothing about parents beyond their names.
  */
+import { constants } from 'node:fs'
 import { open, readdir, rename, realpath, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
@@ -451,21 +452,36 @@ export const DROPPED = '.redofs-dropped'
 
 /**
  * Delete dropped files. Never fails the caller: the chain already changed, and a file left
- * behind (missing ones are fine too) is deleted at the next writable open.
+ * behind (missing ones are fine too) is deleted at the next writable open. The space is free
+ * when this returns.
  */
 export async function reapDropped (paths: string[]): Promise<void> {
+  await reapEach(paths, unlink)
+}
+
+/**
+ * reapDropped for a process about to exit (the offline commands): the names are gone when this
+ * returns, and a large file's blocks are freed by a helper process after it (freeLater). Not
+ * for the mount's server, whose descriptors (/dev/fuse among them) a helper could inherit, nor
+ * where a space check comes next.
+ */
+export async function reapDroppedFreeingLater (paths: string[]): Promise<void> {
+  await reapEach(paths, freeLater)
+}
+
+async function reapEach (paths: string[], remove: (p: string) => Promise<void>): Promise<void> {
   await delayPoint('reap')
   for (const p of paths) {
     if (!p.endsWith(DROPPED)) throw new Error(`${p}: not a dropped file`)
     try {
-      await deleteFreeingLater(p)
+      await remove(p)
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'ENOENT') log.formats('%s: not deleted yet: %s', p, (e as Error).message)
     }
   }
 }
 
-/** Files holding at least this much are freed by a helper process (deleteFreeingLater). */
+/** Files holding at least this much are freed by a helper process (freeLater). */
 const FREE_LATER_BYTES = 32 << 20
 
 /**
@@ -478,28 +494,30 @@ const FREE_LATER_BYTES = 32 << 20
  * inode, which the file system's journal frees at its next mount. Without a helper (no `cat`,
  * no fork), the last close here frees them, as a plain unlink would.
  */
-async function deleteFreeingLater (p: string): Promise<void> {
-  const fh = await open(p, 'r').catch(() => undefined)
+async function freeLater (p: string): Promise<void> {
+  // not through a symlink, and never waiting on a FIFO someone named like a dropped file
+  const fh = await open(p, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK).catch(() => undefined)
   if (fh === undefined) { await unlink(p); return }
   let release: (() => void) | undefined
   try {
-    const big = (await fh.stat()).blocks * 512 >= FREE_LATER_BYTES
+    const st = await fh.stat()
+    const big = st.isFile() && st.nlink === 1 && st.blocks * 512 >= FREE_LATER_BYTES
     await unlink(p)
     if (big) release = await handOff(fh, p)
   } finally {
-    await fh.close()
-    release?.()
+    try { await fh.close() } finally { release?.() }
   }
 }
 
 /**
- * Start a helper process that holds `fh`'s file until it exits (see deleteFreeingLater). Returns
- * what lets it exit, to call once `fh` is closed; undefined when no helper could start.
+ * Start a helper process that holds `fh`'s file until it exits (see freeLater). Returns what
+ * lets it exit, to call once `fh` is closed; undefined when no helper could start.
  */
 async function handOff (fh: FileHandle, p: string): Promise<(() => void) | undefined> {
   const { spawn } = await import('node:child_process')
   try {
-    const helper = spawn('cat', [], { stdio: ['pipe', 'ignore', 'ignore', fh.fd] })
+    // by absolute path and from /: nothing on PATH or under the cwd gets the file
+    const helper = spawn('/bin/cat', [], { cwd: '/', stdio: ['pipe', 'ignore', 'ignore', fh.fd] })
     const started = await new Promise<boolean>(resolve => {
       helper.once('spawn', () => resolve(true))
       helper.once('error', e => { log.formats('%s: no helper to free its blocks: %s', p, e.message); resolve(false) })

@@ -1,5 +1,6 @@
 import type { Argv } from 'yargs'
 import { commit } from '../../chain/jobs'
+import { reapDroppedFreeingLater } from '../../formats/layer'
 import { parseArgs } from '../../store/args'
 import { action, withWritableDisk, progressBar, type GlobalArgs } from '../common'
 
@@ -15,11 +16,16 @@ export const handler = action(async (a: GlobalArgs & { disk: string, args?: stri
       const level = args.level ?? 0
       const force = args.force === true
       const onProgress = (p: { done: number, total: number }): void => bar.update(p.done, p.total)
+      // the last merged file's blocks may be freed after the command (the levels before free
+      // theirs within the job: the next level's space check must see that space)
+      let reaping = Promise.resolve()
+      const last = { reap: (files: string[]) => { reaping = reapDroppedFreeingLater(files) } }
       if (level === 'all') {
-        while (chain.redoCount > 0) await commit(chain, chain.redoCount - 1, { force, onProgress })
+        while (chain.redoCount > 0) await commit(chain, chain.redoCount - 1, { force, onProgress, ...(chain.redoCount === 1 ? last : {}) })
       } else {
-        await commit(chain, level as number, { force, onProgress })
+        await commit(chain, level as number, { force, onProgress, ...last })
       }
+      await reaping
     })
   } finally {
     bar.end()

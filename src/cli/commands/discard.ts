@@ -1,7 +1,7 @@
 import type { Argv } from 'yargs'
 import { discard } from '../../chain/jobs'
 import { resolveGeneration } from '../../chain/labels'
-import { reapDropped } from '../../formats/layer'
+import { reapDroppedFreeingLater } from '../../formats/layer'
 import { parseArgs } from '../../store/args'
 import { action, withWritableDisk, type GlobalArgs } from '../common'
 
@@ -13,6 +13,6 @@ export const handler = action(async (a: GlobalArgs & { disk: string, args?: stri
   const args = parseArgs(a.args ?? [], { to: 'gen', force: 'bool' }, 'discard')
   await withWritableDisk(a.disk, a, 'discard', async chain => {
     const r = await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined, { force: args.force === true })
-    await reapDropped(r.files)
+    await reapDroppedFreeingLater(r.files)
   })
 })
