@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build node_modules/fuse-native/build/Release/fuse.node from fuse-native 2.2.6's C source with
 # scripts/native/fuse-native-thread-locals.patch applied (fixes the async-handle leak, adds
-# per-open cache flags, keeps idle worker threads: native-notes/leak.md). node-gyp-build loads build/Release/fuse.node in preference to the
+# per-open cache flags, keeps idle worker threads and parks all but a few: native-notes/leak.md). node-gyp-build loads build/Release/fuse.node in preference to the
 # prebuild, so `require('fuse-native')` then runs the patched addon.
 #
 #   bash scripts/build-fuse-native.sh            build if needed (fast no-op when up to date)
@@ -20,7 +20,7 @@ STAMP=$PKG/build/redofs-patch.stamp
 # sha256 of fuse-native.c as published in fuse-native 2.2.6
 PRISTINE_SHA=e20f3726f19bc22613377b6b2e1516d8aacec09eca2ae79398cae612db7da7e8
 EXPECTED_VERSION=2.2.6
-PATCH_LEVEL=5
+PATCH_LEVEL=6
 
 mode=build
 case "${1:-}" in

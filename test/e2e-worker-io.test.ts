@@ -5,13 +5,14 @@
  * workers do write the bytes (per-thread counters), the files left behind hold what was written
  * (qemu-img convert, both extent kinds), allocating writes still go through JS, and a planned
  * write or read that fails in the worker is done by JS instead (the addon's test hook
- * REDOFS_FAIL_WORKER_IO=1 makes every one fail). Worker reads have their own tests in e2e-read.
+ * REDOFS_FAIL_WORKER_IO=1 makes every one fail), and idle workers beyond four park (level 6).
+ * Worker reads have their own tests in e2e-read.
  */
 import test from 'ava'
 import { randomBytes } from 'node:crypto'
-import { writeFile } from 'node:fs/promises'
+import { readFile, readdir, writeFile } from 'node:fs/promises'
 import path from 'node:path'
-import { createDisk, e2e, fuseWorkers, requireFuse, sh, type Server } from './helpers/mount'
+import { createDisk, e2e, fuseWorkers, requireFuse, sh, sleep, type Server } from './helpers/mount'
 import { infoJson, redofsOk } from './helpers/redofs'
 import { convertToRaw, describe, qemuCheck, sameContent } from './helpers/qemu'
 
@@ -146,4 +147,66 @@ test.serial('planned overwrites and reads that fail in the worker are done by JS
     await srv.stopClean(t)
   }
   await filesHoldShadows(t, s, 'failing worker I/O')
+})
+
+/** The redofs-fuse workers of `pid` by where they wait: in read(2) on /dev/fuse, parked on a futex, or neither (busy). */
+async function workerWaits (pid: number): Promise<{ threads: number, reading: number, parked: number }> {
+  let threads = 0
+  let reading = 0
+  let parked = 0
+  for (const tid of await readdir(`/proc/${pid}/task`)) {
+    try {
+      if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
+      const call = (await readFile(`/proc/${pid}/task/${tid}/syscall`, 'utf8')).split(' ')[0]
+      threads++
+      if (call === '0') reading++ // read
+      else if (call === '202') parked++ // futex
+    } catch { /* the thread ended meanwhile */ }
+  }
+  return { threads, reading, parked }
+}
+
+/** 100 bursts of 32 parallel 4 KiB O_DIRECT reads of `file`, from a child process with 32 libuv threads. */
+const BURSTS = `
+const fs = require('fs/promises')
+;(async () => {
+  const fh = await fs.open(process.argv[1], fs.constants.O_RDONLY | fs.constants.O_DIRECT)
+  const bufs = Array.from({ length: 32 }, () => Buffer.alloc(4096))
+  for (let w = 0; w < 100; w++) await Promise.all(bufs.map((b, i) => fh.read(b, 0, 4096, ((w * 32 + i) % 1024) * 4096)))
+  await fh.close()
+})().catch(e => { console.error(e); process.exit(1) })`
+
+async function bursts (file: string): Promise<void> {
+  const r = await sh('UV_THREADPOOL_SIZE=32 "$1" -e "$2" "$3"', [process.execPath, BURSTS, file])
+  if (r.code !== 0) throw new Error(`parallel reads of ${file}: ${describe(r)}`)
+}
+
+test.serial('idle FUSE workers beyond four park instead of waiting on /dev/fuse (REDOFS_FUSE_READERS=0: all wait there); reads and unmount go on as before', async t => {
+  const s = await setup()
+  for (const [env, cap] of [[{}, 4], [{ REDOFS_FUSE_READERS: '0' }, Infinity]] as const) {
+    const label = cap === 4 ? 'default' : 'REDOFS_FUSE_READERS=0'
+    const srv = await ctx.mount(s.store, path.join(s.root, `mnt-${cap}`), [], env)
+    try {
+      await writeBoth(s, srv, 'sparse', 0, 4 * M)
+      await bursts(srv.img('vm', 'sparse'))
+      const pid = srv.proc.pid as number
+      // at rest every worker waits somewhere: in read(2) or parked
+      let w = await workerWaits(pid)
+      for (let i = 0; i < 100 && w.reading + w.parked < w.threads; i++) { await sleep(50); w = await workerWaits(pid) }
+      t.log(label, JSON.stringify(w))
+      t.true(w.threads > 5, `${label}: the bursts grew the pool to only ${w.threads} workers, too few to tell`)
+      t.is(w.reading + w.parked, w.threads, `${label}: workers neither reading nor parked at rest: ${JSON.stringify(w)}`)
+      if (cap === 4) {
+        t.true(w.reading >= 1 && w.reading <= 4, `${label}: ${w.reading} idle workers wait on /dev/fuse (1..4 expected): ${JSON.stringify(w)}`)
+      } else {
+        t.is(w.reading, w.threads, `${label}: every idle worker waits on /dev/fuse: ${JSON.stringify(w)}`)
+      }
+      // parked workers come back for the next bursts, and what they read is right
+      await bursts(srv.img('vm', 'sparse'))
+      const c = await sameContent(srv.img('vm', 'sparse'), s.shadows.sparse)
+      t.true(c.same, `${label}: the live file does not read what was written: ${c.detail}`)
+    } finally {
+      await srv.stopClean(t)
+    }
+  }
 })

@@ -50,7 +50,8 @@ export function once<T extends unknown[]> (op: string, cb: (code: number, ...res
  * Patch level of the loaded fuse-native addon (0: the stock prebuild). Level 1 fixes the async
  * handle leak; level 2 also honours per-open cache flags carried in the file handle's high
  * bits; level 3 keeps idle worker threads instead of ending them; level 4 lets the worker
- * threads do reads JS planned, level 5 overwrites too (src/fs/plans.ts; see scripts/native/).
+ * threads do reads JS planned, level 5 overwrites too (src/fs/plans.ts; see scripts/native/);
+ * level 6 parks idle workers beyond four instead of letting all of them wait on /dev/fuse.
  * Loaded the way fuse-native loads it, so it is the same addon.
  */
 export function patchLevel (): number {
