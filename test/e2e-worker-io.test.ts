@@ -10,7 +10,7 @@
  */
 import test from 'ava'
 import { randomBytes } from 'node:crypto'
-import { readFile, readdir, writeFile } from 'node:fs/promises'
+import { writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { createDisk, e2e, fuseWorkers, requireFuse, sh, sleep, type Server } from './helpers/mount'
 import { infoJson, redofsOk } from './helpers/redofs'
@@ -149,23 +149,6 @@ test.serial('planned overwrites and reads that fail in the worker are done by JS
   await filesHoldShadows(t, s, 'failing worker I/O')
 })
 
-/** The redofs-fuse workers of `pid` by where they wait: in read(2) on /dev/fuse, parked on a futex, or neither (busy). */
-async function workerWaits (pid: number): Promise<{ threads: number, reading: number, parked: number }> {
-  let threads = 0
-  let reading = 0
-  let parked = 0
-  for (const tid of await readdir(`/proc/${pid}/task`)) {
-    try {
-      if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
-      const call = (await readFile(`/proc/${pid}/task/${tid}/syscall`, 'utf8')).split(' ')[0]
-      threads++
-      if (call === '0') reading++ // read
-      else if (call === '202') parked++ // futex
-    } catch { /* the thread ended meanwhile */ }
-  }
-  return { threads, reading, parked }
-}
-
 /** 100 bursts of 32 parallel 4 KiB O_DIRECT reads of `file`, from a child process with 32 libuv threads. */
 const BURSTS = `
 const fs = require('fs/promises')
@@ -191,9 +174,9 @@ test.serial('idle FUSE workers beyond four park instead of waiting on /dev/fuse 
       await bursts(srv.img('vm', 'sparse'))
       const pid = srv.proc.pid as number
       // at rest every worker waits somewhere: in read(2) or parked
-      let w = await workerWaits(pid)
-      for (let i = 0; i < 100 && w.reading + w.parked < w.threads; i++) { await sleep(50); w = await workerWaits(pid) }
-      t.log(label, JSON.stringify(w))
+      let w = await fuseWorkers(pid)
+      for (let i = 0; i < 100 && w.reading + w.parked < w.threads; i++) { await sleep(50); w = await fuseWorkers(pid) }
+      t.log(label, JSON.stringify({ threads: w.threads, reading: w.reading, parked: w.parked }))
       t.true(w.threads > 5, `${label}: the bursts grew the pool to only ${w.threads} workers, too few to tell`)
       t.is(w.reading + w.parked, w.threads, `${label}: workers neither reading nor parked at rest: ${JSON.stringify(w)}`)
       if (cap === 4) {

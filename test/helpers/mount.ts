@@ -501,18 +501,24 @@ export async function waitFor (cond: () => Promise<boolean> | boolean, tries = 6
  * read and written so far (/proc's rchar and wchar: every read and write call, backing files
  * and /dev/fuse alike).
  */
-export async function fuseWorkers (pid: number): Promise<{ threads: number, rchar: number, wchar: number }> {
+export async function fuseWorkers (pid: number): Promise<{ threads: number, rchar: number, wchar: number, reading: number, parked: number }> {
   let threads = 0
   let rchar = 0
   let wchar = 0
+  // where each waits: in read(2) (on /dev/fuse, for a request) or on a futex (parked, level 6)
+  let reading = 0
+  let parked = 0
   for (const tid of await readdir(`/proc/${pid}/task`)) {
     try {
       if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
       const io = await readFile(`/proc/${pid}/task/${tid}/io`, 'utf8')
+      const call = (await readFile(`/proc/${pid}/task/${tid}/syscall`, 'utf8')).split(' ')[0]
       rchar += Number(/^rchar:\s*(\d+)/m.exec(io)?.[1])
       wchar += Number(/^wchar:\s*(\d+)/m.exec(io)?.[1])
       threads++
+      if (call === '0') reading++
+      else if (call === '202') parked++
     } catch { /* the thread ended meanwhile */ }
   }
-  return { threads, rchar, wchar }
+  return { threads, rchar, wchar, reading, parked }
 }
