@@ -164,32 +164,50 @@ async function bursts (file: string): Promise<void> {
   if (r.code !== 0) throw new Error(`parallel reads of ${file}: ${describe(r)}`)
 }
 
-test.serial('idle FUSE workers beyond four park instead of waiting on /dev/fuse (REDOFS_FUSE_READERS=0: all wait there); reads and unmount go on as before', async t => {
+test.serial('idle FUSE workers beyond four park instead of waiting on /dev/fuse (REDOFS_FUSE_READERS=0: all wait there); parked ones serve the next bursts and leave at unmount', async t => {
   const s = await setup()
-  for (const [env, cap] of [[{}, 4], [{ REDOFS_FUSE_READERS: '0' }, Infinity]] as const) {
+  // an empty REDOFS_FUSE_READERS means the default, whatever this process's environment says
+  for (const [readers, cap] of [['', 4], ['0', Infinity]] as const) {
     const label = cap === 4 ? 'default' : 'REDOFS_FUSE_READERS=0'
-    const srv = await ctx.mount(s.store, path.join(s.root, `mnt-${cap}`), [], env)
+    const srv = await ctx.mount(s.store, path.join(s.root, `mnt-${cap}`), [], { REDOFS_FUSE_READERS: readers, REDOFS_FUSE_TRACE: '1' })
+    let pool = 0
     try {
       await writeBoth(s, srv, 'sparse', 0, 4 * M)
       await bursts(srv.img('vm', 'sparse'))
       const pid = srv.proc.pid as number
-      // at rest every worker waits somewhere: in read(2) or parked
-      let w = await fuseWorkers(pid)
-      for (let i = 0; i < 100 && w.reading + w.parked < w.threads; i++) { await sleep(50); w = await fuseWorkers(pid) }
-      t.log(label, JSON.stringify({ threads: w.threads, reading: w.reading, parked: w.parked }))
-      t.true(w.threads > 5, `${label}: the bursts grew the pool to only ${w.threads} workers, too few to tell`)
-      t.is(w.reading + w.parked, w.threads, `${label}: workers neither reading nor parked at rest: ${JSON.stringify(w)}`)
-      if (cap === 4) {
-        t.true(w.reading >= 1 && w.reading <= 4, `${label}: ${w.reading} idle workers wait on /dev/fuse (1..4 expected): ${JSON.stringify(w)}`)
-      } else {
-        t.is(w.reading, w.threads, `${label}: every idle worker waits on /dev/fuse: ${JSON.stringify(w)}`)
+      // at rest every worker waits somewhere: in read(2) on /dev/fuse or parked
+      const atRest = async (): Promise<Awaited<ReturnType<typeof fuseWorkers>>> => {
+        let w = await fuseWorkers(pid)
+        for (let i = 0; i < 100 && w.reading + w.parked < w.threads; i++) { await sleep(50); w = await fuseWorkers(pid) }
+        return w
       }
-      // parked workers come back for the next bursts, and what they read is right
+      const w = await atRest()
+      const seen = JSON.stringify({ threads: w.threads, reading: w.reading, parked: w.parked })
+      t.log(label, seen)
+      t.true(w.threads > 5, `${label}: the bursts grew the pool to only ${w.threads} workers, too few to tell`)
+      if (cap === 4) {
+        t.is(w.reading, 4, `${label}: four idle workers wait on /dev/fuse at rest: ${seen}`)
+        t.is(w.parked, w.threads - 4, `${label}: the others are parked: ${seen}`)
+      } else {
+        t.is(w.reading, w.threads, `${label}: every idle worker waits on /dev/fuse: ${seen}`)
+      }
+      // the next bursts wake parked workers rather than start new ones (the same 32 requests
+      // at a time: a few more at most), and what they read is right
       await bursts(srv.img('vm', 'sparse'))
+      const w2 = await atRest()
+      t.true(w2.threads <= w.threads + 8, `${label}: the second bursts started ${w2.threads - w.threads} more workers (parked ones not reused?)`)
+      pool = w2.threads
       const c = await sameContent(srv.img('vm', 'sparse'), s.shadows.sparse)
       t.true(c.same, `${label}: the live file does not read what was written: ${c.detail}`)
     } finally {
       await srv.stopClean(t)
+    }
+    // every worker, parked ones included, was joined when the session ended
+    const m = /worker loop ended: (\d+) workers joined, (\d+) of them were parked/.exec(srv.stderr)
+    t.truthy(m, `${label}: the worker loop did not report its end (a worker never left?): ${srv.stderr}`)
+    if (m !== null) {
+      t.is(Number(m[1]), pool, `${label}: ${m[0]}, but the pool had ${pool} workers`)
+      if (cap === 4) t.true(Number(m[2]) > 0, `${label}: no worker was parked at the end: ${m[0]}`)
     }
   }
 })

@@ -9,7 +9,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { closeSync, constants, existsSync, openSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
-import { mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises'
+import { mkdir, open, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import type { ExecutionContext, TestFn } from 'ava'
 import { REDOFS_BIN, onPath, requireEnv } from './env'
@@ -505,19 +505,21 @@ export async function fuseWorkers (pid: number): Promise<{ threads: number, rcha
   let threads = 0
   let rchar = 0
   let wchar = 0
-  // where each waits: in read(2) (on /dev/fuse, for a request) or on a futex (parked, level 6)
+  // where each waits: in read(2) on /dev/fuse (for a request), or on a futex (parked, level 6;
+  // also a worker waiting for JS, so count it only at rest); syscall numbers of x86_64 / arm64
+  const [READ, FUTEX] = process.arch === 'arm64' ? ['63', '98'] : ['0', '202']
   let reading = 0
   let parked = 0
   for (const tid of await readdir(`/proc/${pid}/task`)) {
     try {
       if ((await readFile(`/proc/${pid}/task/${tid}/comm`, 'utf8')).trim() !== 'redofs-fuse') continue
       const io = await readFile(`/proc/${pid}/task/${tid}/io`, 'utf8')
-      const call = (await readFile(`/proc/${pid}/task/${tid}/syscall`, 'utf8')).split(' ')[0]
+      const [call, fd] = (await readFile(`/proc/${pid}/task/${tid}/syscall`, 'utf8')).split(' ')
       rchar += Number(/^rchar:\s*(\d+)/m.exec(io)?.[1])
       wchar += Number(/^wchar:\s*(\d+)/m.exec(io)?.[1])
       threads++
-      if (call === '0') reading++
-      else if (call === '202') parked++
+      if (call === READ && await readlink(`/proc/${pid}/fd/${parseInt(fd, 16)}`).catch(() => '') === '/dev/fuse') reading++
+      else if (call === FUTEX) parked++
     } catch { /* the thread ended meanwhile */ }
   }
   return { threads, rchar, wchar, reading, parked }
