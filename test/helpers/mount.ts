@@ -499,7 +499,7 @@ export async function waitFor (cond: () => Promise<boolean> | boolean, tries = 6
 /**
  * Threads of `pid` the patched addon named redofs-fuse (its FUSE workers), and what they have
  * read and written so far (/proc's rchar and wchar: every read and write call, backing files
- * and /dev/fuse alike).
+ * and /dev/fuse alike), and how many wait in read(2) on /dev/fuse or on a futex (parked).
  */
 export async function fuseWorkers (pid: number): Promise<{ threads: number, rchar: number, wchar: number, reading: number, parked: number }> {
   let threads = 0
