@@ -16,16 +16,16 @@ export const handler = action(async (a: GlobalArgs & { disk: string, args?: stri
       const level = args.level ?? 0
       const force = args.force === true
       const onProgress = (p: { done: number, total: number }): void => bar.update(p.done, p.total)
-      // the last merged file's blocks may be freed after the command (the levels before free
-      // theirs within the job: the next level's space check must see that space)
-      let reaping = Promise.resolve()
-      const last = { reap: (files: string[]) => { reaping = reapDroppedFreeingLater(files) } }
+      // the last merged file is deleted here, its blocks freed after the command (the levels
+      // before delete theirs within the job: the next level's space check must see that space)
+      let dropped: string[] = []
+      const last = { reap: (files: string[]) => { dropped = files } }
       if (level === 'all') {
         while (chain.redoCount > 0) await commit(chain, chain.redoCount - 1, { force, onProgress, ...(chain.redoCount === 1 ? last : {}) })
       } else {
         await commit(chain, level as number, { force, onProgress, ...last })
       }
-      await reaping
+      await reapDroppedFreeingLater(dropped)
     })
   } finally {
     bar.end()
