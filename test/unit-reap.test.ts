@@ -8,16 +8,17 @@ import test from 'ava'
 import cp from 'node:child_process'
 import { spawnSync, type ChildProcess } from 'node:child_process'
 import { existsSync, readlinkSync } from 'node:fs'
-import { mkdtemp, open, readdir, readlink, realpath, rm, writeFile } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
+import { open, readdir, readlink, realpath, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { DROPPED, reapDropped, reapDroppedFreeingLater } from '../src/formats/layer'
 import { waitFor } from './helpers/mount'
+import { tmpDirs } from './helpers/tmp'
 
-/** A temporary directory by its real path (descriptor links in /proc name real paths). */
+const tmp = tmpDirs(test)
+
+/** Run `fn` in a temporary directory named by its real path (descriptor links in /proc name real paths). */
 async function inTmp (fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await realpath(await mkdtemp(path.join(tmpdir(), 'redofs-test-')))
-  try { await fn(dir) } finally { await rm(dir, { recursive: true, force: true }) }
+  await fn(await realpath(await tmp()))
 }
 
 const names = (link: string, p: string): boolean => link === p || link === `${p} (deleted)`
