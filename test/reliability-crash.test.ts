@@ -94,6 +94,13 @@ async function qemuReadsBack (t: import('ava').ExecutionContext, file: string, .
   t.notRegex(q.stdout + q.stderr, /Pattern verification failed/)
 }
 
+/** addredo on <vm>/disk, then qemu-io fills `range` ("1M 3M") of the new top with `pattern`. */
+async function addRedoFilled (vm: string, pattern: number, range: string): Promise<void> {
+  await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+  const top = (await readdir(vm)).filter(f => /-\d{6}\.vmdk$/.test(f)).sort().pop() as string
+  await mustRun('qemu-io', ['-f', 'vmdk', '-c', `write -P ${pattern} ${range}`, path.join(vm, top)])
+}
+
 /** The primary and redundant grain table entries of `grain`. */
 async function gteCopies (file: string, grain: number): Promise<number[]> {
   return [await readU32(file, await gtePosition(file, grain)), await readU32(file, await gtePosition(file, grain, true))]
@@ -140,13 +147,7 @@ if (ok) {
     await createDisk(pristine, 'vm', 'disk', '16M')
     const vm = path.join(pristine, 'vm')
     await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 0 16M', path.join(vm, 'disk.vmdk')])
-    const pats = [[2, '1M 3M'], [3, '2M 4M'], [4, '5M 2M']]
-    for (const [p, range] of pats) {
-      await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
-      const files = (await readdir(vm)).filter(f => /-\d{6}\.vmdk$/.test(f)).sort()
-      const [off, len] = String(range).split(' ')
-      await mustRun('qemu-io', ['-f', 'vmdk', '-c', `write -P ${String(p)} ${off} ${len}`, path.join(vm, files[files.length - 1])])
-    }
+    for (const [p, range] of [[2, '1M 3M'], [3, '2M 4M'], [4, '5M 2M']] as const) await addRedoFilled(vm, p, range)
     // generations 0..3; commit level=1 merges redo 2 into redo 1: generations 0, 2, 3 survive
     const exportAll = async (store: string, n: number): Promise<string[]> => {
       const out: string[] = []
@@ -424,6 +425,49 @@ if (ok) {
     await server.stop()
     t.true((await readdir(vm)).includes('disk-000001.vmdk'), 'the damaged redo log was merged away')
     t.true((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the journal is gone')
+  })
+
+  test.serial('a store copied or moved after a crash in a commit finishes its own commit, never the one at the old path; a journal naming a file outside the store is refused', async t => {
+    const dir = await env.tmp()
+    const orig = path.join(dir, 'orig')
+    await createDisk(orig, 'vm', 'disk', '8M')
+    const ovm = path.join(orig, 'vm')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 0 8M', path.join(ovm, 'disk.vmdk')])
+    await addRedoFilled(ovm, 2, '1M 3M')
+    await addRedoFilled(ovm, 3, '2M 3M')
+    // killed after the journal and the first copied chunk: the base holds part of redo log 1
+    const killed = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(ovm, 'disk'), 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.copy' } })
+    t.regex(killed.stderr, /crashing at commit\.copy/, describe(killed))
+    const journal = JSON.parse(await readFile(path.join(ovm, 'disk.vmdk.redofs-commit'), 'utf8')) as Record<string, unknown>
+    t.like(journal, { parent: 'disk.vmdk', child: 'disk-000001.vmdk', above: 'disk-000002.vmdk' }, 'the journal names its files relative to the parent')
+    const files = (await readdir(ovm)).sort()
+    const sums = async (d: string): Promise<string[]> => await Promise.all(files.map(async f => await sha256File(path.join(d, f))))
+    const before = await sums(ovm)
+    // a copy with this journal, and one with the absolute paths older versions wrote (naming
+    // the original store): each finishes the commit in itself
+    const copies = { copied: journal, older: { ...journal, parent: path.join(ovm, 'disk.vmdk'), child: path.join(ovm, 'disk-000001.vmdk'), above: path.join(ovm, 'disk-000002.vmdk') } }
+    for (const [name, j] of Object.entries(copies)) {
+      const vm = path.join(dir, name, 'vm')
+      await mkdir(vm, { recursive: true })
+      for (const f of files) await copyFile(path.join(ovm, f), path.join(vm, f))
+      await writeFile(path.join(vm, 'disk.vmdk.redofs-commit'), JSON.stringify(j))
+      const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
+      t.is(r.code, 0, `${name}: the writable open did not finish the commit\n${describe(r)}`)
+      t.deepEqual((await readdir(vm)).sort(), ['disk-000002.vmdk', 'disk-000003.vmdk', 'disk.vmdk'], `${name}: files after the finished commit`)
+      await qemuReadsBack(t, path.join(vm, 'disk-000003.vmdk'), '1 0 1M', '2 1M 1M', '3 2M 3M', '1 5M 3M')
+      await checkFiles(t, path.join(dir, name))
+    }
+    t.deepEqual(await sums(ovm), before, 'a copy\'s open changed the original store')
+    // a journal that names a file outside the store: refused, naming the journal; nothing changes
+    const out = path.join(dir, 'outside', 'vm')
+    await mkdir(out, { recursive: true })
+    for (const f of files) await copyFile(path.join(ovm, f), path.join(out, f))
+    await writeFile(path.join(out, 'disk.vmdk.redofs-commit'), JSON.stringify({ ...journal, child: path.join(ovm, 'disk-000001.vmdk'), parent: 'disk.vmdk' }))
+    const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(out, 'disk')])
+    t.not(r.code, 0, describe(r))
+    t.regex(r.stderr, /disk\.vmdk\.redofs-commit: file named by the commit journal ".*orig\/vm\/disk-000001\.vmdk" resolves to .* outside the store/, describe(r))
+    t.deepEqual((await readdir(out)).sort(), files, 'the refused open changed the files')
+    t.deepEqual(await sums(ovm), before, 'the refused open changed the original store')
   })
 
   test.serial('a grain directory with 70 entries naming one table: those tables are held and never written, the other tables keep working', async t => {

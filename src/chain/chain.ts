@@ -286,7 +286,7 @@ async function walk (top: string, opts: ChainOptions, rawTop = false): Promise<{
         const p = layer.problems
         throw new RedoError('EIO', p[0] + (p.length > 1 ? ` (and ${p.length - 1} more problems; run redofs check)` : ''), layer.path)
       }
-      const j = await readJournal(path)
+      const j = await readJournal(path, opts.root)
       if (j !== undefined) journals.push(j)
       if (child !== undefined) {
         const journaled = journals.some(x => resolve(x.child) === resolve(child!.path) && resolve(x.parent) === resolve(path))

@@ -2,11 +2,16 @@
  * The commit journal: written (durably) before a commit changes anything, deleted after the
  * last step. Its presence at open means a commit was interrupted; the chain finishes it, since
  * every step is idempotent (VMDK.md §9.2).
+ *
+ * It sits beside the parent and names the other files relative to the parent's directory, so a
+ * store moved or copied after the crash finishes its own commit, never one at the old path.
+ * Journals that named absolute paths are read relative to where their parent was then.
  */
 import { readFile, unlink } from 'node:fs/promises'
-import { dirname } from 'node:path'
+import { basename, dirname, isAbsolute, relative, resolve } from 'node:path'
 import { RedoError } from '../errors'
 import { syncDir, writeFileDurable } from '../formats/extent'
+import { resolveContained } from '../formats/layer'
 
 export interface CommitJournal {
   op: 'commit'
@@ -26,11 +31,18 @@ export interface CommitJournal {
 export const journalPath = (parent: string): string => `${parent}.redofs-commit`
 
 export async function writeJournal (j: CommitJournal): Promise<void> {
-  await writeFileDurable(journalPath(j.parent), JSON.stringify(j, null, 2) + '\n')
+  const dir = dirname(j.parent)
+  const onDisk = { ...j, parent: basename(j.parent), child: relative(dir, j.child), above: j.above === null ? null : relative(dir, j.above) }
+  await writeFileDurable(journalPath(j.parent), JSON.stringify(onDisk, null, 2) + '\n')
 }
 
-export async function readJournal (parent: string): Promise<CommitJournal | undefined> {
+/**
+ * The journal of `parent` (an absolute path), its paths resolved from where it lies: the parent
+ * is `parent` itself, the others must stay inside the store `root` (when given).
+ */
+export async function readJournal (parent: string, root?: string): Promise<CommitJournal | undefined> {
   let text: string
+  let j: CommitJournal
   try {
     text = await readFile(journalPath(parent), 'utf8')
   } catch (e) {
@@ -38,12 +50,17 @@ export async function readJournal (parent: string): Promise<CommitJournal | unde
     throw e
   }
   try {
-    const j = JSON.parse(text) as CommitJournal
-    if (j.op !== 'commit' || typeof j.child !== 'string' || typeof j.parentCID !== 'number') throw new Error('missing fields')
-    return j
+    j = JSON.parse(text) as CommitJournal
+    if (j.op !== 'commit' || typeof j.child !== 'string' || typeof j.parent !== 'string' || typeof j.parentCID !== 'number' || (j.above !== null && typeof j.above !== 'string')) throw new Error('missing fields')
   } catch (e) {
     throw new RedoError('EINVAL', `${journalPath(parent)}: unreadable commit journal (${(e as Error).message}); inspect it by hand`, journalPath(parent))
   }
+  // the directory the names were written from: the parent's then (absolute: an older journal)
+  const dir = dirname(parent)
+  const then = isAbsolute(j.parent) ? dirname(j.parent) : dir
+  const here = async (name: string): Promise<string> =>
+    await resolveContained(dir, relative(then, resolve(then, name)), root, 'file named by the commit journal', journalPath(parent), name)
+  return { ...j, parent, child: await here(j.child), above: j.above === null ? null : await here(j.above) }
 }
 
 export async function removeJournal (parent: string): Promise<void> {
