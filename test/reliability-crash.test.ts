@@ -427,13 +427,13 @@ if (ok) {
     t.true((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the journal is gone')
   })
 
-  test.serial('a store copied or moved after a crash in a commit finishes its own commit, never the one at the old path; a journal naming a file outside the store is refused', async t => {
+  test.serial('a store copied or moved after a crash in a commit finishes its own commit, never the one at the old path; a journal naming a file outside the store or not the parent\'s child is refused', async t => {
     const dir = await env.tmp()
     const orig = path.join(dir, 'orig')
     await createDisk(orig, 'vm', 'disk', '8M')
     const ovm = path.join(orig, 'vm')
     await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 0 8M', path.join(ovm, 'disk.vmdk')])
-    await addRedoFilled(ovm, 2, '1M 3M')
+    await addRedoFilled(ovm, 2, '0 5M') // two copy chunks (4 MiB each)
     await addRedoFilled(ovm, 3, '2M 3M')
     // killed after the journal and the first copied chunk: the base holds part of redo log 1
     const killed = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(ovm, 'disk'), 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.copy' } })
@@ -443,31 +443,57 @@ if (ok) {
     const files = (await readdir(ovm)).sort()
     const sums = async (d: string): Promise<string[]> => await Promise.all(files.map(async f => await sha256File(path.join(d, f))))
     const before = await sums(ovm)
-    // a copy with this journal, and one with the absolute paths older versions wrote (naming
-    // the original store): each finishes the commit in itself
-    const copies = { copied: journal, older: { ...journal, parent: path.join(ovm, 'disk.vmdk'), child: path.join(ovm, 'disk-000001.vmdk'), above: path.join(ovm, 'disk-000002.vmdk') } }
-    for (const [name, j] of Object.entries(copies)) {
+    const copyOf = async (name: string, j: unknown): Promise<string> => {
       const vm = path.join(dir, name, 'vm')
       await mkdir(vm, { recursive: true })
       for (const f of files) await copyFile(path.join(ovm, f), path.join(vm, f))
       await writeFile(path.join(vm, 'disk.vmdk.redofs-commit'), JSON.stringify(j))
+      return vm
+    }
+    // a copy with this journal, and one with the absolute paths older versions wrote (naming
+    // the original store): each reads and finishes the commit in itself
+    const copies = { copied: journal, older: { ...journal, parent: path.join(ovm, 'disk.vmdk'), child: path.join(ovm, 'disk-000001.vmdk'), above: path.join(ovm, 'disk-000002.vmdk') } }
+    for (const [name, j] of Object.entries(copies)) {
+      const vm = await copyOf(name, j)
+      // read-only: generation 1 through the journal (qemu refuses the child's parentCID here)
+      const raw = path.join(dir, `${name}.raw`)
+      const exp = await run(process.execPath, [REDOFS_BIN, 'export', `${path.join(vm, 'disk')}@1`, raw])
+      t.is(exp.code, 0, `${name}: the read-only open of the copy failed\n${describe(exp)}`)
+      t.true((await readFile(raw)).equals(Buffer.concat([Buffer.alloc(5 << 20, 2), Buffer.alloc(3 << 20, 1)])), `${name}: generation 1 read wrong before the commit was finished`)
       const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'disk')])
       t.is(r.code, 0, `${name}: the writable open did not finish the commit\n${describe(r)}`)
       t.deepEqual((await readdir(vm)).sort(), ['disk-000002.vmdk', 'disk-000003.vmdk', 'disk.vmdk'], `${name}: files after the finished commit`)
-      await qemuReadsBack(t, path.join(vm, 'disk-000003.vmdk'), '1 0 1M', '2 1M 1M', '3 2M 3M', '1 5M 3M')
+      await qemuReadsBack(t, path.join(vm, 'disk.vmdk'), '2 0 5M', '1 5M 3M')
+      await qemuReadsBack(t, path.join(vm, 'disk-000003.vmdk'), '2 0 2M', '3 2M 3M', '1 5M 3M')
       await checkFiles(t, path.join(dir, name))
     }
     t.deepEqual(await sums(ovm), before, 'a copy\'s open changed the original store')
-    // a journal that names a file outside the store: refused, naming the journal; nothing changes
-    const out = path.join(dir, 'outside', 'vm')
-    await mkdir(out, { recursive: true })
-    for (const f of files) await copyFile(path.join(ovm, f), path.join(out, f))
-    await writeFile(path.join(out, 'disk.vmdk.redofs-commit'), JSON.stringify({ ...journal, child: path.join(ovm, 'disk-000001.vmdk'), parent: 'disk.vmdk' }))
-    const r = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(out, 'disk')])
-    t.not(r.code, 0, describe(r))
-    t.regex(r.stderr, /disk\.vmdk\.redofs-commit: file named by the commit journal ".*orig\/vm\/disk-000001\.vmdk" resolves to .* outside the store/, describe(r))
-    t.deepEqual((await readdir(out)).sort(), files, 'the refused open changed the files')
-    t.deepEqual(await sums(ovm), before, 'the refused open changed the original store')
+    // journals that name a file outside the store (absolute, or climbing out), or a file that is
+    // not the parent's child: refused, naming the journal; the commit is neither finished nor
+    // undone (the open may still repair the unclean parent's own tables: it reads as it did)
+    const state = async (vm: string): Promise<string[]> => {
+      const q = await sh('qemu-img convert -O raw "$1" "$2" && sha256sum "$2"', [path.join(vm, 'disk.vmdk'), path.join(dir, 'parent.raw')])
+      if (q.code !== 0) throw new Error(describe(q))
+      return [q.stdout.split(' ')[0], ...(await sums(vm)).filter((_, k) => files[k] !== 'disk.vmdk')]
+    }
+    const outside = /disk\.vmdk\.redofs-commit: file named by the commit journal ".*disk-00000[12]\.vmdk" resolves to .*\/orig\/vm\/disk-00000[12]\.vmdk, outside the store/
+    const bad: Array<[Record<string, unknown>, RegExp, string[]]> = [
+      [{ child: path.join(ovm, 'disk-000001.vmdk') }, outside, []],
+      [{ above: '../../orig/vm/disk-000002.vmdk' }, outside, []],
+      // a file of the store whose parent is another layer: never merged into this parent, even
+      // when the user excuses the CID mismatch it leaves in the chain
+      [{ child: 'disk-000002.vmdk', above: null }, /disk\.vmdk\.redofs-commit: names .*disk-000002\.vmdk as the redo log to merge, but that file's parent is not .*disk\.vmdk/, ['--ignore-cid']]
+    ]
+    for (const [k, [fields, why, opts]] of bad.entries()) {
+      const vm = await copyOf(`bad${k}`, { ...journal, ...fields })
+      const copied = await state(vm)
+      const r = await run(process.execPath, [REDOFS_BIN, ...opts, 'addredo', path.join(vm, 'disk')])
+      t.not(r.code, 0, describe(r))
+      t.regex(r.stderr, why, describe(r))
+      t.deepEqual((await readdir(vm)).sort(), files, `bad${k}: the refused open added or removed files`)
+      t.deepEqual(await state(vm), copied, `bad${k}: the refused open changed the journal, a redo log or what the parent reads`)
+    }
+    t.deepEqual(await sums(ovm), before, 'a refused open changed the original store')
   })
 
   test.serial('a grain directory with 70 entries naming one table: those tables are held and never written, the other tables keep working', async t => {

@@ -55,12 +55,7 @@ export class Chain {
     if (u === undefined || (child !== undefined && resolve(child) === resolve(u.child))) return undefined
     return new RedoError('EBUSY', `${what}: the commit of ${u.child} failed and is not undone (${u.journal}); commit that redo log again, or reopen the disk, which finishes it`, u.journal)
   }
-  /** Journals found at open whose commit is still to be finished (read-only opens). */
-  readonly pendingJournals: CommitJournal[]
-
-  constructor (public layers: Layer[], readonly opts: ChainOptions, pending: CommitJournal[] = []) {
-    this.pendingJournals = pending
-  }
+  constructor (public layers: Layer[], readonly opts: ChainOptions) {}
 
   /**
    * Open the chain whose top is `top`, following parentFileNameHint down to the base. A commit
@@ -72,7 +67,7 @@ export class Chain {
     for (let attempt = 0; ; attempt++) {
       const { layers, journals } = await walk(resolve(top), opts, rawTop)
       if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
-        const chain = new Chain(layers, opts, journals)
+        const chain = new Chain(layers, opts)
         if (opts.writable === true) {
           chain.topChildren = await childrenOf(chain.top.path, opts.root)
           if (opts.noRecovery !== true) for (const dir of new Set(layers.map(l => dirname(l.path)))) await reapDroppedIn(dir)

@@ -2,7 +2,7 @@
  * Jobs that change a chain's shape: addredo, commit, discard. Commit writes a journal first so
  * that a crash at any step is finished at the next open (finishCommit), never left half done.
  */
-import { statfs, stat } from 'node:fs/promises'
+import { realpath, statfs, stat } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { createCowdLayer, createSparseLayer } from '../formats/create'
@@ -17,7 +17,7 @@ import { findLabel, labelOf, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
-import { childrenOfEach } from './peek'
+import { childrenOfEach, parentCandidates } from './peek'
 
 export interface Progress {
   done: number
@@ -341,6 +341,12 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
     try {
       parent = pchain?.top ?? await Layer.openRaw(j.parent, { writable: true })
       child = await Layer.open(j.child, { root: opts.root })
+      // merging a file that is not the parent's child would put another disk's data into it
+      const target = await realpath(j.parent).catch(() => j.parent)
+      const named = child.hasParent ? parentCandidates(child.path, child.parentHint as string) : []
+      if (!(await Promise.all(named.map(async c => await realpath(c).catch(() => c)))).includes(target)) {
+        throw new RedoError('EINVAL', `${journalPath(j.parent)}: names ${j.child} as the redo log to merge, but that file's parent is not ${j.parent}; inspect the journal by hand`, journalPath(j.parent))
+      }
       // the commit checked the child before it started: damage found now must not be merged
       // away (its ranges would read the parent's old data instead of failing)
       const runs = child.runs()

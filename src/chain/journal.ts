@@ -8,7 +8,7 @@
  * Journals that named absolute paths are read relative to where their parent was then.
  */
 import { readFile, unlink } from 'node:fs/promises'
-import { basename, dirname, isAbsolute, relative, resolve } from 'node:path'
+import { basename, dirname, isAbsolute, relative } from 'node:path'
 import { RedoError } from '../errors'
 import { syncDir, writeFileDurable } from '../formats/extent'
 import { resolveContained } from '../formats/layer'
@@ -51,15 +51,16 @@ export async function readJournal (parent: string, root?: string): Promise<Commi
   }
   try {
     j = JSON.parse(text) as CommitJournal
-    if (j.op !== 'commit' || typeof j.child !== 'string' || typeof j.parent !== 'string' || typeof j.parentCID !== 'number' || (j.above !== null && typeof j.above !== 'string')) throw new Error('missing fields')
+    const named = (x: unknown): boolean => typeof x === 'string'
+    if (j.op !== 'commit' || typeof j.parentCID !== 'number' || !named(j.parent) || !named(j.child) || !(j.above === null || named(j.above))) throw new Error('missing fields')
   } catch (e) {
     throw new RedoError('EINVAL', `${journalPath(parent)}: unreadable commit journal (${(e as Error).message}); inspect it by hand`, journalPath(parent))
   }
-  // the directory the names were written from: the parent's then (absolute: an older journal)
+  // older journals named absolute paths: those are taken relative to where the parent was then
   const dir = dirname(parent)
   const then = isAbsolute(j.parent) ? dirname(j.parent) : dir
   const here = async (name: string): Promise<string> =>
-    await resolveContained(dir, relative(then, resolve(then, name)), root, 'file named by the commit journal', journalPath(parent), name)
+    await resolveContained(dir, isAbsolute(name) ? relative(then, name) : name, root, 'file named by the commit journal', journalPath(parent), name)
   return { ...j, parent, child: await here(j.child), above: j.above === null ? null : await here(j.above) }
 }
 
