@@ -482,7 +482,9 @@ if (ok) {
       [{ above: '../../orig/vm/disk-000002.vmdk' }, outside, []],
       // a file of the store whose parent is another layer: never merged into this parent, even
       // when the user excuses the CID mismatch it leaves in the chain
-      [{ child: 'disk-000002.vmdk', above: null }, /disk\.vmdk\.redofs-commit: names .*disk-000002\.vmdk as the redo log to merge, but that file's parent is not .*disk\.vmdk/, ['--ignore-cid']]
+      [{ child: 'disk-000002.vmdk', above: null }, /disk\.vmdk\.redofs-commit: the redo log it merges \(.*disk-000002\.vmdk\) is missing, and nothing shows the commit got past its copy/, ['--ignore-cid']],
+      // the same from an older journal, which does not record the child's CID
+      [{ child: 'disk-000002.vmdk', above: null, childCID: undefined }, /disk\.vmdk\.redofs-commit: names .*disk-000002\.vmdk as the redo log to merge, but that file's parent is not .*disk\.vmdk/, ['--ignore-cid']]
     ]
     for (const [k, [fields, why, opts]] of bad.entries()) {
       const vm = await copyOf(`bad${k}`, { ...journal, ...fields })
@@ -494,6 +496,69 @@ if (ok) {
       t.deepEqual(await state(vm), copied, `bad${k}: the refused open changed the journal, a redo log or what the parent reads`)
     }
     t.deepEqual(await sums(ovm), before, 'a refused open changed the original store')
+  })
+
+  test.serial('a crash that leaves a label on content about to change (addredo before its redo log exists, discard after its drops, commit into a labelled parent): the label names nothing, and a writable open clears it from the live layer', async t => {
+    const labels = async (vm: string): Promise<Array<string | null>> => {
+      const r = await run(process.execPath, [REDOFS_BIN, 'info', '--json', path.join(vm, 'disk')])
+      if (r.code !== 0) throw new Error(describe(r))
+      return (JSON.parse(r.stdout) as { layers: Array<{ label: string | null }> }).layers.map(l => l.label)
+    }
+    const exportFails = async (vm: string, label: string): Promise<void> => {
+      const r = await run(process.execPath, [REDOFS_BIN, 'export', `${path.join(vm, 'disk')}@${label}`, path.join(vm, '..', 'x.raw')])
+      t.not(r.code, 0, `${label} still names a generation after the crash\n${describe(r)}`)
+      t.regex(r.stderr, new RegExp(`no generation is labelled "${label}"`), describe(r))
+    }
+    // addredo killed after marking the top frozen under its label, before the redo log exists
+    const a = await storeWithRedo(env.tmp, '8M') // base <- redo 1 (live)
+    const cmd = async (vm: string, ...args: string[]): Promise<void> => { await mustRun(process.execPath, [REDOFS_BIN, args[0], path.join(vm, 'disk'), ...args.slice(1)]) }
+    const killed = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(a.vm, 'disk'), 'label=snap'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'addredo.frozen' } })
+    t.regex(killed.stderr, /crashing at addredo\.frozen/, describe(killed))
+    t.deepEqual(await labels(a.vm), [null, null], 'the live layer shows a label')
+    await exportFails(a.vm, 'snap')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 9 0 1M', path.join(a.vm, 'disk-000001.vmdk')]) // new writes
+    await cmd(a.vm, 'addredo')
+    t.deepEqual(await labels(a.vm), [null, null, null], 'the next addredo froze the changed layer under the label of the killed one')
+    // discard killed after dropping the layers above, before the new live layer was unmarked
+    const d = await storeWithRedo(env.tmp, '8M')
+    await cmd(d.vm, 'addredo', 'label=keep')
+    const dk = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(d.vm, 'disk'), 'to=keep'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'layer.dropped' } })
+    t.regex(dk.stderr, /crashing at layer\.dropped/, describe(dk))
+    t.deepEqual(await labels(d.vm), [null, null], 'the live layer shows a label')
+    await exportFails(d.vm, 'keep')
+    await cmd(d.vm, 'addredo')
+    t.deepEqual(await labels(d.vm), [null, null, null], 'the next addredo froze the live layer under the discarded generation\'s label')
+    // commit killed after its journal: the parent's label went first, with its content record
+    const c = await storeWithRedo(env.tmp, '8M')
+    await cmd(c.vm, 'label', 'gen=0', 'name=base')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 7 0 2M', path.join(c.vm, 'disk-000001.vmdk')])
+    await cmd(c.vm, 'addredo')
+    const ck = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(c.vm, 'disk'), 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.journal' } })
+    t.regex(ck.stderr, /crashing at commit\.journal/, describe(ck))
+    t.deepEqual(await labels(c.vm), [null, null, null], 'the parent kept its label over the content the commit changes')
+    await exportFails(c.vm, 'base')
+    await cmd(c.vm, 'addredo')
+    t.deepEqual(await labels(c.vm), [null, null, null])
+    for (const s of [a, d, c]) await checkFiles(t, s.store)
+  })
+
+  test.serial('a redo log name another tool reused after a commit was killed past its drop: the journal is finished without merging or deleting the new file', async t => {
+    const { vm } = await storeWithRedo(env.tmp, '8M') // base <- disk-000001.vmdk
+    const disk = path.join(vm, 'disk')
+    const child = path.join(vm, 'disk-000001.vmdk')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 4 0 2M', child])
+    const killed = await run(process.execPath, [REDOFS_BIN, 'commit', disk, 'level=0'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.unjournal' } })
+    t.regex(killed.stderr, /crashing at commit\.unjournal/, describe(killed))
+    t.true((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'no journal left to finish')
+    // a snapshot taken by another tool under the freed name, before redofs opens the disk again
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', 'disk.vmdk', '-F', 'vmdk', child])
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 5 4M 1M', child])
+    const r = await run(process.execPath, [REDOFS_BIN, 'addredo', disk])
+    t.is(r.code, 0, describe(r))
+    t.deepEqual((await readdir(vm)).sort(), ['disk-000001.vmdk', 'disk-000002.vmdk', 'disk.vmdk'], 'the new snapshot was merged away, or the journal was left')
+    await qemuReadsBack(t, path.join(vm, 'disk.vmdk'), '4 0 2M', '0 2M 6M')
+    await qemuReadsBack(t, path.join(vm, 'disk-000002.vmdk'), '4 0 2M', '0 2M 2M', '5 4M 1M', '0 5M 3M')
+    await checkFiles(t, path.dirname(vm))
   })
 
   test.serial('a grain directory with 70 entries naming one table: those tables are held and never written, the other tables keep working', async t => {

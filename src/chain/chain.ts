@@ -6,11 +6,13 @@ import { realpath, stat } from 'node:fs/promises'
 import { basename, dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
-import type { ReadPlan } from '../formats/extent'
+import { syncDir, type ReadPlan } from '../formats/extent'
 import { Layer, reapDroppedIn, resolveContained } from '../formats/layer'
 import { log } from '../log'
 import { Index, mapOf, overlay, type MapEntry } from './view'
+import { dropDigest } from './digest'
 import { readJournal, type CommitJournal } from './journal'
+import { FROZEN_KEY, labelOf, setMeta } from './labels'
 import { childrenOf, parentCandidates } from './peek'
 
 export interface ChainOptions {
@@ -70,7 +72,10 @@ export class Chain {
         const chain = new Chain(layers, opts)
         if (opts.writable === true) {
           chain.topChildren = await childrenOf(chain.top.path, opts.root)
-          if (opts.noRecovery !== true) for (const dir of new Set(layers.map(l => dirname(l.path)))) await reapDroppedIn(dir)
+          if (opts.noRecovery !== true) {
+            for (const dir of new Set(layers.map(l => dirname(l.path)))) await reapDroppedIn(dir)
+            await chain.unfreezeTop()
+          }
         }
         return chain
       }
@@ -79,9 +84,27 @@ export class Chain {
       for (const j of journals) {
         log.chain('finishing interrupted commit of %s into %s', j.child, j.parent)
         await finishCommit(j, opts)
-        if (resolve(top) === j.child && j.above === null) { top = j.parent; rawTop = j.rawParent === true }
+        // the top was merged away: the parent is the top now (a file that took the top's name
+        // after it was dropped stays the top)
+        if (resolve(top) === j.child && j.above === null && !await stat(top).then(() => true, () => false)) { top = j.parent; rawTop = j.rawParent === true }
       }
     }
+  }
+
+  /**
+   * A crash in addredo (after the top was marked frozen, before its redo log existed) or in
+   * discard (after the layers above were dropped, before the new top was unmarked) leaves a
+   * frozen generation's label, time and content record on the live top. Writes would change
+   * the content they name, and the next addredo would freeze the layer under the old label.
+   */
+  private async unfreezeTop (): Promise<void> {
+    const top = this.top
+    if (!top.hasCids || this.topChildren.length > 0) return
+    if (labelOf(top) !== undefined || top.descriptor.get(FROZEN_KEY) !== undefined) {
+      log.chain('%s: clearing the label and frozen time a crash left on the live layer', top.path)
+      await setMeta(top, { label: null, frozen: null })
+    }
+    if (await dropDigest(top.path)) await syncDir(dirname(top.path))
   }
 
   get generations (): number { return this.layers.length }

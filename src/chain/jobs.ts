@@ -6,9 +6,9 @@ import { realpath, statfs, stat } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { createCowdLayer, createSparseLayer } from '../formats/create'
-import { newCid } from '../formats/descriptor'
+import { cidHex, newCid } from '../formats/descriptor'
 import { syncDir, type Run } from '../formats/extent'
-import { Layer, parentHintFor, reapDropped } from '../formats/layer'
+import { DROPPED, Layer, parentHintFor, reapDropped } from '../formats/layer'
 import { failPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
@@ -71,6 +71,7 @@ export async function addRedo (chain: Chain, opts: { label?: string, format?: Re
     if (old !== undefined) await setMeta(chain.layers[old], { label: null })
   }
   if (top.hasCids) await setMeta(top, { frozen: new Date(), label: opts.label })
+  faultPoint('addredo.frozen')
   const link = { hint: parentHintFor(dir, top.path), cid: top.cid }
   if (opts.format === 'cowd') await createCowdLayer(path, top.size, link)
   else await createSparseLayer(path, top.size, link)
@@ -140,15 +141,19 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const bad = runs.find(r => r.state === 'bad')
   if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; commit refused (run redofs check)`, child.path)
   await child.flush()
-  // the parent's content record goes first (durably): from here on it describes nothing, and a
-  // roll-forward must not mistake it for the child's record moved onto the parent
+  // the parent's content record and label go first (durably): from here on they describe
+  // nothing (its content changes), and a roll-forward must not mistake the record for the
+  // child's moved onto the parent
   if (await dropDigest(parent.path)) await syncDir(dirname(parent.path))
+  const droppedLabel = labelOf(parent)
+  if (droppedLabel !== undefined) await setMeta(parent, { label: null })
   const j: CommitJournal = {
     op: 'commit',
     parent: resolve(parent.path),
     child: resolve(child.path),
     above: above !== undefined ? resolve(above.path) : null,
     parentCID: newCid(parent.cid),
+    ...(child.hasCids ? { childCID: child.cid } : {}),
     rawParent: parent.isRaw,
     started: new Date().toISOString()
   }
@@ -156,6 +161,14 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   faultPoint('commit.journal')
   // the journal stays for the next writable open: the chain must keep its shape until then
   const unfinished = (): void => { chain.unfinished = { child: child.path, journal: journalPath(parent.path) } }
+  /** Undo a failed or cancelled copy; when that fails too the journal stays (unfinished). */
+  const undo = async (): Promise<boolean> => {
+    const undone = await abandonCommit(child, parent).then(() => true, () => false)
+    if (!undone) unfinished()
+    else if (chain.unfinished?.child === child.path) chain.unfinished = undefined // the journal is gone
+    chain.invalidate()
+    return undone
+  }
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
   const parentProblems = parent.problems.length
   try {
@@ -166,21 +179,19 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     // back failed (its new CID may or may not be on the disk: only the journal's roll-forward
     // is safe then) or the undo fails: the journal stays and the next writable open finishes it.
     const err = toRedoError(e)
-    const undone = parent.problems.length === parentProblems && await abandonCommit(child, parent).then(() => true, () => false)
-    if (!undone) unfinished()
-    else if (chain.unfinished?.child === child.path) chain.unfinished = undefined // the journal is gone
-    chain.invalidate()
+    let undone = false
+    if (parent.problems.length === parentProblems) undone = await undo()
+    else { unfinished(); chain.invalidate() }
     throw new RedoError(err.code, `commit of ${child.path} failed: ${err.message}; ` + (undone
       ? `generations ${i} and up are unchanged; generation ${i - 1} may hold part of generation ${i}'s changes`
       : 'it could not be undone either: the next writable open finishes it'), err.file)
   }
   if (opts.cancelled?.() === true) {
-    chain.invalidate()
-    await abandonCommit(child, parent)
-    if (chain.unfinished?.child === child.path) chain.unfinished = undefined
-    throw new RedoError('ECANCELED', `commit of ${child.path} cancelled: generations ${i} and up are unchanged; generation ${i - 1} now holds part of generation ${i}'s changes`)
+    const undone = await undo()
+    throw new RedoError('ECANCELED', `commit of ${child.path} cancelled: ` + (undone
+      ? `generations ${i} and up are unchanged; generation ${i - 1} now holds part of generation ${i}'s changes`
+      : 'it could not be undone: the next writable open finishes it'))
   }
-  const droppedLabel = labelOf(parent)
   const swap = opts.switchOver ?? (async (fn: () => Promise<void>) => await fn())
   let dropped: string[] = []
   try {
@@ -305,7 +316,7 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
   }
   // the parent now holds the content of the child's generation: it takes its label and time
   // (an ESX 2.x raw base has no descriptor to hold them)
-  const c = !parent.hasCids ? undefined : child ?? (await exists(j.child) ? await Layer.open(j.child, {}) : undefined)
+  const c = !parent.hasCids ? undefined : child ?? await openJournaledChild(j)
   if (c !== undefined) {
     const frozen = c.descriptor.get('ddb.redofs.frozen')
     await setMeta(parent, { label: labelOf(c) ?? null, frozen: frozen !== undefined ? new Date(frozen) : null })
@@ -314,11 +325,8 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
   await moveDigest(j.child, parent.path)
   faultPoint('commit.drop')
   let dropped: string[] = []
-  if (child !== undefined) dropped = await child.drop()
-  else if (await exists(j.child)) {
-    const c = await Layer.open(j.child, {})
-    dropped = await c.drop()
-  }
+  const drop = child ?? await openJournaledChild(j)
+  if (drop !== undefined) dropped = await drop.drop()
   faultPoint('commit.unjournal')
   await removeJournal(parent.path)
   return dropped
@@ -328,19 +336,43 @@ async function exists (p: string): Promise<boolean> {
   return await stat(p).then(() => true, () => false)
 }
 
+/** Whether the layer above the merged redo log already names the parent (with its new CID). */
+async function relinked (j: CommitJournal): Promise<boolean> {
+  if (j.above === null || !await exists(j.above)) return false
+  const a = await Layer.open(j.above, {})
+  try {
+    return a.parentCID === j.parentCID
+  } finally {
+    await a.close()
+  }
+}
+
+/**
+ * The redo log a journal merges, opened; undefined once it is gone. A file that took its name
+ * after it was dropped (another tool's new snapshot) carries another CID: it is left alone.
+ */
+async function openJournaledChild (j: CommitJournal, root?: string): Promise<Layer | undefined> {
+  if (!await exists(j.child)) return undefined
+  const c = await Layer.open(j.child, { root })
+  if (j.childCID === undefined || !c.hasCids || c.cid === j.childCID) return c
+  log.chain('%s: CID %s, not the merged redo log\'s %s: another file took its name', j.child, cidHex(c.cid), cidHex(j.childCID))
+  await c.close()
+  return undefined
+}
+
 /** Finish a commit that a crash interrupted (all steps are idempotent). */
 export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promise<void> {
   const { Chain } = await import('./chain')
   // the parent of an ESX 2.x .REDO file may be a raw disk without descriptor (the journal says)
   const raw = j.rawParent === true
-  if (await exists(j.child)) {
+  const child = await openJournaledChild(j, opts.root)
+  if (child !== undefined) {
     // open the parent's own chain for the COW source below it, and the child alone
-    const pchain = raw ? undefined : await Chain.open(j.parent, { ...opts, writable: true, ignoreCid: true, noRecovery: true })
+    let pchain: Chain | undefined
     let parent: Layer | undefined
-    let child: Layer | undefined
     try {
+      pchain = raw ? undefined : await Chain.open(j.parent, { ...opts, writable: true, ignoreCid: true, noRecovery: true })
       parent = pchain?.top ?? await Layer.openRaw(j.parent, { writable: true })
-      child = await Layer.open(j.child, { root: opts.root })
       // merging a file that is not the parent's child would put another disk's data into it
       const target = await realpath(j.parent).catch(() => j.parent)
       const named = child.hasParent ? parentCandidates(child.path, child.parentHint as string) : []
@@ -356,11 +388,16 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
       await copyInto(child, parent, j.parentCID, pchain?.layers ?? [parent], below, {}, runs)
       await reapDropped(await relinkAndDrop(j, parent, child, undefined))
     } finally {
-      await child?.close().catch(() => {})
+      await child.close().catch(() => {})
       if (pchain !== undefined) await pchain.close()
       else await parent?.close()
     }
   } else {
+    // The redo log is gone, which is right only past its copy: its drop leaves
+    // <child>.redofs-dropped until the journal goes, and the layer above is re-linked before it
+    if (!await exists(j.child + DROPPED) && !await relinked(j)) {
+      throw new RedoError('ENOENT', `${journalPath(j.parent)}: the redo log it merges (${j.child}) is missing, and nothing shows the commit got past its copy; inspect the journal by hand`, journalPath(j.parent))
+    }
     const parent = raw ? await Layer.openRaw(j.parent, { writable: true }) : await Layer.open(j.parent, { writable: true, root: opts.root })
     try {
       await reapDropped(await relinkAndDrop(j, parent, undefined, undefined))

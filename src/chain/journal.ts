@@ -23,6 +23,8 @@ export interface CommitJournal {
   above: string | null
   /** CID the parent carries from the start of the commit. */
   parentCID: number
+  /** CID of the child (absent for a child without descriptor, and in older journals). */
+  childCID?: number
   /** The parent is a raw disk without descriptor (ESX 2.x); absent in older journals. */
   rawParent?: boolean
   started: string
@@ -53,6 +55,7 @@ export async function readJournal (parent: string, root?: string): Promise<Commi
     j = JSON.parse(text) as CommitJournal
     const named = (x: unknown): boolean => typeof x === 'string'
     if (j.op !== 'commit' || typeof j.parentCID !== 'number' || !named(j.parent) || !named(j.child) || !(j.above === null || named(j.above))) throw new Error('missing fields')
+    if (j.childCID !== undefined && typeof j.childCID !== 'number') throw new Error('childCID is not a number')
   } catch (e) {
     throw new RedoError('EINVAL', `${journalPath(parent)}: unreadable commit journal (${(e as Error).message}); inspect it by hand`, journalPath(parent))
   }

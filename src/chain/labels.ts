@@ -37,9 +37,9 @@ export async function setMeta (layer: Layer, meta: { label?: string | null, froz
   if (d.toString() !== layer.descriptor.toString()) await layer.saveDescriptor(d)
 }
 
-/** Generation number of a label, or undefined. */
+/** Frozen generation number of a label, or undefined (a label left on the live top by a crash names nothing). */
 export function findLabel (chain: Chain, name: string): number | undefined {
-  const g = chain.layers.findIndex(l => labelOf(l) === name)
+  const g = chain.layers.findIndex((l, k) => k < chain.redoCount && labelOf(l) === name)
   return g < 0 ? undefined : g
 }
 

@@ -559,7 +559,7 @@ export class Disk {
         parentCID: l.hasParent && l.hasCids ? cidHex(l.parentCID) : null,
         allocated: l.allocatedBytes(),
         live: g === c.redoCount,
-        label: labelOf(l) ?? null,
+        label: g < c.redoCount ? labelOf(l) ?? null : null,
         frozenAt: g < c.redoCount ? this.frozen[g]?.frozenAt.toISOString() ?? null : null
       })),
       job: this.job,

@@ -30,7 +30,7 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
       cid: l.hasCids ? cidHex(l.cid) : null,
       parentCID: l.hasParent && l.hasCids ? cidHex(l.parentCID) : null,
       live: g === chain.redoCount,
-      label: labelOf(l) ?? null,
+      label: g < chain.redoCount ? labelOf(l) ?? null : null,
       frozenAt: g < chain.redoCount ? frozenAtOf(l)?.toISOString() ?? null : null,
       descriptorPending: l.descriptorPending
     }))
