@@ -6,7 +6,7 @@
  * generation ever reads differently.
  */
 import test from 'ava'
-import { copyFile, mkdir, open, readdir, readFile, stat, truncate, writeFile } from 'node:fs/promises'
+import { copyFile, mkdir, open, readdir, readFile, rm, stat, truncate, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { Layer } from '../src/formats/layer'
 import { REDOFS_BIN } from './helpers/env'
@@ -482,9 +482,9 @@ if (ok) {
       [{ above: '../../orig/vm/disk-000002.vmdk' }, outside, []],
       // a file of the store whose parent is another layer: never merged into this parent, even
       // when the user excuses the CID mismatch it leaves in the chain
-      [{ child: 'disk-000002.vmdk', above: null }, /disk\.vmdk\.redofs-commit: the redo log it merges \(.*disk-000002\.vmdk\) is missing, and nothing shows the commit got past its copy/, ['--ignore-cid']],
-      // the same from an older journal, which does not record the child's CID
-      [{ child: 'disk-000002.vmdk', above: null, childCID: undefined }, /disk\.vmdk\.redofs-commit: names .*disk-000002\.vmdk as the redo log to merge, but that file's parent is not .*disk\.vmdk/, ['--ignore-cid']]
+      [{ child: 'disk-000002.vmdk', above: null }, /disk\.vmdk\.redofs-commit: names .*disk-000002\.vmdk as the redo log to merge, but that file's parent is not .*disk\.vmdk/, ['--ignore-cid']],
+      // a redo log missing before the journal says its copy was complete: not taken as merged
+      [{ child: 'disk-000009.vmdk' }, /disk\.vmdk\.redofs-commit: the redo log it merges \(.*disk-000009\.vmdk\) is missing, and nothing shows the commit got past its copy/, ['--ignore-cid']]
     ]
     for (const [k, [fields, why, opts]] of bad.entries()) {
       const vm = await copyOf(`bad${k}`, { ...journal, ...fields })
@@ -542,7 +542,7 @@ if (ok) {
     for (const s of [a, d, c]) await checkFiles(t, s.store)
   })
 
-  test.serial('a redo log name another tool reused after a commit was killed past its drop: the journal is finished without merging or deleting the new file', async t => {
+  test.serial('a redo log name another tool reused after a commit was killed past its drop: the journal is finished without merging or deleting the new file; without the dropped file too', async t => {
     const { vm } = await storeWithRedo(env.tmp, '8M') // base <- disk-000001.vmdk
     const disk = path.join(vm, 'disk')
     const child = path.join(vm, 'disk-000001.vmdk')
@@ -558,6 +558,32 @@ if (ok) {
     t.deepEqual((await readdir(vm)).sort(), ['disk-000001.vmdk', 'disk-000002.vmdk', 'disk.vmdk'], 'the new snapshot was merged away, or the journal was left')
     await qemuReadsBack(t, path.join(vm, 'disk.vmdk'), '4 0 2M', '0 2M 6M')
     await qemuReadsBack(t, path.join(vm, 'disk-000002.vmdk'), '4 0 2M', '0 2M 2M', '5 4M 1M', '0 5M 3M')
+    await checkFiles(t, path.dirname(vm))
+    // killed right after the drop, and the dropped file deleted since (another disk's open of
+    // this directory reaps it): the journal alone says the copy was complete
+    const top = (await readdir(vm)).filter(f => /-\d{6}\.vmdk$/.test(f)).sort().pop() as string
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 6 6M 1M', path.join(vm, top)])
+    const k2 = await run(process.execPath, [REDOFS_BIN, 'commit', disk, 'level=0'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'layer.dropped' } })
+    t.regex(k2.stderr, /crashing at layer\.dropped/, describe(k2))
+    for (const f of (await readdir(vm)).filter(f => f.endsWith('.redofs-dropped'))) await rm(path.join(vm, f))
+    const r2 = await run(process.execPath, [REDOFS_BIN, 'info', disk])
+    t.is(r2.code, 0, describe(r2))
+    const r3 = await run(process.execPath, [REDOFS_BIN, 'addredo', disk])
+    t.is(r3.code, 0, `the commit was not finished without its dropped file\n${describe(r3)}`)
+    t.false((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the journal was left')
+    await qemuReadsBack(t, path.join(vm, 'disk-000001.vmdk'), '4 0 2M', '0 2M 2M', '5 4M 1M', '0 5M 1M', '6 6M 1M', '0 7M 1M')
+  })
+
+  test.serial('a discard killed between the renames of a dropped layer\'s files: the next writable open deletes the extent left under its name', async t => {
+    const { vm } = await storeWithRedo(env.tmp, '8M') // base <- disk-000001.vmdk
+    const disk = path.join(vm, 'disk')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', '--redo-format', 'cowd', disk]) // disk-000002.vmdk + -delta
+    const killed = await run(process.execPath, [REDOFS_BIN, 'discard', disk], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'layer.drop.renamed' } })
+    t.regex(killed.stderr, /crashing at layer\.drop\.renamed/, describe(killed))
+    t.deepEqual((await readdir(vm)).sort(), ['disk-000001.vmdk', 'disk-000002-delta.vmdk', 'disk-000002.vmdk.redofs-dropped', 'disk.vmdk'], 'the kill did not fall between the renames')
+    const r = await run(process.execPath, [REDOFS_BIN, 'addredo', disk])
+    t.is(r.code, 0, describe(r))
+    t.deepEqual((await readdir(vm)).sort(), ['disk-000001.vmdk', 'disk-000002.vmdk', 'disk.vmdk'], 'the dropped layer\'s extent was left behind')
     await checkFiles(t, path.dirname(vm))
   })
 

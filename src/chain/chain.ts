@@ -2,18 +2,18 @@
  * A chain of layers (base first) and its generations; the jobs that change its shape (addredo,
  * commit, discard) live in jobs.ts. Knows nothing about FUSE or VMs.
  */
-import { realpath, stat } from 'node:fs/promises'
+import { realpath, rename, stat } from 'node:fs/promises'
 import { basename, dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
 import { syncDir, type ReadPlan } from '../formats/extent'
-import { Layer, reapDroppedIn, resolveContained } from '../formats/layer'
+import { DROPPED, Layer, reapDroppedIn, resolveContained } from '../formats/layer'
 import { log } from '../log'
 import { Index, mapOf, overlay, type MapEntry } from './view'
 import { dropDigest } from './digest'
 import { readJournal, type CommitJournal } from './journal'
 import { FROZEN_KEY, labelOf, setMeta } from './labels'
-import { childrenOf, parentCandidates } from './peek'
+import { childrenOf, parentCandidates, unfinishedDrops } from './peek'
 
 export interface ChainOptions {
   writable?: boolean
@@ -71,10 +71,18 @@ export class Chain {
       if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
         const chain = new Chain(layers, opts)
         if (opts.writable === true) {
-          chain.topChildren = await childrenOf(chain.top.path, opts.root)
-          if (opts.noRecovery !== true) {
-            for (const dir of new Set(layers.map(l => dirname(l.path)))) await reapDroppedIn(dir)
-            await chain.unfreezeTop()
+          try {
+            chain.topChildren = await childrenOf(chain.top.path, opts.root)
+            if (opts.noRecovery !== true) {
+              for (const dir of new Set(layers.map(l => dirname(l.path)))) {
+                for (const f of await unfinishedDrops(dir)) await rename(f, f + DROPPED).catch(() => {})
+                await reapDroppedIn(dir)
+              }
+              await chain.unfreezeTop()
+            }
+          } catch (e) {
+            await chain.close().catch(() => {})
+            throw e
           }
         }
         return chain
@@ -99,7 +107,7 @@ export class Chain {
    */
   private async unfreezeTop (): Promise<void> {
     const top = this.top
-    if (!top.hasCids || this.topChildren.length > 0) return
+    if (!top.writable || !top.hasCids || this.topChildren.length > 0) return
     if (labelOf(top) !== undefined || top.descriptor.get(FROZEN_KEY) !== undefined) {
       log.chain('%s: clearing the label and frozen time a crash left on the live layer', top.path)
       await setMeta(top, { label: null, frozen: null })

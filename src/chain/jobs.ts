@@ -3,10 +3,10 @@
  * that a crash at any step is finished at the next open (finishCommit), never left half done.
  */
 import { realpath, statfs, stat } from 'node:fs/promises'
-import { dirname, resolve } from 'node:path'
+import { basename, dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { createCowdLayer, createSparseLayer } from '../formats/create'
-import { cidHex, newCid } from '../formats/descriptor'
+import { newCid } from '../formats/descriptor'
 import { syncDir, type Run } from '../formats/extent'
 import { DROPPED, Layer, parentHintFor, reapDropped } from '../formats/layer'
 import { failPoint, faultPoint } from '../fault'
@@ -152,8 +152,8 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     parent: resolve(parent.path),
     child: resolve(child.path),
     above: above !== undefined ? resolve(above.path) : null,
+    v: 2,
     parentCID: newCid(parent.cid),
-    ...(child.hasCids ? { childCID: child.cid } : {}),
     rawParent: parent.isRaw,
     started: new Date().toISOString()
   }
@@ -163,7 +163,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const unfinished = (): void => { chain.unfinished = { child: child.path, journal: journalPath(parent.path) } }
   /** Undo a failed or cancelled copy; when that fails too the journal stays (unfinished). */
   const undo = async (): Promise<boolean> => {
-    const undone = await abandonCommit(child, parent).then(() => true, () => false)
+    const undone = await abandonCommit(child, parent).then(() => true, e => { log.chain('%s: undoing the commit failed: %s', child.path, (e as Error).message); return false })
     if (!undone) unfinished()
     else if (chain.unfinished?.child === child.path) chain.unfinished = undefined // the journal is gone
     chain.invalidate()
@@ -298,6 +298,8 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
  * the journal. Returns the dropped files, for the caller to reap.
  */
 async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | undefined, above: Layer | undefined): Promise<string[]> {
+  // the copy is complete: a roll-forward that finds the child gone may finish from here
+  if (j.phase === undefined) await writeJournal(j = { ...j, phase: 'copied' })
   if (j.above !== null) {
     let a = above
     let own = false
@@ -327,6 +329,8 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
   let dropped: string[] = []
   const drop = child ?? await openJournaledChild(j)
   if (drop !== undefined) dropped = await drop.drop()
+  // from here a file under the child's name is not the child (its name was free)
+  if (j.phase !== 'dropped') await writeJournal({ ...j, phase: 'dropped' })
   faultPoint('commit.unjournal')
   await removeJournal(parent.path)
   return dropped
@@ -336,28 +340,17 @@ async function exists (p: string): Promise<boolean> {
   return await stat(p).then(() => true, () => false)
 }
 
-/** Whether the layer above the merged redo log already names the parent (with its new CID). */
-async function relinked (j: CommitJournal): Promise<boolean> {
-  if (j.above === null || !await exists(j.above)) return false
-  const a = await Layer.open(j.above, {})
-  try {
-    return a.parentCID === j.parentCID
-  } finally {
-    await a.close()
-  }
-}
-
 /**
- * The redo log a journal merges, opened; undefined once it is gone. A file that took its name
- * after it was dropped (another tool's new snapshot) carries another CID: it is left alone.
+ * The redo log a journal merges, opened; undefined once it is gone. After its drop the name
+ * was free, and a file another tool created under it since is not the child: left alone.
  */
 async function openJournaledChild (j: CommitJournal, root?: string): Promise<Layer | undefined> {
-  if (!await exists(j.child)) return undefined
-  const c = await Layer.open(j.child, { root })
-  if (j.childCID === undefined || !c.hasCids || c.cid === j.childCID) return c
-  log.chain('%s: CID %s, not the merged redo log\'s %s: another file took its name', j.child, cidHex(c.cid), cidHex(j.childCID))
-  await c.close()
-  return undefined
+  if (j.phase === 'dropped' || !await exists(j.child)) return undefined
+  if ((j.phase === 'copied' || j.v === undefined) && await exists(j.child + DROPPED)) {
+    log.chain('%s: the merged redo log was dropped (%s): the file under its name is another', j.child, basename(j.child + DROPPED))
+    return undefined
+  }
+  return await Layer.open(j.child, { root })
 }
 
 /** Finish a commit that a crash interrupted (all steps are idempotent). */
@@ -393,9 +386,9 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
       else await parent?.close()
     }
   } else {
-    // The redo log is gone, which is right only past its copy: its drop leaves
-    // <child>.redofs-dropped until the journal goes, and the layer above is re-linked before it
-    if (!await exists(j.child + DROPPED) && !await relinked(j)) {
+    // the redo log is gone, which is right only once its copy was complete (older journals do
+    // not say: they are finished as they always were)
+    if (j.v !== undefined && j.phase === undefined) {
       throw new RedoError('ENOENT', `${journalPath(j.parent)}: the redo log it merges (${j.child}) is missing, and nothing shows the commit got past its copy; inspect the journal by hand`, journalPath(j.parent))
     }
     const parent = raw ? await Layer.openRaw(j.parent, { writable: true }) : await Layer.open(j.parent, { writable: true, root: opts.root })

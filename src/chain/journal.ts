@@ -23,8 +23,14 @@ export interface CommitJournal {
   above: string | null
   /** CID the parent carries from the start of the commit. */
   parentCID: number
-  /** CID of the child (absent for a child without descriptor, and in older journals). */
-  childCID?: number
+  /** 2 in journals that record their phase; absent in older ones. */
+  v?: number
+  /**
+   * How far the commit got, each step recorded once done: the copy was complete ('copied',
+   * before the relink), the child was dropped ('dropped': a file under its name now is
+   * another's). Absent before the copy was complete.
+   */
+  phase?: 'copied' | 'dropped'
   /** The parent is a raw disk without descriptor (ESX 2.x); absent in older journals. */
   rawParent?: boolean
   started: string
@@ -55,7 +61,7 @@ export async function readJournal (parent: string, root?: string): Promise<Commi
     j = JSON.parse(text) as CommitJournal
     const named = (x: unknown): boolean => typeof x === 'string'
     if (j.op !== 'commit' || typeof j.parentCID !== 'number' || !named(j.parent) || !named(j.child) || !(j.above === null || named(j.above))) throw new Error('missing fields')
-    if (j.childCID !== undefined && typeof j.childCID !== 'number') throw new Error('childCID is not a number')
+    if (j.phase !== undefined && j.phase !== 'copied' && j.phase !== 'dropped') throw new Error(`unknown phase ${String(j.phase)}`)
   } catch (e) {
     throw new RedoError('EINVAL', `${journalPath(parent)}: unreadable commit journal (${(e as Error).message}); inspect it by hand`, journalPath(parent))
   }

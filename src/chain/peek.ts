@@ -6,7 +6,8 @@ import { open, readdir, realpath } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
 import { COWD_MAGIC } from '../formats/cowd'
 import { Descriptor } from '../formats/descriptor'
-import { KDMV_MAGIC, descriptorIntent, parseSparseHeader } from '../formats/sparse'
+import { DROPPED } from '../formats/layer'
+import { KDMV_MAGIC, descriptorIntent, descriptorIntentPath, parseSparseHeader } from '../formats/sparse'
 import { SECTOR } from '../units'
 
 export interface Peek {
@@ -113,6 +114,31 @@ export async function childrenOfEach (parents: string[], root: string | undefine
     if (p.parent === undefined) continue
     const r = await realpath(p.parent).catch(() => p.parent as string)
     targets.forEach((t, i) => { if (r === t) out[i].push(p.path) })
+  }
+  return out
+}
+
+/**
+ * What a drop killed between its renames (Layer.drop: the descriptor first) left under the old
+ * names in `dir`: the extents of a dropped stand-alone descriptor that no descriptor in `dir`
+ * uses, and the dropped layer's content record and descriptor intent. For the reaper.
+ */
+export async function unfinishedDrops (dir: string): Promise<string[]> {
+  let names: string[]
+  try { names = await readdir(dir) } catch { return [] }
+  const have = new Set(names)
+  const out: string[] = []
+  let used: Set<string> | undefined
+  for (const n of names.filter(n => n.endsWith(DROPPED))) {
+    const was = n.slice(0, -DROPPED.length)
+    if (have.has(was)) continue
+    for (const side of [`${was}.redofs-digest`, basename(descriptorIntentPath(was))]) if (have.has(side)) out.push(join(dir, side))
+    const p = /\.vmdk$/i.test(was) ? await peek(join(dir, n)) : undefined
+    for (const e of p?.descriptor?.extents ?? []) {
+      if (e.file === undefined || basename(e.file) !== e.file || !have.has(e.file) || e.file === was) continue
+      used ??= new Set((await peekDirs([dir])).flatMap(q => (q.descriptor?.extents ?? []).map(x => resolve(dir, x.file ?? ''))))
+      if (!used.has(join(dir, e.file))) out.push(join(dir, e.file))
+    }
   }
   return out
 }

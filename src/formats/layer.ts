@@ -368,6 +368,7 @@ export class Layer {
         failPoint('layer.drop')
         await rename(f, f + DROPPED)
         out.push(f + DROPPED)
+        faultPoint('layer.drop.renamed')
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue
         for (const d of out.reverse()) await rename(d, d.slice(0, -DROPPED.length)).catch(() => {})
