@@ -15,7 +15,7 @@ import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
 import { findLabel, labelOf, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
-import { journalPath, removeJournal, writeJournal, type CommitJournal } from './journal'
+import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
 import { childrenOfEach, parentCandidates } from './peek'
 
@@ -140,6 +140,12 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   await ensureSpace(dirname(parent.path), commitSpace(runs, parent) + (1 << 20), `commit into ${parent.path}`)
   const bad = runs.find(r => r.state === 'bad')
   if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; commit refused (run redofs check)`, child.path)
+  // a commit that failed past its copy is finished by the roll-forward, not copied again (its
+  // child may be dropped already)
+  const before = await readJournal(parent.path, chain.opts.root)
+  if (before?.phase !== undefined) {
+    throw new RedoError('EBUSY', `commit of ${child.path}: an earlier commit got past its copy (${journalPath(parent.path)}); reopen the disk (remount, or any offline command), which finishes it`, journalPath(parent.path))
+  }
   await child.flush()
   // the parent's content record and label go first (durably): from here on they describe
   // nothing (its content changes), and a roll-forward must not mistake the record for the
@@ -147,7 +153,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   if (await dropDigest(parent.path)) await syncDir(dirname(parent.path))
   const droppedLabel = labelOf(parent)
   if (droppedLabel !== undefined) await setMeta(parent, { label: null })
-  const j: CommitJournal = {
+  let j: CommitJournal = {
     op: 'commit',
     parent: resolve(parent.path),
     child: resolve(child.path),
@@ -192,6 +198,8 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
       ? `generations ${i} and up are unchanged; generation ${i - 1} now holds part of generation ${i}'s changes`
       : 'it could not be undone: the next writable open finishes it'))
   }
+  // the copy is complete (recorded before the I/O pause of the switch)
+  await writeJournal(j = { ...j, phase: 'copied' })
   const swap = opts.switchOver ?? (async (fn: () => Promise<void>) => await fn())
   let dropped: string[] = []
   try {
@@ -346,11 +354,16 @@ async function exists (p: string): Promise<boolean> {
  */
 async function openJournaledChild (j: CommitJournal, root?: string): Promise<Layer | undefined> {
   if (j.phase === 'dropped' || !await exists(j.child)) return undefined
-  if ((j.phase === 'copied' || j.v === undefined) && await exists(j.child + DROPPED)) {
-    log.chain('%s: the merged redo log was dropped (%s): the file under its name is another', j.child, basename(j.child + DROPPED))
-    return undefined
-  }
-  return await Layer.open(j.child, { root })
+  if (j.phase === undefined && j.v !== undefined) return await Layer.open(j.child, { root }) // never dropped yet
+  // Past the copy the drop may have freed the name. Another file under it shows by the dropped
+  // file beside it (unless reaped since), or by naming the parent's new CID, which the child
+  // never does (its link is changed only by an undo, which ends the journal first).
+  const c = await Layer.open(j.child, { root })
+  const why = await exists(j.child + DROPPED) ? `${basename(j.child + DROPPED)} is there` : c.hasParent && c.hasCids && c.parentCID === j.parentCID ? 'it names the parent\'s new CID' : undefined
+  if (why === undefined) return c
+  log.chain('%s: not the merged redo log (%s): left alone', j.child, why)
+  await c.close()
+  return undefined
 }
 
 /** Finish a commit that a crash interrupted (all steps are idempotent). */

@@ -62,6 +62,7 @@ export async function readJournal (parent: string, root?: string): Promise<Commi
     const named = (x: unknown): boolean => typeof x === 'string'
     if (j.op !== 'commit' || typeof j.parentCID !== 'number' || !named(j.parent) || !named(j.child) || !(j.above === null || named(j.above))) throw new Error('missing fields')
     if (j.phase !== undefined && j.phase !== 'copied' && j.phase !== 'dropped') throw new Error(`unknown phase ${String(j.phase)}`)
+    if (j.v !== undefined && j.v !== 2) throw new Error(`unknown version ${String(j.v)}`)
   } catch (e) {
     throw new RedoError('EINVAL', `${journalPath(parent)}: unreadable commit journal (${(e as Error).message}); inspect it by hand`, journalPath(parent))
   }

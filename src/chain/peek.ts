@@ -133,14 +133,30 @@ export async function unfinishedDrops (dir: string): Promise<string[]> {
     const was = n.slice(0, -DROPPED.length)
     if (have.has(was)) continue
     for (const side of [`${was}.redofs-digest`, basename(descriptorIntentPath(was))]) if (have.has(side)) out.push(join(dir, side))
-    const p = /\.vmdk$/i.test(was) ? await peek(join(dir, n)) : undefined
+    // only a stand-alone (text) descriptor has extents of its own: an embedded one names its
+    // own file, under whatever name it had
+    const p = /\.vmdk$/i.test(was) && await isText(join(dir, n)) ? await peek(join(dir, n)) : undefined
     for (const e of p?.descriptor?.extents ?? []) {
-      if (e.file === undefined || basename(e.file) !== e.file || !have.has(e.file) || e.file === was) continue
+      const f = e.file
+      if (f === undefined || basename(f) !== f || !have.has(f) || have.has(f + DROPPED)) continue
       used ??= new Set((await peekDirs([dir])).flatMap(q => (q.descriptor?.extents ?? []).map(x => resolve(dir, x.file ?? ''))))
-      if (!used.has(join(dir, e.file))) out.push(join(dir, e.file))
+      // never a file that is itself a descriptor, nor one a descriptor beside it uses
+      if (used.has(join(dir, f)) || (await peek(join(dir, f)))?.extentOnly !== true) continue
+      out.push(join(dir, f))
     }
   }
   return out
+}
+
+/** Whether `path` starts like a text descriptor (not a KDMV or COWD binary). */
+async function isText (path: string): Promise<boolean> {
+  const head = Buffer.alloc(64)
+  let n = 0
+  try {
+    const fh = await open(path, 'r')
+    try { n = (await fh.read(head, 0, head.length, 0)).bytesRead } finally { await fh.close() }
+  } catch { return false }
+  return /^\s*(#|version\s*=)/i.test(head.subarray(0, n).toString('latin1'))
 }
 
 /** Files in `dir` that should be descriptors but cannot be read as one. */
