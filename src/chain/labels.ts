@@ -37,9 +37,14 @@ export async function setMeta (layer: Layer, meta: { label?: string | null, froz
   if (d.toString() !== layer.descriptor.toString()) await layer.saveDescriptor(d)
 }
 
-/** Frozen generation number of a label, or undefined (a label left on the live top by a crash names nothing). */
+/** The label of generation g: frozen generations only (one a crash left on the live top names nothing). */
+export function generationLabel (chain: Chain, g: number): string | undefined {
+  return g < chain.redoCount ? labelOf(chain.layers[g]) : undefined
+}
+
+/** Frozen generation number of a label, or undefined. */
 export function findLabel (chain: Chain, name: string): number | undefined {
-  const g = chain.layers.findIndex((l, k) => k < chain.redoCount && labelOf(l) === name)
+  const g = chain.layers.findIndex((_, k) => generationLabel(chain, k) === name)
   return g < 0 ? undefined : g
 }
 

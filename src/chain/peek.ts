@@ -17,6 +17,8 @@ export interface Peek {
   parent?: string
   /** Set for files that are extents of another descriptor, never chain members themselves. */
   extentOnly: boolean
+  /** The descriptor is embedded in a sparse extent (it names that file, under any old name). */
+  embedded?: boolean
   /** Set when a file that should be a descriptor cannot be read as one. */
   error?: string
 }
@@ -67,7 +69,7 @@ export async function peek (path: string): Promise<Peek | undefined> {
     }
     const descriptor = Descriptor.parse(text, path)
     const hint = descriptor.hasParent ? descriptor.parentFileNameHint : undefined
-    return { path, descriptor, parent: hint !== undefined ? parentCandidates(path, hint)[0] : undefined, extentOnly: false }
+    return { path, descriptor, parent: hint !== undefined ? parentCandidates(path, hint)[0] : undefined, extentOnly: false, embedded: magic === KDMV_MAGIC }
   } catch (e) {
     if (EXTENT_NAME.test(path)) return { path, extentOnly: true }
     return { path, extentOnly: false, error: (e as Error).message }
@@ -133,10 +135,10 @@ export async function unfinishedDrops (dir: string): Promise<string[]> {
     const was = n.slice(0, -DROPPED.length)
     if (have.has(was)) continue
     for (const side of [`${was}.redofs-digest`, basename(descriptorIntentPath(was))]) if (have.has(side)) out.push(join(dir, side))
-    // only a stand-alone (text) descriptor has extents of its own: an embedded one names its
-    // own file, under whatever name it had
-    const p = /\.vmdk$/i.test(was) && await isText(join(dir, n)) ? await peek(join(dir, n)) : undefined
-    for (const e of p?.descriptor?.extents ?? []) {
+    // only a stand-alone descriptor has extents of its own: an embedded one names its own
+    // file, under whatever name it had
+    const p = /\.vmdk$/i.test(was) ? await peek(join(dir, n)) : undefined
+    for (const e of p?.embedded === false ? p.descriptor?.extents ?? [] : []) {
       const f = e.file
       if (f === undefined || basename(f) !== f || !have.has(f) || have.has(f + DROPPED)) continue
       used ??= new Set((await peekDirs([dir])).flatMap(q => (q.descriptor?.extents ?? []).map(x => resolve(dir, x.file ?? ''))))
@@ -146,17 +148,6 @@ export async function unfinishedDrops (dir: string): Promise<string[]> {
     }
   }
   return out
-}
-
-/** Whether `path` starts like a text descriptor (not a KDMV or COWD binary). */
-async function isText (path: string): Promise<boolean> {
-  const head = Buffer.alloc(64)
-  let n = 0
-  try {
-    const fh = await open(path, 'r')
-    try { n = (await fh.read(head, 0, head.length, 0)).bytesRead } finally { await fh.close() }
-  } catch { return false }
-  return /^\s*(#|version\s*=)/i.test(head.subarray(0, n).toString('latin1'))
 }
 
 /** Files in `dir` that should be descriptors but cannot be read as one. */

@@ -7,7 +7,7 @@ import { basename, dirname } from 'node:path'
 import type { Chain } from '../chain/chain'
 import { addRedo, commit, discard, type RedoFormat } from '../chain/jobs'
 import { recordGeneration } from '../chain/digest'
-import { frozenAtOf, labelGeneration, labelOf, resolveGeneration } from '../chain/labels'
+import { frozenAtOf, generationLabel, labelGeneration, resolveGeneration } from '../chain/labels'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
 import type { ReadPlan } from '../formats/extent'
@@ -112,7 +112,7 @@ export class Disk {
   labels (): Map<string, number> {
     const out = new Map<string, number>()
     for (let g = 0; g < this.chain.redoCount; g++) {
-      const l = labelOf(this.chain.layers[g])
+      const l = generationLabel(this.chain, g)
       if (l !== undefined) out.set(l, g)
     }
     return out
@@ -559,7 +559,7 @@ export class Disk {
         parentCID: l.hasParent && l.hasCids ? cidHex(l.parentCID) : null,
         allocated: l.allocatedBytes(),
         live: g === c.redoCount,
-        label: g < c.redoCount ? labelOf(l) ?? null : null,
+        label: generationLabel(c, g) ?? null,
         frozenAt: g < c.redoCount ? this.frozen[g]?.frozenAt.toISOString() ?? null : null
       })),
       job: this.job,

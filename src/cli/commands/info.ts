@@ -1,6 +1,6 @@
 import type { Argv } from 'yargs'
 import { relative } from 'node:path'
-import { frozenAtOf, labelOf } from '../../chain/labels'
+import { frozenAtOf, generationLabel } from '../../chain/labels'
 import { cidHex } from '../../formats/descriptor'
 import { formatSize } from '../../units'
 import { childrenOf } from '../../chain/peek'
@@ -30,7 +30,7 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
       cid: l.hasCids ? cidHex(l.cid) : null,
       parentCID: l.hasParent && l.hasCids ? cidHex(l.parentCID) : null,
       live: g === chain.redoCount,
-      label: g < chain.redoCount ? labelOf(l) ?? null : null,
+      label: generationLabel(chain, g) ?? null,
       frozenAt: g < chain.redoCount ? frozenAtOf(l)?.toISOString() ?? null : null,
       descriptorPending: l.descriptorPending
     }))
