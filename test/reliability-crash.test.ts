@@ -10,6 +10,7 @@ import { copyFile, mkdir, open, readdir, readFile, rm, stat, truncate, writeFile
 import path from 'node:path'
 import { Layer } from '../src/formats/layer'
 import { REDOFS_BIN } from './helpers/env'
+import { infoJson } from './helpers/redofs'
 import { createDisk, e2e, isMounted, requireFuse, sh, Server, storeWithRedo } from './helpers/mount'
 import { prng } from './helpers/model'
 import { mustRun, qemuCheck, run, sha256File, describe } from './helpers/qemu'
@@ -499,11 +500,7 @@ if (ok) {
   })
 
   test.serial('a crash that leaves a label on content about to change (addredo before its redo log exists, discard after its drops, commit into a labelled parent): the label names nothing, and a writable open clears it from the live layer', async t => {
-    const labels = async (vm: string): Promise<Array<string | null>> => {
-      const r = await run(process.execPath, [REDOFS_BIN, 'info', '--json', path.join(vm, 'disk')])
-      if (r.code !== 0) throw new Error(describe(r))
-      return (JSON.parse(r.stdout) as { layers: Array<{ label: string | null }> }).layers.map(l => l.label)
-    }
+    const labels = async (vm: string): Promise<Array<string | null>> => (await infoJson(path.join(vm, 'disk'))).layers.map(l => l.label)
     const exportFails = async (vm: string, label: string): Promise<void> => {
       const r = await run(process.execPath, [REDOFS_BIN, 'export', `${path.join(vm, 'disk')}@${label}`, path.join(vm, '..', 'x.raw')])
       t.not(r.code, 0, `${label} still names a generation after the crash\n${describe(r)}`)

@@ -26,6 +26,8 @@ export interface InfoLayer {
   allocated: number
   cid: string | number
   parentCID: string | number
+  /** Frozen generations only. */
+  label: string | null
 }
 
 export interface InfoJson {
