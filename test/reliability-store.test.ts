@@ -127,24 +127,27 @@ if (ok) {
     await server.stop()
   })
 
-  test.serial('a discard whose rename fails changes nothing: the live file keeps working and the discard works later', async t => {
-    const { dir, store, vm } = await storeWithRedo(env.tmp, '64M')
-    // the drop renames the redo log, then its digest file: that second rename fails
-    const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'layer.drop#2' })
-    const img = server.img('vm', 'disk')
-    await shOk('dd if=/dev/urandom of="$1" bs=64k count=4 conv=notrunc,fsync status=none', [img])
-    const files = (await readdir(vm)).sort()
-    const before = (await sh('sha256sum < "$1"', [img])).stdout
-    const r = await server.command('vm', 'disk', 'discard')
-    t.not(r.code, 0, 'the discard succeeded')
-    t.regex(await server.errorText('vm', 'disk'), /injected I\/O error/)
-    t.deepEqual((await readdir(vm)).sort(), files, 'the failed discard left renamed files behind')
-    t.is((await sh('sha256sum < "$1"', [img])).stdout, before, 'the live file changed')
-    await shOk('dd if=/dev/urandom of="$1" bs=64k seek=100 count=4 conv=notrunc,fsync status=none', [img])
-    await server.commandOk('vm', 'disk', 'discard')
-    t.is((await server.status('vm', 'disk')).redoLogs, 0)
-    await server.stopClean(t)
-  })
+  // the drop renames the redo log, then its digest file: that second rename fails; or every
+  // rename works and the directory's sync after them fails
+  for (const [what, fail] of [['rename', 'layer.drop#2'], ['directory sync', 'layer.drop.sync']]) {
+    test.serial(`a discard whose ${what} fails changes nothing: the live file keeps working and the discard works later`, async t => {
+      const { dir, store, vm } = await storeWithRedo(env.tmp, '64M')
+      const server = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: fail })
+      const img = server.img('vm', 'disk')
+      await shOk('dd if=/dev/urandom of="$1" bs=64k count=4 conv=notrunc,fsync status=none', [img])
+      const files = (await readdir(vm)).sort()
+      const before = (await sh('sha256sum < "$1"', [img])).stdout
+      const r = await server.command('vm', 'disk', 'discard')
+      t.not(r.code, 0, 'the discard succeeded')
+      t.regex(await server.errorText('vm', 'disk'), /injected I\/O error/)
+      t.deepEqual((await readdir(vm)).sort(), files, 'the failed discard left renamed files behind')
+      t.is((await sh('sha256sum < "$1"', [img])).stdout, before, 'the live file changed')
+      await shOk('dd if=/dev/urandom of="$1" bs=64k seek=100 count=4 conv=notrunc,fsync status=none', [img])
+      await server.commandOk('vm', 'disk', 'discard')
+      t.is((await server.status('vm', 'disk')).redoLogs, 0)
+      await server.stopClean(t)
+    })
+  }
 
   test.serial('a commit that fails and cannot be undone keeps the chain\'s shape until it is finished: other jobs are refused, the next open finishes it', async t => {
     const { dir, store, vm } = await storeWithRedo(env.tmp, '16M')

@@ -362,20 +362,29 @@ export class Layer {
   async drop (): Promise<string[]> {
     // renamed while still open, closed after: a rename that fails leaves the layer as it was
     // (open, in use), so a caller's chain never holds a closed layer
+    // (a failed directory sync too: the layer stays in use, so its files must keep their names,
+    // or what is written to it next would go into files the next open deletes)
     const out: string[] = []
-    for (const f of [...this.files, `${this.path}.redofs-digest`, descriptorIntentPath(this.path)]) {
-      try {
-        failPoint('layer.drop')
-        await rename(f, f + DROPPED)
+    let f = this.path
+    try {
+      for (f of [...this.files, `${this.path}.redofs-digest`, descriptorIntentPath(this.path)]) {
+        try {
+          failPoint('layer.drop')
+          await rename(f, f + DROPPED)
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue
+          throw e
+        }
         out.push(f + DROPPED)
         faultPoint('layer.drop.renamed')
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code === 'ENOENT') continue
-        for (const d of out.reverse()) await rename(d, d.slice(0, -DROPPED.length)).catch(() => {})
-        throw toRedoError(e, f)
       }
+      f = dirname(this.path)
+      failPoint('layer.drop.sync')
+      await syncDir(f)
+    } catch (e) {
+      for (const d of out.reverse()) await rename(d, d.slice(0, -DROPPED.length)).catch(() => {})
+      throw toRedoError(e, f)
     }
-    await syncDir(dirname(this.path))
     faultPoint('layer.dropped')
     await this.closeWithoutFlush()
     return out
