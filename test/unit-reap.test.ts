@@ -2,15 +2,18 @@
  * Deleting dropped files (src/formats/layer.ts): reapDropped unlinks them; reapDroppedFreeingLater
  * (the offline commands' last step) removes the names at once and leaves freeing a large file's
  * blocks to a helper process that holds its last reference, so the command does not wait for the
- * file system; without a helper the caller frees them itself.
+ * file system; without a helper the caller frees them itself. unfinishedDrops (src/chain/peek.ts)
+ * finds what a drop killed between its renames left under the old names.
  */
 import test from 'ava'
 import cp from 'node:child_process'
 import { spawnSync, type ChildProcess } from 'node:child_process'
 import { existsSync, readlinkSync } from 'node:fs'
-import { open, readdir, readlink, realpath, writeFile } from 'node:fs/promises'
+import { copyFile, open, readdir, readFile, readlink, realpath, rename, writeFile } from 'node:fs/promises'
 import path from 'node:path'
+import { peek, unfinishedDrops } from '../src/chain/peek'
 import { DROPPED, reapDropped, reapDroppedFreeingLater } from '../src/formats/layer'
+import { mustRun } from './helpers/qemu'
 import { waitFor } from './helpers/mount'
 import { tmpDirs } from './helpers/tmp'
 
@@ -114,5 +117,30 @@ test.serial('reapDropped unlinks without a helper (the space is free on return);
     t.false(existsSync(fifo))
     await t.throwsAsync(reapDroppedFreeingLater([path.join(dir, 'disk.vmdk')]), { message: /not a dropped file/ })
     await t.throwsAsync(reapDropped([path.join(dir, 'disk.vmdk')]), { message: /not a dropped file/ })
+  })
+})
+
+test.serial('unfinishedDrops: only a dropped stand-alone descriptor\'s unused extents and side files, never an extent another descriptor uses, a descriptor, or a name a dropped embedded descriptor still spells', async t => {
+  await inTmp(async dir => {
+    const at = (n: string): string => path.join(dir, n)
+    const split = async (name: string): Promise<void> => { await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', at(name), '8M']) }
+    // a drop killed after renaming its descriptor: its extent and content record stayed behind
+    await split('gone.vmdk')
+    await rename(at('gone.vmdk'), at(`gone.vmdk${DROPPED}`))
+    await writeFile(at('gone.vmdk.redofs-digest'), '{}')
+    // a dropped descriptor whose extent keep.vmdk (a live descriptor) still uses
+    await split('keep.vmdk')
+    await copyFile(at('keep.vmdk'), at(`shared.vmdk${DROPPED}`))
+    // a dropped descriptor naming a file that is a descriptor itself
+    await writeFile(at(`odd.vmdk${DROPPED}`), (await readFile(at('keep.vmdk'), 'latin1')).replace('keep-s001.vmdk', 'keep.vmdk'))
+    // a monolithicSparse file renamed (its embedded descriptor still spells old.vmdk), then
+    // dropped; a flat extent's data now carries the old name
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', at('old.vmdk'), '8M'])
+    await rename(at('old.vmdk'), at(`new.vmdk${DROPPED}`))
+    await writeFile(at('old.vmdk'), Buffer.alloc(2 << 20, 7))
+    t.true((await peek(at('old.vmdk')))?.extentOnly, 'old.vmdk does not look like an extent (the test exercises nothing)')
+    const before = (await readdir(dir)).sort()
+    t.deepEqual((await unfinishedDrops(dir)).sort(), [at('gone-s001.vmdk'), at('gone.vmdk.redofs-digest')])
+    t.deepEqual((await readdir(dir)).sort(), before, 'unfinishedDrops changed the directory')
   })
 })
