@@ -587,6 +587,46 @@ if (ok) {
     await checkFiles(t, path.dirname(vm))
   })
 
+  test.serial('an offline commit run again after a crash finishes the interrupted one and stops there; numbers that moved are refused', async t => {
+    const build = async (): Promise<string> => {
+      const { vm } = await storeWithRedo(env.tmp, '8M') // base <- disk-000001.vmdk
+      await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 0 1M', path.join(vm, 'disk-000001.vmdk')])
+      await addRedoFilled(vm, 2, '1M 1M') // disk-000002.vmdk
+      return vm
+    }
+    const crashCommit = async (vm: string, level: number, at: string): Promise<void> => {
+      const k = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'disk'), `level=${level}`], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: at } })
+      t.regex(k.stderr, new RegExp(`crashing at ${at.replace('.', '\\.')}`), describe(k))
+    }
+    // the same command again: the open finishes it, and nothing else is merged
+    for (const [level, at, left] of [[0, 'commit.drop', 'disk-000001.vmdk'], [0, 'commit.copy', 'disk-000001.vmdk'], [1, 'commit.relink', 'disk-000002.vmdk']] as const) {
+      const vm = await build()
+      await crashCommit(vm, level, at)
+      const again = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'disk'), `level=${level}`])
+      t.is(again.code, 0, describe(again))
+      t.regex(again.stderr, /finished the interrupted commit of .*disk-00000\d\.vmdk into/)
+      t.deepEqual((await readdir(vm)).sort(), [left, 'disk.vmdk'].sort(), `level=${level} crashed at ${at}: the repeat merged more than the interrupted commit`)
+      await qemuReadsBack(t, path.join(vm, left), '1 0 1M', '2 1M 1M', '0 2M 6M')
+      await checkFiles(t, path.dirname(vm))
+    }
+    // another level, or a generation by number: they named the chain as the crash left it
+    const vm = await build()
+    await crashCommit(vm, 0, 'commit.drop')
+    const other = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'disk'), 'level=1'])
+    t.is(other.code, 1, describe(other))
+    t.regex(other.stderr, /renumbered the generations, so level=1 may not name the one meant/)
+    t.deepEqual((await readdir(vm)).sort(), ['disk-000001.vmdk', 'disk.vmdk'], 'only the interrupted commit was to be finished')
+    const vm2 = await build()
+    await addRedoFilled(vm2, 3, '3M 1M') // disk-000003.vmdk
+    await crashCommit(vm2, 0, 'commit.drop')
+    const label = await run(process.execPath, [REDOFS_BIN, 'label', path.join(vm2, 'disk'), 'gen=1', 'name=x'])
+    t.is(label.code, 1, describe(label))
+    t.regex(label.stderr, /so gen=1 may not name the one meant/)
+    const info = await infoJson(path.join(vm2, 'disk'))
+    t.is(info.layers.length, 3, 'the interrupted commit was not finished')
+    t.deepEqual(info.layers.map(l => l.label ?? null), [null, null, null], 'a label was set')
+  })
+
   test.serial('a grain directory with 70 entries naming one table: those tables are held and never written, the other tables keep working', async t => {
     const dir = await env.tmp()
     const file = path.join(dir, 'd.vmdk')

@@ -176,7 +176,9 @@ if (ok) {
     await server.stop()
     // the next writable open finishes the commit: one layer, the same content
     const again = await env.mount(store, path.join(dir, 'mnt'))
-    t.is((await again.status('vm', 'disk')).redoLogs, 0, 'the commit was not finished')
+    const st = await again.status('vm', 'disk')
+    t.is(st.redoLogs, 0, 'the commit was not finished')
+    t.true(st.notices.some(n => /finished the interrupted commit of .*disk-000001\.vmdk into .*disk\.vmdk at mount/.test(n)), `notices: ${JSON.stringify(st.notices)}`)
     t.is(await sha256File(again.img('vm', 'disk')), written, 'writes made after the failed commit were lost')
     await again.stopClean(t)
     t.false((await readdir(vm)).includes('disk.vmdk.redofs-commit'))

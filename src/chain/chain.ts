@@ -50,6 +50,8 @@ export class Chain {
    * shape (unfinishedRefusal); committing the same redo log again finishes it.
    */
   unfinished: { child: string, journal: string } | undefined
+  /** Commits a crash had interrupted that this open finished (their journals), in order. */
+  recovered: CommitJournal[] = []
 
   /** Why a job other than committing `child` must wait (see unfinished), or undefined. */
   unfinishedRefusal (what: string, child?: string): RedoError | undefined {
@@ -66,10 +68,12 @@ export class Chain {
   static async open (top: string, opts: ChainOptions = {}): Promise<Chain> {
     // after a finished commit of an ESX 2.x .REDO file the top is its raw base
     let rawTop = false
+    const recovered: CommitJournal[] = []
     for (let attempt = 0; ; attempt++) {
       const { layers, journals } = await walk(resolve(top), opts, rawTop)
       if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
         const chain = new Chain(layers, opts)
+        chain.recovered = recovered
         if (opts.writable === true) {
           try {
             chain.topChildren = await childrenOf(chain.top.path, opts.root)
@@ -92,6 +96,7 @@ export class Chain {
       for (const j of journals) {
         log.chain('finishing interrupted commit of %s into %s', j.child, j.parent)
         await finishCommit(j, opts)
+        recovered.push(j)
         // the top was merged away: the parent is the top now (a file that took the top's name
         // after it was dropped stays the top)
         if (resolve(top) === j.child && j.above === null && !await stat(top).then(() => true, () => false)) { top = j.parent; rawTop = j.rawParent === true }

@@ -1,7 +1,7 @@
 /** Shared bits of the CLI commands: option shapes, the store root, error output, progress. */
 import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
-import { isRedoError, toRedoError } from '../errors'
+import { isRedoError, RedoError, toRedoError } from '../errors'
 import { log } from '../log'
 import { StoreLock } from '../store/lock'
 import { resolveDiskTop } from '../store/tops'
@@ -32,6 +32,8 @@ export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: 
   try {
     const chain = await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), writable: true })
     try {
+      // the open finished what a crash had interrupted: the chain is not the one `info` showed
+      for (const j of chain.recovered) process.stderr.write(`redofs: finished the interrupted commit of ${j.child} into ${j.parent} first\n`)
       return await fn(chain)
     } finally {
       await chain.close()
@@ -39,6 +41,16 @@ export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: 
   } finally {
     await lock.release()
   }
+}
+
+/**
+ * Refuse `arg` (a generation or level given by number) when opening the chain finished a commit
+ * a crash had interrupted: the numbers the user read before (redofs info shows the chain as the
+ * crash left it) have moved since.
+ */
+export function refuseRenumbered (chain: Chain, disk: string, arg: string): void {
+  if (chain.recovered.length === 0) return
+  throw new RedoError('EBUSY', `${disk}: finishing an interrupted commit renumbered the generations, so ${arg} may not name the one meant; nothing more was changed (see redofs info, then run the command again)`, chain.recovered[0].child)
 }
 
 /** Run a command body: errors become one line on stderr and exit status 1. */

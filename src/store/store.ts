@@ -137,6 +137,7 @@ export class Store {
         const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true })
         const disk = await Disk.create(name, diskName, chain, w.mode, this.diskOpts, vmx !== undefined && w.device !== undefined ? { file: vmx, device: w.device } : undefined)
         disk.onTopChanged = async () => await this.syncVmx(disk)
+        for (const j of chain.recovered) disk.notice(`finished the interrupted commit of ${j.child} into ${j.parent} at mount`)
         if (chain.topChildren.length > 0) {
           realVm.errors.push({ file: chain.top.path, message: `${chain.top.path}: other chains use it as their parent; ${diskName}.img is read-only (addredo to write)` })
         }

@@ -323,6 +323,7 @@ export interface DiskStatus {
   poweroff?: string
   top?: string
   problems: string[]
+  notices: string[]
 }
 
 // ---------------------------------------------------------------------------------------------

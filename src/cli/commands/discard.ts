@@ -3,7 +3,7 @@ import { discard } from '../../chain/jobs'
 import { resolveGeneration } from '../../chain/labels'
 import { reapDroppedFreeingLater } from '../../formats/layer'
 import { parseArgs } from '../../store/args'
-import { action, withWritableDisk, type GlobalArgs } from '../common'
+import { action, refuseRenumbered, withWritableDisk, type GlobalArgs } from '../common'
 
 export const command = 'discard <disk> [args..]'
 export const describe = 'offline: delete the top redo log, or every redo log above generation G (to=G)'
@@ -12,6 +12,7 @@ export const builder = (y: Argv): Argv => y.positional('disk', { type: 'string',
 export const handler = action(async (a: GlobalArgs & { disk: string, args?: string[] }) => {
   const args = parseArgs(a.args ?? [], { to: 'gen', force: 'bool' }, 'discard')
   await withWritableDisk(a.disk, a, 'discard', async chain => {
+    if (typeof args.to === 'number') refuseRenumbered(chain, a.disk, `to=${args.to}`)
     const r = await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined, { force: args.force === true })
     await reapDroppedFreeingLater(r.files)
   })
