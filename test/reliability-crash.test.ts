@@ -627,6 +627,31 @@ if (ok) {
     t.deepEqual(info.layers.map(l => l.label ?? null), [null, null, null], 'a label was set')
   })
 
+  test.serial('a commit killed after re-linking the layer above: the merged redo log is no top, a read-only mount serves the real one and a writable one finishes without errors', async t => {
+    const { dir, store, vm } = await storeWithRedo(env.tmp, '8M')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 1M 1M', path.join(vm, 'disk-000001.vmdk')])
+    await addRedoFilled(vm, 2, '2M 1M')
+    await addRedoFilled(vm, 3, '3M 1M')
+    const k = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'disk'), 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.drop' } })
+    t.regex(k.stderr, /crashing at commit\.drop/, describe(k))
+    // disk-000003 now names disk-000001; nothing names disk-000002 any more
+    const q = await sh('qemu-img convert -O raw "$1" "$2" && sha256sum < "$2"', [path.join(vm, 'disk-000003.vmdk'), path.join(dir, 'top.raw')])
+    t.is(q.code, 0, describe(q))
+    const ro = await env.mount(store, path.join(dir, 'mnt'), ['--read-only'])
+    const st = JSON.parse(await readFile(path.join(dir, 'mnt', '.ctl', 'status'), 'utf8')) as { vms: Array<{ errors: Array<{ message: string }> }> }
+    t.deepEqual(st.vms[0].errors.map(e => e.message), [], 'the read-only mount saw a second top')
+    t.is((await ro.status('vm', 'disk')).top, 'disk-000003.vmdk')
+    t.is((await sh('sha256sum < "$1"', [ro.img('vm', 'disk')])).stdout, q.stdout, 'the live file is not the chain\'s top')
+    await ro.stop()
+    const rw = await env.mount(store, path.join(dir, 'mnt'))
+    const st2 = JSON.parse(await readFile(path.join(dir, 'mnt', '.ctl', 'status'), 'utf8')) as { vms: Array<{ errors: Array<{ message: string }> }> }
+    t.deepEqual(st2.vms[0].errors.map(e => e.message), [], 'the writable mount recorded an error')
+    t.is((await rw.status('vm', 'disk')).redoLogs, 2)
+    t.is((await sh('sha256sum < "$1"', [rw.img('vm', 'disk')])).stdout, q.stdout)
+    await rw.stopClean(t)
+    t.deepEqual((await readdir(vm)).sort(), ['disk-000001.vmdk', 'disk-000003.vmdk', 'disk.vmdk'])
+  })
+
   test.serial('a grain directory with 70 entries naming one table: those tables are held and never written, the other tables keep working', async t => {
     const dir = await env.tmp()
     const file = path.join(dir, 'd.vmdk')

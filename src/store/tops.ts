@@ -3,6 +3,7 @@ import { realpath, stat } from 'node:fs/promises'
 import { basename, dirname, resolve } from 'node:path'
 import { RedoError } from '../errors'
 import { diskNameOf } from '../chain/names'
+import { readJournal } from '../chain/journal'
 import { peekDirs, type Peek } from '../chain/peek'
 
 /** Chain tops among the descriptors in `dir` (parents found anywhere in `dirs`). */
@@ -12,15 +13,28 @@ export async function chainTops (dir: string, allDirs: string[] = [dir]): Promis
 
 /** Chain tops in `dir` among descriptors already read (a store scan reads them once). */
 export async function topsAmong (dir: string, all: Peek[]): Promise<Peek[]> {
+  const real = async (p: string): Promise<string> => await realpath(p).catch(() => resolve(p))
   const parents = new Set<string>()
-  for (const p of all) if (p.parent !== undefined) parents.add(await realpath(p.parent).catch(() => resolve(p.parent as string)))
+  for (const p of all) if (p.parent !== undefined) parents.add(await real(p.parent))
   const out: Peek[] = []
   for (const p of all) {
     if (resolve(dirname(p.path)) !== resolve(dir)) continue
-    const r = await realpath(p.path).catch(() => resolve(p.path))
-    if (!parents.has(r)) out.push(p)
+    const r = await real(p.path)
+    if (!parents.has(r) && !await mergedAway(p, r, real)) out.push(p)
   }
   return out
+}
+
+/**
+ * A redo log whose commit a crash interrupted after the layer above it was re-linked to its
+ * parent: nothing names it any more, but it is no top (its content is in the parent, and the
+ * real top is above). The next writable open drops it.
+ */
+async function mergedAway (p: Peek, real: string, realOf: (p: string) => Promise<string>): Promise<boolean> {
+  if (p.parent === undefined) return false
+  const j = await readJournal(p.parent).catch(() => undefined)
+  // (with the layer above gone too, it stays, for the open to say what is wrong)
+  return j?.above != null && await realOf(j.child) === real && await stat(j.above).then(() => true, () => false)
 }
 
 /**
