@@ -3,12 +3,12 @@
  * a clear one-line error naming the file and the problem, no stack trace, and no file modified.
  */
 import test from 'ava'
-import { readFile } from 'node:fs/promises'
+import { open, readFile } from 'node:fs/promises'
 import path from 'node:path'
 import { damageCases } from './helpers/damage'
 import { requireEnv } from './helpers/env'
 import { firstDifference } from './helpers/model'
-import { describe, snapshotTree } from './helpers/qemu'
+import { describe, mustRun, snapshotTree } from './helpers/qemu'
 import { assertOneLineError, exportGen, redofs } from './helpers/redofs'
 import { tmpDirs } from './helpers/tmp'
 
@@ -58,4 +58,28 @@ test('hint leaving the store is accepted when --store names a root that contains
   const outDir = await tmp()
   const r = await exportGen(d.top, undefined, path.join(outDir, 'out.raw'), ['--store', d.root])
   t.is(r.code, 0, describe(r))
+})
+
+test('a damaged redo log is not skipped: commands given the disk name refuse it (naming the file) instead of serving or writing its parent', async t => {
+  const root = await tmp()
+  const vm = path.join(root, 'vm')
+  const disk = path.join(vm, 'd')
+  t.is((await redofs(['create', disk, '--size', '4M'])).code, 0)
+  await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0xaa 0 1M', path.join(vm, 'd.vmdk')])
+  t.is((await redofs(['addredo', disk])).code, 0)
+  await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0xbb 1M 1M', path.join(vm, 'd-000001.vmdk')])
+  // the redo log's magic destroyed: it can no longer be read as a VMDK
+  const fh = await open(path.join(vm, 'd-000001.vmdk'), 'r+')
+  await fh.write(Buffer.from('XXXX'), 0, 4, 0)
+  await fh.close()
+  const before = await snapshotTree(root)
+  const out = path.join(await tmp(), 'out.raw')
+  const check = await redofs(['check', disk])
+  t.is(check.code, 1, describe(check))
+  t.regex(check.stdout, /d-000001\.vmdk: not a VMDK file/)
+  for (const args of [['info', disk], ['export', disk, out], ['addredo', disk], ['commit', disk, 'level=0'], ['discard', disk], ['map', disk]]) {
+    const r = await redofs(args)
+    assertOneLineError(t, r, { mustName: ['d-000001.vmdk'], keyword: /not a VMDK/ })
+  }
+  t.deepEqual(await snapshotTree(root), before, 'a file in the store was modified')
 })

@@ -21,6 +21,11 @@ export interface Peek {
   embedded?: boolean
   /** Set when a file that should be a descriptor cannot be read as one. */
   error?: string
+  /**
+   * Set when extentOnly is only a guess (the data of a flat extent has no header to tell): what
+   * is wrong with the file if no descriptor uses it after all (brokenIn).
+   */
+  unless?: string
 }
 
 /** Names VMware gives to extents (never chain members): -flat, -sNNN, -fNNN, -delta, -ctk... */
@@ -57,11 +62,12 @@ export async function peek (path: string): Promise<Peek | undefined> {
     } else if (magic === COWD_MAGIC) {
       return { path, extentOnly: true }
     } else {
-      if (st.size > 1 << 20) return { path, extentOnly: true }
+      const unknown = `${path}: not a VMDK file (unknown magic ${head.subarray(0, 4).toString('hex')})`
+      if (st.size > 1 << 20) return { path, extentOnly: true, unless: unknown }
       const t = head.toString('latin1')
       if (!/^\s*(#|version\s*=)/i.test(t)) {
-        if (EXTENT_NAME.test(path) || st.size > 1 << 16) return { path, extentOnly: true }
-        return { path, extentOnly: false, error: `${path}: not a VMDK file (unknown magic ${head.subarray(0, 4).toString('hex')})` }
+        if (EXTENT_NAME.test(path) || st.size > 1 << 16) return { path, extentOnly: true, unless: unknown }
+        return { path, extentOnly: false, error: unknown }
       }
       const b = Buffer.alloc(st.size)
       await fh.read(b, 0, st.size, 0)
@@ -141,7 +147,7 @@ export async function unfinishedDrops (dir: string): Promise<string[]> {
     for (const e of p?.embedded === false ? p.descriptor?.extents ?? [] : []) {
       const f = e.file
       if (f === undefined || basename(f) !== f || !have.has(f) || have.has(f + DROPPED)) continue
-      used ??= new Set((await peekDirs([dir])).flatMap(q => (q.descriptor?.extents ?? []).map(x => resolve(dir, x.file ?? ''))))
+      used ??= await extentsUsedIn(dir)
       // never a file that is itself a descriptor, nor one a descriptor beside it uses
       if (used.has(join(dir, f)) || (await peek(join(dir, f)))?.extentOnly !== true) continue
       out.push(join(dir, f))
@@ -150,15 +156,29 @@ export async function unfinishedDrops (dir: string): Promise<string[]> {
   return out
 }
 
-/** Files in `dir` that should be descriptors but cannot be read as one. */
+/** The extent files the descriptors in `dir` use. */
+async function extentsUsedIn (dir: string): Promise<Set<string>> {
+  return new Set((await peekDirs([dir])).flatMap(q => (q.descriptor?.extents ?? []).map(x => resolve(dir, x.file ?? ''))))
+}
+
+/**
+ * Files in `dir` that should be descriptors but cannot be read as one. A large file without a
+ * header counts unless a descriptor beside it uses it as an extent: a redo log whose header was
+ * destroyed looks just like a flat extent, and skipping it would make its parent the top.
+ */
 export async function brokenIn (dir: string): Promise<Peek[]> {
   let names: string[]
   try { names = await readdir(dir) } catch { return [] }
   const out: Peek[] = []
+  let used: Set<string> | undefined
   for (const n of names.sort()) {
     if (!/\.vmdk$/i.test(n) || n.startsWith('.') || EXTENT_NAME.test(n)) continue
     const p = await peek(join(dir, n))
     if (p?.error !== undefined) out.push(p)
+    // (an ESX 2.x raw base has no header either: its `<name>.REDO` files use it)
+    else if (p?.unless !== undefined && !names.some(m => m.startsWith(`${n}.REDO`)) && !(used ??= await extentsUsedIn(dir)).has(join(dir, n))) {
+      out.push({ ...p, extentOnly: false, error: `${p.unless}, and no descriptor beside it uses it as an extent` })
+    }
   }
   return out
 }

@@ -4,7 +4,7 @@ import { basename, dirname, resolve } from 'node:path'
 import { RedoError } from '../errors'
 import { diskNameOf } from '../chain/names'
 import { readJournal } from '../chain/journal'
-import { peekDirs, type Peek } from '../chain/peek'
+import { brokenIn, peekDirs, type Peek } from '../chain/peek'
 
 /** Chain tops among the descriptors in `dir` (parents found anywhere in `dirs`). */
 export async function chainTops (dir: string, allDirs: string[] = [dir]): Promise<Peek[]> {
@@ -42,15 +42,20 @@ async function mergedAway (p: Peek, real: string, realOf: (p: string) => Promise
  * up among the chain tops of its directory.
  */
 export async function resolveDiskTop (arg: string): Promise<string> {
-  if (/\.vmdk$|\.REDO$/i.test(arg)) {
-    await stat(arg).catch(() => { throw new RedoError('ENOENT', `${arg}: no such file`, arg) })
-    return resolve(arg)
-  }
+  const file = /\.vmdk$|\.REDO$/i.test(arg)
+  if (file) await stat(arg).catch(() => { throw new RedoError('ENOENT', `${arg}: no such file`, arg) })
   const dir = dirname(resolve(arg))
-  const disk = basename(arg)
+  const disk = file ? diskNameOf(arg) : basename(arg)
+  // A file of the disk that cannot be read may be its top, or a redo log built on the layer
+  // named: the chain cannot be known, so the disk is refused (the mount leaves it out alike).
+  // Skipping it would serve or commit under it as if it were not there.
+  const broken = (await brokenIn(dir)).find(b => diskNameOf(b.path) === disk)
+  if (broken !== undefined) throw new RedoError('EIO', `${broken.error as string} (a file of disk "${disk}": its chain cannot be known until it is repaired or moved away)`, broken.path)
+  if (file) return resolve(arg)
   const tops = (await chainTops(dir)).filter(p => diskNameOf(p.path) === disk)
   if (tops.length === 0) throw new RedoError('ENOENT', `${arg}: no disk "${disk}" in ${dir}`, arg)
   // several tops of one disk name (a linked clone, a stray file): the newest redo number wins
-  tops.sort((a, b) => basename(a.path).localeCompare(basename(b.path)))
+  const redo = (p: Peek): number => Number(/-(\d{6})\.vmdk$/i.exec(p.path)?.[1] ?? 0)
+  tops.sort((a, b) => redo(a) - redo(b) || basename(a.path).localeCompare(basename(b.path)))
   return tops[tops.length - 1].path
 }
