@@ -51,12 +51,23 @@ async function status (dir: string): Promise<DiskStatus> {
 }
 
 export async function readManifest (dest: string): Promise<Manifest | undefined> {
+  const file = join(dest, 'manifest.json')
+  let m: Manifest
   try {
-    return JSON.parse(await readFile(join(dest, 'manifest.json'), 'utf8')) as Manifest
+    m = JSON.parse(await readFile(file, 'utf8')) as Manifest
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
-    throw new RedoError('EINVAL', `${join(dest, 'manifest.json')}: unreadable (${(e as Error).message})`)
+    throw new RedoError('EINVAL', `${file}: unreadable (${(e as Error).message})`, file)
   }
+  // a file name must stay inside the backup directory
+  const name = (x: unknown): boolean => typeof x === 'string' && x !== '' && !x.includes('/') && !x.startsWith('.')
+  const bad = typeof m !== 'object' || m === null ? 'not an object'
+    : !(Number.isSafeInteger(m.capacity) && m.capacity > 0) ? 'no valid capacity'
+      : !Array.isArray(m.backups) ? 'no backups list'
+        : m.backups.findIndex(b => typeof b !== 'object' || b === null || typeof b.label !== 'string' || (b.kind !== 'full' && b.kind !== 'incr') ||
+          !name(b.data) || (b.kind === 'incr' && !name(b.extents))) >= 0 ? 'a backup entry lacks its label, kind or file names' : undefined
+  if (bad !== undefined) throw new RedoError('EINVAL', `${file}: not a redofs backup manifest (${bad})`, file)
+  return m
 }
 
 /** Copy `extents` of `src` into a sparse file of `size` bytes; returns the bytes of data copied. */

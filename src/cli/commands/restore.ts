@@ -1,11 +1,13 @@
 import type { Argv } from 'yargs'
-import { mkdir, open, readFile, stat } from 'node:fs/promises'
-import { dirname, join, resolve } from 'node:path'
+import { existsSync } from 'node:fs'
+import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises'
+import { basename, dirname, join, resolve } from 'node:path'
 import { Chain } from '../../chain/chain'
 import { RedoError } from '../../errors'
 import { createSparseLayer } from '../../formats/create'
-import { readExact, writeExact } from '../../formats/extent'
+import { readExact, syncDir } from '../../formats/extent'
 import { action, progressBar } from '../common'
+import { RawOutput } from '../rawout'
 import { readManifest } from './backup'
 
 export const command = 'restore <dest> <target>'
@@ -18,20 +20,58 @@ const CHUNK = 1 << 20
 
 interface Sink {
   write: (buf: Buffer, len: number, pos: number) => Promise<void>
-  close: () => Promise<void>
+  /** Holes must be written (zeros) too. */
+  dense: boolean
+  /** Complete: make it durable and put it under the target's name. */
+  finish: () => Promise<void>
+  /** Failed: leave the target as it was. */
+  abort: () => Promise<void>
 }
 
-async function openSink (target: string, size: number): Promise<Sink> {
-  if (/\.vmdk$/i.test(target)) {
-    if (await stat(target).then(() => true, () => false)) throw new RedoError('EEXIST', `${target}: already exists`)
-    await mkdir(dirname(target), { recursive: true })
-    await createSparseLayer(target, size)
-    const chain = await Chain.open(target, { writable: true })
-    return { write: async (b, n, p) => await chain.write(b, 0, p, n), close: async () => await chain.close() }
+/**
+ * A new .vmdk is built in a hidden directory beside the target, under the target's own name
+ * (a monolithicSparse file names itself inside), and moved out once complete, extents first:
+ * a failed or killed restore leaves no disk that looks whole.
+ */
+async function openVmdkSink (target: string, size: number): Promise<Sink> {
+  if (await stat(target).then(() => true, () => false)) throw new RedoError('EEXIST', `${target}: already exists`, target)
+  const dir = dirname(target)
+  const stage = join(dir, `.${basename(target)}.redofs-restore`)
+  await mkdir(dir, { recursive: true })
+  await rm(stage, { recursive: true, force: true }) // left by a killed restore
+  await mkdir(stage)
+  const drop = async (): Promise<void> => { await rm(stage, { recursive: true, force: true }) }
+  let chain: Chain
+  try {
+    await createSparseLayer(join(stage, basename(target)), size)
+    chain = await Chain.open(join(stage, basename(target)), { writable: true })
+  } catch (e) {
+    await drop()
+    throw e
   }
-  const fh = await open(target, 'w')
-  await fh.truncate(size)
-  return { write: async (b, n, p) => await writeExact(fh, b, 0, n, p), close: async () => { await fh.sync(); await fh.close() } }
+  return {
+    write: async (b, n, p) => await chain.write(b, 0, p, n),
+    dense: false,
+    finish: async () => {
+      try {
+        await chain.close()
+        const files = (await readdir(stage)).sort((x, y) => Number(x === basename(target)) - Number(y === basename(target)))
+        const taken = files.find(f => existsSync(join(dir, f)))
+        if (taken !== undefined) throw new RedoError('EEXIST', `${join(dir, taken)}: already exists`, join(dir, taken))
+        for (const f of files) await rename(join(stage, f), join(dir, f))
+        await syncDir(dir)
+      } finally {
+        await drop()
+      }
+    },
+    abort: async () => { await chain.close().catch(() => {}); await drop() }
+  }
+}
+
+async function openSink (target: string, size: number, reading: string[]): Promise<Sink> {
+  if (/\.vmdk$/i.test(target)) return await openVmdkSink(target, size)
+  const out = await RawOutput.open(target, reading)
+  return { write: async (b, n, p) => await out.write(b, 0, n, p), dense: out.dense, finish: async () => await out.finish(size), abort: async () => await out.abort() }
 }
 
 export const handler = action(async (a: { dest: string, target: string }) => {
@@ -41,7 +81,8 @@ export const handler = action(async (a: { dest: string, target: string }) => {
   let first = -1
   for (let k = m.backups.length - 1; k >= 0; k--) if (m.backups[k].kind === 'full') { first = k; break }
   if (first < 0) throw new RedoError('EINVAL', `${dest}: no full backup to start from`)
-  const sink = await openSink(resolve(a.target), m.capacity)
+  const reading = [join(dest, 'manifest.json'), ...m.backups.flatMap(b => [join(dest, b.data), ...(b.extents !== undefined ? [join(dest, b.extents)] : [])])]
+  const sink = await openSink(resolve(a.target), m.capacity, reading)
   const bar = progressBar('restore')
   const buf = Buffer.alloc(CHUNK)
   const zero = Buffer.alloc(CHUNK)
@@ -64,7 +105,7 @@ export const handler = action(async (a: { dest: string, target: string }) => {
             else {
               await readExact(fh, data, buf, 0, n, p)
               // a full backup is sparse: holes need no write on a fresh target
-              if (b.kind === 'incr' || !buf.subarray(0, n).equals(zero.subarray(0, n))) await sink.write(buf, n, p)
+              if (b.kind === 'incr' || sink.dense || !buf.subarray(0, n).equals(zero.subarray(0, n))) await sink.write(buf, n, p)
             }
             done += n
             bar.update(done, total)
@@ -74,8 +115,11 @@ export const handler = action(async (a: { dest: string, target: string }) => {
         await fh.close()
       }
     }
+    await sink.finish()
+  } catch (e) {
+    await sink.abort()
+    throw e
   } finally {
     bar.end()
-    await sink.close()
   }
 })
