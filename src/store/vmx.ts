@@ -2,7 +2,8 @@
  * The VMware .vmx file: which disks a VM has and in which mode. redofs rewrites only the
  * `fileName` value of a disk whose chain top changed and keeps every other byte as it found it.
  */
-import { readFile } from 'node:fs/promises'
+import { readdir, readFile, realpath } from 'node:fs/promises'
+import { dirname, join, relative, resolve } from 'node:path'
 import { Mutex } from '../formats/extent'
 import { writeFileDurable } from '../formats/extent'
 
@@ -77,4 +78,27 @@ export class Vmx {
     })
     if (changed) await writeFileDurable(this.path, this.lines.join('\n'))
   }
+}
+
+/**
+ * After an offline command changed a chain: every .vmx in `top`'s directory with a disk naming
+ * a file of the chain as it was (`before`, its layers' paths) names the new top. Returns the
+ * .vmx files rewritten.
+ */
+export async function pointVmxAt (before: string[], top: string): Promise<string[]> {
+  const dir = dirname(top)
+  const real = async (p: string): Promise<string> => await realpath(p).catch(() => resolve(p))
+  const was = new Set(await Promise.all(before.map(real)))
+  const now = await real(top)
+  const out: string[] = []
+  for (const f of (await readdir(dir)).filter(n => /\.vmx$/i.test(n))) {
+    const vmx = await Vmx.read(join(dir, f))
+    for (const d of vmx.disks()) {
+      const named = await real(resolve(dir, d.fileName))
+      if (named === now || !was.has(named)) continue
+      await vmx.setFileName(d.device, relative(dir, top))
+      if (!out.includes(vmx.path)) out.push(vmx.path)
+    }
+  }
+  return out
 }
