@@ -52,6 +52,19 @@ export class Chain {
   unfinished: { child: string, journal: string } | undefined
   /** Commits a crash had interrupted that this open finished (their journals), in order. */
   recovered: CommitJournal[] = []
+  /** Commits a crash had interrupted that this open left as they are (read-only opens). */
+  pending: CommitJournal[] = []
+
+  /**
+   * The interrupted commit merging generation g+1 into g's top layer, if any: g's old content
+   * is partly overwritten (and gone once the commit is finished), so g cannot be read as it was.
+   */
+  mergingInto (g: number): CommitJournal | undefined {
+    const p = this.layers[g]
+    const c = this.layers[g + 1]
+    if (p === undefined || c === undefined) return undefined
+    return this.pending.find(j => resolve(j.parent) === resolve(p.path) && resolve(j.child) === resolve(c.path))
+  }
 
   /** Why a job other than committing `child` must wait (see unfinished), or undefined. */
   unfinishedRefusal (what: string, child?: string): RedoError | undefined {
@@ -74,6 +87,7 @@ export class Chain {
       if (journals.length === 0 || opts.writable !== true || opts.noRecovery === true || attempt > 0) {
         const chain = new Chain(layers, opts)
         chain.recovered = recovered
+        if (attempt === 0) chain.pending = journals
         if (opts.writable === true) {
           try {
             chain.topChildren = await childrenOf(chain.top.path, opts.root)

@@ -1,10 +1,13 @@
 /** Shared bits of the CLI commands: option shapes, the store root, error output, progress. */
 import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
+import { journalPath } from '../chain/journal'
+import { resolveGeneration } from '../chain/labels'
 import { isRedoError, RedoError, toRedoError } from '../errors'
 import { log } from '../log'
 import { StoreLock } from '../store/lock'
 import { resolveDiskTop } from '../store/tops'
+import { pointVmxAt } from '../store/vmx'
 import { formatSize } from '../units'
 
 export interface GlobalArgs {
@@ -34,7 +37,14 @@ export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: 
     try {
       // the open finished what a crash had interrupted: the chain is not the one `info` showed
       for (const j of chain.recovered) process.stderr.write(`redofs: finished the interrupted commit of ${j.child} into ${j.parent} first\n`)
-      return await fn(chain)
+      const before = chain.layers.map(l => l.path)
+      const out = await fn(chain)
+      // the .vmx names the chain's top (SPEC §1), as the mount keeps it; the command itself is
+      // done, so a .vmx that cannot be rewritten is a warning
+      if (chain.top.path !== before[before.length - 1]) {
+        await pointVmxAt(before, chain.top.path).catch(e => { process.stderr.write(`redofs: warning: the .vmx still names the old top: ${toRedoError(e).message}\n`) })
+      }
+      return out
     } finally {
       await chain.close()
     }
@@ -51,6 +61,18 @@ export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: 
 export function refuseRenumbered (chain: Chain, disk: string, arg: string): void {
   if (chain.recovered.length === 0) return
   throw new RedoError('EBUSY', `${disk}: finishing an interrupted commit renumbered the generations, so ${arg} may not name the one meant; nothing more was changed (see redofs info, then run the command again)`, chain.recovered[0].child)
+}
+
+/**
+ * The generation `gen` (a number or label; the live one when undefined) of a disk opened to be
+ * read, refusing one that an interrupted commit is merging into (its content is in flux until
+ * a writable open finishes the commit).
+ */
+export function readableGeneration (chain: Chain, gen: number | string | undefined, source: string): number {
+  const g = gen === undefined ? chain.redoCount : resolveGeneration(chain, gen, source)
+  const j = chain.mergingInto(g)
+  if (j !== undefined) throw new RedoError('EBUSY', `${source}: generation ${g} is being merged with the one above by an interrupted commit (${journalPath(j.parent)}); open the disk writable (mount it, or run an offline addredo, commit or discard) to finish it`, journalPath(j.parent))
+  return g
 }
 
 /** Run a command body: errors become one line on stderr and exit status 1. */

@@ -1,8 +1,6 @@
 import type { Argv } from 'yargs'
-import { open } from 'node:fs/promises'
-import { resolveGeneration } from '../../chain/labels'
-import { writeExact } from '../../formats/extent'
-import { action, openDisk, progressBar, splitGeneration, type GlobalArgs } from '../common'
+import { action, openDisk, progressBar, readableGeneration, splitGeneration, type GlobalArgs } from '../common'
+import { RawOutput } from '../rawout'
 
 export const command = 'export <source> <raw>'
 export const describe = 'write a sparse raw copy of a generation (file.vmdk@G; the live one without @G)'
@@ -16,12 +14,14 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
   const { file, gen } = splitGeneration(a.source)
   const chain = await openDisk(file, a)
   try {
-    const g = gen === undefined ? chain.redoCount : resolveGeneration(chain, gen, a.source)
+    const g = readableGeneration(chain, gen, a.source)
     const view = chain.view(g)
-    const out = await open(a.raw, 'w')
+    const out = await RawOutput.open(a.raw, chain.layers.flatMap(l => l.files))
     const bar = progressBar('export')
     try {
-      const entries = view.map().filter(e => e.data)
+      // a new file stays sparse: only the data, in 64 KiB pieces that hold something; a target
+      // written in place gets every byte
+      const entries = view.map().filter(e => e.data || out.dense)
       const total = entries.reduce((s, e) => s + e.length, 0)
       let done = 0
       const buf = Buffer.alloc(CHUNK)
@@ -29,20 +29,20 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
         for (let p = e.start; p < e.start + e.length; p += CHUNK) {
           const n = Math.min(CHUNK, e.start + e.length - p)
           await view.read(buf, 0, p, n)
-          // keep the copy sparse: write 64 KiB pieces that hold something
           for (let q = 0; q < n; q += 65536) {
             const m = Math.min(65536, n - q)
-            if (!isZero(buf, q, m)) await writeExact(out, buf, q, m, p + q)
+            if (out.dense || !isZero(buf, q, m)) await out.write(buf, q, m, p + q)
           }
           done += n
           bar.update(done, total)
         }
       }
-      await out.truncate(view.size)
-      await out.sync()
+      await out.finish(view.size)
+    } catch (e) {
+      await out.abort()
+      throw e
     } finally {
       bar.end()
-      await out.close()
     }
   } finally {
     await chain.close()

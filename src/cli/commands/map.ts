@@ -1,6 +1,5 @@
 import type { Argv } from 'yargs'
-import { resolveGeneration } from '../../chain/labels'
-import { action, openDisk, splitGeneration, type GlobalArgs } from '../common'
+import { action, openDisk, readableGeneration, splitGeneration, type GlobalArgs } from '../common'
 
 export const command = 'map <source>'
 export const describe = 'allocation map of a generation as JSON (like qemu-img map), with the generation providing each extent'
@@ -10,7 +9,7 @@ export const handler = action(async (a: GlobalArgs & { source: string }) => {
   const { file, gen } = splitGeneration(a.source)
   const chain = await openDisk(file, a)
   try {
-    const g = gen === undefined ? chain.redoCount : resolveGeneration(chain, gen, a.source)
+    const g = readableGeneration(chain, gen, a.source)
     process.stdout.write(JSON.stringify(chain.map(g), null, 2) + '\n')
   } finally {
     await chain.close()
