@@ -9,7 +9,7 @@ import { createCowdLayer, createSparseLayer } from '../formats/create'
 import { newCid } from '../formats/descriptor'
 import { syncDir, type Run } from '../formats/extent'
 import { DROPPED, Layer, parentHintFor, reapDropped } from '../formats/layer'
-import { failPoint, faultPoint } from '../fault'
+import { delayPoint, failPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
@@ -17,7 +17,7 @@ import { findLabel, labelOf, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
-import { childrenOfEach, parentCandidates } from './peek'
+import { anotherDisksTop, childrenOfEach, parentCandidates } from './peek'
 
 export interface Progress {
   done: number
@@ -49,6 +49,7 @@ const FLUSH_BEHIND = 64 << 20
 export type RedoFormat = 'sparse' | 'cowd'
 
 export async function addRedo (chain: Chain, opts: { label?: string, format?: RedoFormat, record?: boolean } = {}): Promise<string> {
+  failPoint('addredo')
   const top = chain.top
   const pending = chain.unfinishedRefusal('addredo')
   if (pending !== undefined) throw pending
@@ -109,7 +110,11 @@ export interface CommitResult {
   droppedLabel?: string
 }
 
-export async function commit (chain: Chain, level: number, opts: { force?: boolean } & JobControl = {}): Promise<CommitResult> {
+/**
+ * The refusals of a commit at `level` that need no I/O beyond reading descriptors (a VM-wide
+ * commit checks every disk before it starts): the layers involved and the parent's other children.
+ */
+export async function checkCommit (chain: Chain, level: number, opts: { force?: boolean } = {}): Promise<{ i: number, child: Layer, parent: Layer, above: Layer | undefined, others: string[] }> {
   const N = chain.redoCount
   if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to commit`)
   if (!Number.isInteger(level) || level < 0 || level > N - 1) {
@@ -130,11 +135,19 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
   }
+  if (opts.force !== true && await anotherDisksTop(parent.path, chain.top.path)) {
+    throw new RedoError('EBUSY', `${parent.path}: the top of another disk in its directory; committing into it would change that disk (use force=1)`, parent.path)
+  }
   // the merged file is deleted: no other chain may be built on it (force cannot help them)
   const onChild = ofChild.filter(p => above === undefined || resolve(p) !== resolve(above.path))
   if (onChild.length > 0) {
     throw new RedoError('EBUSY', `${child.path}: other chains are built on it (${onChild.join(', ')}); a commit would delete it under them`, child.path)
   }
+  return { i, child, parent, above, others }
+}
+
+export async function commit (chain: Chain, level: number, opts: { force?: boolean } & JobControl = {}): Promise<CommitResult> {
+  const { i, child, parent, above, others } = await checkCommit(chain, level, opts)
   // what the child holds, worked out once: a frozen child does not change while it is merged
   const runs = child.runs()
   await ensureSpace(dirname(parent.path), commitSpace(runs, parent) + (1 << 20), `commit into ${parent.path}`)
@@ -274,6 +287,7 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
     while (!stop && failure === undefined && next < chunks.length) {
       const c = chunks[next++] // claimed before any await: workers never share a chunk
       if (opts.gate !== undefined) await opts.gate()
+      await delayPoint('commit.chunk')
       if (opts.cancelled?.() === true) { stop = true; return }
       const b = c.zero ? zeros : free.pop() as Buffer
       try {
@@ -421,10 +435,10 @@ export interface DiscardResult {
 }
 
 /**
- * Remove the top redo log, or every redo log above generation `to`. The files are only dropped
- * (renamed), so a caller holding I/O off can reap them after resuming it.
+ * Every refusal of a discard to `to`, checked without changing anything (a VM-wide discard checks
+ * every disk before it starts). Returns the generation kept and the other chains built on it.
  */
-export async function discard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<DiscardResult> {
+export async function checkDiscard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<{ g: number, others: string[] }> {
   const N = chain.redoCount
   if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to discard`)
   const g = to ?? N - 1
@@ -438,6 +452,9 @@ export async function discard (chain: Chain, to?: number, opts: { force?: boolea
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)
   }
+  if (opts.force !== true && await anotherDisksTop(chain.layers[g].path, chain.top.path)) {
+    throw new RedoError('EBUSY', `${chain.layers[g].path}: the top of another disk in its directory; it cannot become live here too (use force=1)`, chain.layers[g].path)
+  }
   // the discarded files are deleted: no other chain may be built on any of them (force cannot help them)
   for (let k = 1; k < kids.length; k++) {
     const above = chain.layers[g + k + 1]?.path
@@ -447,6 +464,15 @@ export async function discard (chain: Chain, to?: number, opts: { force?: boolea
       throw new RedoError('EBUSY', `${l}: other chains are built on it (${on.join(', ')}); a discard would delete it under them`, l)
     }
   }
+  return { g, others }
+}
+
+/**
+ * Remove the top redo log, or every redo log above generation `to`. The files are only dropped
+ * (renamed), so a caller holding I/O off can reap them after resuming it.
+ */
+export async function discard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<DiscardResult> {
+  const { g, others } = await checkDiscard(chain, to, opts)
   // top first: every intermediate state is a valid, shorter chain
   const files: string[] = []
   while (chain.layers.length - 1 > g) {

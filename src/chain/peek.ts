@@ -127,6 +127,21 @@ export async function childrenOfEach (parents: string[], root: string | undefine
 }
 
 /**
+ * `layer`, of a chain whose top is `top`, lies in another directory and nothing in its own names
+ * it as parent: it is the live top of a disk there (a linked clone's template, say). A job that
+ * would make it this chain's top, or write into it, would give that disk a second writer.
+ */
+export async function anotherDisksTop (layer: string, top: string): Promise<boolean> {
+  const dir = dirname(resolve(layer))
+  if (dir === dirname(resolve(top))) return false
+  const real = await realpath(layer).catch(() => resolve(layer))
+  for (const p of await peekDirs([dir])) {
+    if (p.parent !== undefined && await realpath(p.parent).catch(() => resolve(p.parent as string)) === real) return false
+  }
+  return true
+}
+
+/**
  * What a drop killed between its renames (Layer.drop: the descriptor first) left under the old
  * names in `dir`: the extents of a dropped stand-alone descriptor that no descriptor in `dir`
  * uses, and the dropped layer's content record and descriptor intent. For the reaper.

@@ -31,7 +31,7 @@ const MAX_BARRIERS = 4
 type Handle =
   | { kind: 'image', disk: Disk, gen: Generation | 'live', write: boolean, path: string }
   | { kind: 'text', data: Buffer }
-  | { kind: 'command', node: Extract<Node, { kind: 'command' }> }
+  | { kind: 'command', node: Extract<Node, { kind: 'command' }>, path: string }
 
 export interface MountOptions {
   allowOther?: boolean
@@ -65,6 +65,8 @@ export class RedoMount {
   private readonly uid = process.getuid?.() ?? 0
   private readonly gid = process.getgid?.() ?? 0
   private readonly mountedAt = new Date()
+  /** Paths of the command files whose write(2) is running its command. */
+  private readonly commandsRunning = new Set<string>()
   /**
    * 'per-open' (patched addon): the page cache serves images, each open says whether to keep
    * what the kernel cached; 'direct': every file is direct_io (the stock addon cannot choose).
@@ -222,7 +224,12 @@ export class RedoMount {
       }
       if (h.kind !== 'command') return EACCES
       const text = buf.toString('utf8', 0, len)
-      await this.runCommand(h.node, text)
+      this.commandsRunning.add(h.path)
+      try {
+        await this.runCommand(h.node, text)
+      } finally {
+        this.commandsRunning.delete(h.path)
+      }
       return len
     })
   }
@@ -351,7 +358,16 @@ export class RedoMount {
             if (wantsWrite) return EACCES
             return [0, this.newHandle({ kind: 'text', data: Buffer.from(n.text()) }) | (this.cacheMode === 'per-open' ? FH_DIRECT_IO : 0)]
           case 'command':
-            return [0, this.newHandle({ kind: 'command', node: n })]
+            // A second writer while a command written here still runs would wait, unkillable, on
+            // the file's inode lock that the first write(2) holds, and then run its command after
+            // all: it is refused now, as a command during a job is (SPEC §3)
+            if (wantsWrite && this.commandsRunning.has(path)) {
+              const msg = `${path}: the command written to it before is still running`
+              if (n.disk !== undefined) n.disk.lastError = msg
+              else n.vm.lastError = msg
+              return -16 // EBUSY
+            }
+            return [0, this.newHandle({ kind: 'command', node: n, path })]
         }
       }),
       create: (_path, _mode, cb) => cb(EPERM),

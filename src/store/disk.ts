@@ -411,9 +411,18 @@ export class Disk {
     this.reaping = this.reaping.then(async () => await reapDropped(files)).catch(e => log.store('%s/%s: %s', this.vm, this.name, (e as Error).message))
   }
 
+  /**
+   * After the job changed the chain: the job itself is done, so a .vmx that cannot be rewritten
+   * is a notice, not its failure (a retry would add another redo log). The next change, or the
+   * next mount (which follows the chain up from the file the .vmx names), rewrites it.
+   */
   private async topChanged (): Promise<void> {
     this.liveMtime = new Date()
-    if (this.onTopChanged !== null) await this.onTopChanged()
+    try {
+      if (this.onTopChanged !== null) await this.onTopChanged()
+    } catch (e) {
+      this.notice(`the .vmx could not be updated to name ${basename(this.chain.top.path)} (${toRedoError(e).message}); the next change or mount tries again`)
+    }
   }
 
   /** Bumped whenever the chain changes shape: background work on a generation number stops. */
@@ -512,8 +521,9 @@ export class Disk {
     // the live file then reads as generation `to`: pages cached from the discarded top must go
     let files: string[] = []
     await this.betweenWrites(true, async () => await this.gate.freezeAll(async () => {
-      // checked again: a generation may have been opened while the barrier waited
-      this.refuseIfOpen(this.frozen.slice(to), 'discard')
+      // checked again: a generation may have been opened while the barrier waited (at power
+      // off the gate is closed: a descriptor still open reads nothing more)
+      if (!this.closing) this.refuseIfOpen(this.frozen.slice(to), 'discard')
       const r = await discard(this.chain, to, { force })
       files = r.files
       this.frozen = this.frozen.slice(0, to)

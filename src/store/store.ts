@@ -3,13 +3,14 @@
  * power on (mount) and power off (unmount). A disk that cannot be opened is left out with its
  * error; everything else is served.
  */
-import { readdir, stat } from 'node:fs/promises'
+import { readdir, realpath, stat } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
-import { commit, type RedoFormat } from '../chain/jobs'
+import { checkCommit, checkDiscard, commit, type RedoFormat } from '../chain/jobs'
 import { diskNameOf } from '../chain/names'
 import { brokenIn, peekDirs, type Peek } from '../chain/peek'
 import { RedoError, toRedoError } from '../errors'
+import { delayPoint } from '../fault'
 import { log } from '../log'
 import { parseArgs } from './args'
 import { Disk, type DiskOptions } from './disk'
@@ -45,6 +46,8 @@ export class Store {
   readonly vms = new Map<string, Vm>()
   readonly errors: FileError[] = []
   private lock: StoreLock | null = null
+  /** Real path of every served disk's top → "vm/disk". */
+  private readonly served = new Map<string, string>()
   readonly diskOpts: DiskOptions
 
   private constructor (readonly root: string, readonly opts: StoreOptions) {
@@ -132,6 +135,14 @@ export class Store {
         realVm.errors.push({ file: w.top, message: `${w.top}: a second chain top for disk "${diskName}" (left out)` })
         continue
       }
+      // one file, one disk: two disk objects writing one file would each overwrite the other's
+      // grains (two .vmx files naming the same disk)
+      const real = await realpath(w.top).catch(() => resolve(w.top))
+      const twin = this.served.get(real)
+      if (twin !== undefined) {
+        realVm.errors.push({ file: w.top, message: `${w.top}: already served as ${twin}; disk "${diskName}" of ${name} left out` })
+        continue
+      }
       try {
         // damaged grains do not keep a disk out: reads there fail with EIO, the rest is served
         const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true })
@@ -142,6 +153,7 @@ export class Store {
           realVm.errors.push({ file: chain.top.path, message: `${chain.top.path}: other chains use it as their parent; ${diskName}.img is read-only (addredo to write)` })
         }
         realVm.disks.set(diskName, disk)
+        this.served.set(real, `${name}/${diskName}`)
         await this.syncVmx(disk)
       } catch (e) {
         const err = toRedoError(e, w.top)
@@ -165,7 +177,8 @@ export class Store {
     }
     for (let depth = 0; depth < 256; depth++) {
       const at: string = cur
-      const kids = peeks.filter(p => p.parent !== undefined && resolve(p.parent) === resolve(at))
+      // (a child under another disk's name is that disk's: a clone made beside its parent)
+      const kids = peeks.filter(p => p.parent !== undefined && resolve(p.parent) === resolve(at) && diskNameOf(p.path) === diskNameOf(file))
       if (kids.length !== 1) break
       cur = kids[0].path
     }
@@ -246,8 +259,11 @@ export class Store {
       log.store('%s/%s: power-off action skipped: the commit of %s is not finished', disk.vm, disk.name, disk.chain.unfinished.child)
       return
     }
+    // force: the generation a session started from may be shared (a linked clone built on it);
+    // it becomes the top again, but this mode never writes it (the next power on adds a session
+    // redo log), so the session's end is not refused for that
     if (disk.mode === 'nonpersistent' || (disk.mode === 'undoable' && disk.poweroff === 'discard')) {
-      await disk.doDiscard(k - 1)
+      await disk.doDiscard(k - 1, true)
     } else if (disk.mode === 'undoable' && disk.poweroff === 'commit') {
       // every redo log of the session, bottom first, into the generation it started from
       while (disk.chain.redoCount >= k) await commit(disk.chain, disk.chain.redoCount - k, {})
@@ -274,16 +290,27 @@ export class Store {
           for (const d of disks) d.precheck('addredo')
           const done: Disk[] = []
           try {
-            for (const d of disks) { await d.command('addredo', text); done.push(d) }
+            for (const d of disks) {
+              await d.command('addredo', text)
+              done.push(d)
+              await delayPoint('vm.addredo')
+            }
           } catch (e) {
-            for (const d of done.reverse()) await d.doDiscard(d.chain.redoCount - 1).catch(() => {})
+            // undone by merging each new redo log back, not by discarding it: the VM may have
+            // written into it since, and those writes were acknowledged
+            const left: string[] = []
+            for (const d of done.reverse()) await d.command('commit', 'level=0').catch(u => { left.push(`${d.name} (${toRedoError(u).message})`) })
+            const err = toRedoError(e)
+            if (left.length > 0) throw new RedoError(err.code, `${err.message}; the redo log added on ${left.join(', ')} could not be merged back`, err.file)
             throw e
           }
           return
         }
         case 'commit': {
           const a = parseArgs(text, { level: 'level', freeze: 'bool', wait: 'bool', force: 'bool' }, 'commit')
+          // every disk's refusals first: all or none (level=all merges into the base first)
           for (const d of disks) d.planCommit(a)
+          for (const d of disks) await checkCommit(d.chain, a.level === 'all' ? d.chain.redoCount - 1 : (a.level as number | undefined) ?? 0, { force: a.force === true })
           await Promise.all(disks.map(async d => await d.command('commit', text)))
           return
         }
@@ -291,7 +318,11 @@ export class Store {
           const a = parseArgs(text, { to: 'gen' }, 'discard')
           // every disk checked first, open generations included, and held from then on: all or none
           try {
-            for (const d of disks) d.holdForDiscard(d.planDiscard(a.to as number | string | undefined))
+            for (const d of disks) {
+              const to = d.planDiscard(a.to as number | string | undefined)
+              await checkDiscard(d.chain, to)
+              d.holdForDiscard(to)
+            }
             for (const d of disks) await d.command('discard', text)
           } finally {
             for (const d of disks) d.releaseHold()
@@ -328,19 +359,23 @@ export class Store {
   }
 
   /** Power off every disk, flush and close everything, release the lock. */
+  /** Power every disk off and release the store; then throws if a power-off action failed. */
   async close (): Promise<void> {
+    const failed: string[] = []
     for (const vm of this.vms.values()) {
       for (const disk of vm.disks.values()) {
         try {
           await this.powerOffDisk(disk)
         } catch (e) {
           log.store('power off of %s/%s failed: %s', vm.name, disk.name, (e as Error).message)
+          failed.push(`${vm.name}/${disk.name} (${disk.mode}): ${toRedoError(e).message}`)
         }
         await disk.chain.close().catch(e => log.store('close of %s/%s failed: %s', vm.name, disk.name, (e as Error).message))
       }
     }
     if (this.lock !== null) await this.lock.release()
     this.lock = null
+    if (failed.length > 0) throw new RedoError('EIO', `power off failed: ${failed.join('; ')}`)
   }
 }
 

@@ -11,14 +11,18 @@ export async function chainTops (dir: string, allDirs: string[] = [dir]): Promis
   return await topsAmong(dir, await peekDirs([...new Set([dir, ...allDirs])]))
 }
 
-/** Chain tops in `dir` among descriptors already read (a store scan reads them once). */
+/**
+ * Chain tops in `dir` among descriptors already read (a store scan reads them once). Only a
+ * child in the same directory makes a file no top: a disk that a linked clone in another VM
+ * is built on is still its own VM's disk (served read-only while the clone uses it).
+ */
 export async function topsAmong (dir: string, all: Peek[]): Promise<Peek[]> {
   const real = async (p: string): Promise<string> => await realpath(p).catch(() => resolve(p))
+  const here = all.filter(p => resolve(dirname(p.path)) === resolve(dir))
   const parents = new Set<string>()
-  for (const p of all) if (p.parent !== undefined) parents.add(await real(p.parent))
+  for (const p of here) if (p.parent !== undefined) parents.add(await real(p.parent))
   const out: Peek[] = []
-  for (const p of all) {
-    if (resolve(dirname(p.path)) !== resolve(dir)) continue
+  for (const p of here) {
     const r = await real(p.path)
     if (!parents.has(r) && !await mergedAway(p, r, real)) out.push(p)
   }

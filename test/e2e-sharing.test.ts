@@ -1,0 +1,202 @@
+/**
+ * Disks that share files, and commands on a whole VM (SPEC §1, §3, §4): one file is never
+ * served as two disks, a linked clone's jobs never make another disk's live file theirs, a
+ * .vmx never follows another disk's chain, a VM-wide command is all or none and its undo keeps
+ * what the VM wrote, power-off actions happen (or say why not), a .vmx that cannot be rewritten
+ * does not fail a job that is done, and a command file takes one command at a time.
+ */
+import test from 'ava'
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises'
+import path from 'node:path'
+import { REDOFS_BIN } from './helpers/env'
+import { createDisk, e2e, requireFuse, sh, shOk, writeVmx } from './helpers/mount'
+import { describe, mustRun, run, sha256File } from './helpers/qemu'
+
+const ok = requireFuse(test)
+const env = e2e(test)
+
+interface VmStatus { name: string, errors: Array<{ message: string }>, disks: Array<{ disk: string }> }
+const vmsOf = async (mnt: string): Promise<VmStatus[]> => (JSON.parse(await readFile(path.join(mnt, '.ctl', 'status'), 'utf8')) as { vms: VmStatus[] }).vms
+
+/** vmA/d.vmdk (a base with data) and a linked clone vmB/b.vmdk built on it by qemu-img. */
+async function templateAndClone (dir: string): Promise<string> {
+  const store = path.join(dir, 'store')
+  await createDisk(store, 'vmA', 'd', '8M')
+  await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x44 0 1M', path.join(store, 'vmA', 'd.vmdk')])
+  await mkdir(path.join(store, 'vmB'))
+  await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', '../vmA/d.vmdk', '-F', 'vmdk', path.join(store, 'vmB', 'b.vmdk')])
+  return store
+}
+
+/** vm/d.vmdk and vm/vm.vmx naming it. */
+async function diskWithVmx (): Promise<{ dir: string, store: string, vm: string }> {
+  const dir = await env.tmp()
+  const store = path.join(dir, 'store')
+  const vm = path.join(store, 'vm')
+  await createDisk(store, 'vm', 'd', '8M')
+  await writeVmx(path.join(vm, 'vm.vmx'), [{ fileName: 'd.vmdk' }])
+  return { dir, store, vm }
+}
+
+if (ok) {
+  test.serial('two .vmx files naming one disk: it is served once, the second VM leaves it out naming the first', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vmA', 'd', '8M')
+    await writeVmx(path.join(store, 'vmA', 'vmA.vmx'), [{ fileName: 'd.vmdk' }])
+    await mkdir(path.join(store, 'vmB'))
+    await writeVmx(path.join(store, 'vmB', 'vmB.vmx'), [{ fileName: '../vmA/d.vmdk' }])
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vms.find(v => v.name === 'vmA')?.disks.map(d => d.disk), ['d'])
+    const b = vms.find(v => v.name === 'vmB')
+    t.deepEqual(b?.disks, [], 'vmB serves the same file as a second disk')
+    t.regex(b?.errors.map(e => e.message).join('\n') ?? '', /d\.vmdk: already served as vmA\/d/)
+    await s.stopClean(t)
+  })
+
+  test.serial('a .vmx does not follow a child of another disk: the disk it names stays its own, the .vmx unchanged', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'd', '8M')
+    const vm = path.join(store, 'vm')
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', 'd.vmdk', '-F', 'vmdk', path.join(vm, 'e.vmdk')]) // another disk built on d
+    await writeVmx(path.join(vm, 'vm.vmx'), [{ fileName: 'd.vmdk' }])
+    const before = await readFile(path.join(vm, 'vm.vmx'), 'utf8')
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    t.deepEqual((await readdir(path.join(s.mnt, 'vm'))).sort(), ['d.img'])
+    t.is((await s.status('vm', 'd')).top, 'd.vmdk')
+    await s.stopClean(t)
+    t.is(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), before, 'the .vmx was pointed at another disk')
+  })
+
+  test.serial('a template that a linked clone is built on stays its VM\'s disk (read-only); the clone\'s discard or commit cannot make it the clone\'s live file', async t => {
+    const dir = await env.tmp()
+    const store = await templateAndClone(dir)
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vms.find(v => v.name === 'vmA')?.disks.map(d => d.disk), ['d'], 'the template VM has no disk')
+    t.deepEqual(vms.find(v => v.name === 'vmA')?.errors.map(e => e.message).filter(m => !/read-only/.test(m)), [])
+    const w = await sh('printf x | dd of="$1" conv=notrunc status=none', [s.img('vmA', 'd')])
+    t.not(w.code, 0, 'the template took a write while a clone is built on it')
+    for (const cmd of ['discard', 'commit']) {
+      const r = await s.command('vmB', 'b', cmd)
+      t.not(r.code, 0, `${cmd} on the clone made the template its live file`)
+      t.regex(await s.errorText('vmB', 'b'), /the top of another disk in its directory/)
+    }
+    t.is((await s.status('vmB', 'b')).redoLogs, 1)
+    await s.stopClean(t)
+    // offline the same
+    const r = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(store, 'vmB', 'b')])
+    t.is(r.code, 1, describe(r))
+    t.regex(r.stderr, /the top of another disk in its directory/)
+  })
+
+  test.serial('a VM-wide discard refused for one disk (its kept layer is shared) changes no disk', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    for (const d of ['a', 'b']) {
+      await createDisk(store, 'vm1', d, '8M')
+      await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm1', d)])
+    }
+    await mkdir(path.join(store, 'vm2'))
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', '../vm1/b.vmdk', '-F', 'vmdk', path.join(store, 'vm2', 'c.vmdk')])
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const r = await s.command('vm1', undefined, 'discard')
+    t.not(r.code, 0, 'the VM-wide discard succeeded')
+    t.regex(await s.errorText('vm1'), /shared by other chains/)
+    t.is((await s.status('vm1', 'a')).redoLogs, 1, 'disk a was discarded although disk b refused')
+    t.is((await s.status('vm1', 'b')).redoLogs, 1)
+    await s.stopClean(t)
+  })
+
+  test.serial('a VM-wide addredo that fails on its second disk merges the first disk\'s new redo log back: what the VM wrote meanwhile stays', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    for (const d of ['a', 'b']) await createDisk(store, 'vm', d, '8M')
+    // the second addredo fails; between the two, a write lands in disk a's new redo log
+    const s = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'addredo#2', REDOFS_DELAY: 'vm.addredo:1500' })
+    const vmCmd = s.command('vm', undefined, 'addredo')
+    await new Promise(resolve => setTimeout(resolve, 700))
+    await shOk('dd if=/dev/urandom of="$1" bs=64k count=4 conv=notrunc,fsync status=none', [s.img('vm', 'a')])
+    const written = await sha256File(s.img('vm', 'a'))
+    const r = await vmCmd
+    t.not(r.code, 0, 'the VM-wide addredo succeeded')
+    t.regex(await s.errorText('vm'), /injected I\/O error/)
+    t.is((await s.status('vm', 'a')).redoLogs, 0, 'disk a kept its new redo log')
+    t.is(await sha256File(s.img('vm', 'a')), written, 'the write made into the undone redo log was lost')
+    await s.stopClean(t)
+  })
+
+  test.serial('power off ends a nonpersistent session whose base a linked clone shares, and a undoable discard with a generation file still open', async t => {
+    const dir = await env.tmp()
+    const store = await templateAndClone(dir)
+    await writeVmx(path.join(store, 'vmA', 'vmA.vmx'), [{ fileName: 'd.vmdk', mode: 'nonpersistent' }])
+    const base = await sha256File(path.join(store, 'vmA', 'd.vmdk'))
+    for (let round = 0; round < 2; round++) {
+      const s = await env.mount(store, path.join(dir, 'mnt'))
+      t.deepEqual((await vmsOf(s.mnt)).find(v => v.name === 'vmA')?.disks.map(d => d.disk), ['d'], `round ${round}: the disk was left out`)
+      await shOk('printf session | dd of="$1" conv=notrunc,fsync status=none', [s.img('vmA', 'd')])
+      await s.stopClean(t)
+      t.deepEqual((await readdir(path.join(store, 'vmA'))).sort(), ['d.vmdk', 'vmA.vmx'], `round ${round}: the session redo log survived power off`)
+      t.is(await sha256File(path.join(store, 'vmA', 'd.vmdk')), base)
+    }
+    // undoable, poweroff=discard, a generation file held open across the unmount
+    const dir2 = await env.tmp()
+    const store2 = path.join(dir2, 'store')
+    await createDisk(store2, 'vm', 'u', '8M')
+    await writeVmx(path.join(store2, 'vm', 'vm.vmx'), [{ fileName: 'u.vmdk', mode: 'undoable' }])
+    const s = await env.mount(store2, path.join(dir2, 'mnt'))
+    await shOk('printf session | dd of="$1" conv=notrunc,fsync status=none', [s.img('vm', 'u')])
+    await s.commandOk('vm', 'u', 'poweroff', 'discard')
+    const holder = (await import('node:child_process')).spawn('sh', ['-c', 'exec 3<"$1"; sleep 30', 'sh', s.img('vm', 'u', 0)], { stdio: 'ignore' })
+    t.teardown(() => { holder.kill() })
+    await new Promise(resolve => setTimeout(resolve, 300))
+    const e = await s.stop()
+    holder.kill()
+    t.deepEqual(e, { code: 0, signal: null }, `server exit\nstderr: ${s.stderr}`)
+    t.deepEqual((await readdir(path.join(store2, 'vm'))).filter(f => f.endsWith('.vmdk')), ['u.vmdk'], 'the session was kept although poweroff=discard')
+  })
+
+  test.serial('a .vmx that cannot be rewritten does not fail the addredo that is done: a notice says so, and the next mount heals it', async t => {
+    const { dir, store, vm } = await diskWithVmx()
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    await mkdir(path.join(vm, 'vm.vmx.redofs-tmp')) // the rewrite's temporary name is taken
+    await s.commandOk('vm', 'd', 'addredo')
+    const st = await s.status('vm', 'd')
+    t.is(st.redoLogs, 1)
+    t.true(st.notices.some(n => /the \.vmx could not be updated to name d-000001\.vmdk/.test(n)), `notices: ${JSON.stringify(st.notices)}`)
+    await s.stopClean(t)
+    await rm(path.join(vm, 'vm.vmx.redofs-tmp'), { recursive: true })
+    const again = await env.mount(store, path.join(dir, 'mnt'))
+    t.is((await again.status('vm', 'd')).redoLogs, 1)
+    await again.stopClean(t)
+    t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d-000001\.vmdk"/)
+  })
+
+  test.serial('offline addredo and commit keep the .vmx naming the chain\'s top', async t => {
+    const { vm } = await diskWithVmx()
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'd')])
+    t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d-000001\.vmdk"/)
+    await mustRun(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'd'), 'level=0'])
+    t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d\.vmdk"/)
+  })
+
+  test.serial('a second writer to a command file whose command still runs is refused at once (EBUSY), not queued behind it', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'd', '8M')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'd')])
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 0 4M', path.join(store, 'vm', 'd-000001.vmdk')])
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm', 'd')])
+    const s = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_DELAY: 'commit.chunk:2000' }) // the commit takes a while
+    const first = s.command('vm', 'd', 'commit', 'level=1')
+    await new Promise(resolve => setTimeout(resolve, 500))
+    const second = await s.command('vm', 'd', 'commit', 'level=0')
+    t.not(second.code, 0, 'the second command was taken')
+    t.regex(second.stderr, /busy/i)
+    t.is((await first).code, 0)
+    t.is((await s.status('vm', 'd')).redoLogs, 1, 'the second commit ran after the first')
+    await s.stopClean(t)
+  })
+}
