@@ -3,7 +3,7 @@
  * and restore, linked clones, COWD writing and ESX 2.x REDO files, safe relink, commit control.
  */
 import test from 'ava'
-import { copyFile, mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises'
+import { copyFile, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import path from 'node:path'
@@ -138,6 +138,59 @@ if (ok) {
     await s.stopClean(t)
   })
 
+  test.serial('export and restore never write a file they read, leave no target when they fail, and write a mounted disk file in place byte for byte', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const vm = path.join(store, 'vm')
+    await createDisk(store, 'vm', 'disk', '8M')
+    await createDisk(store, 'vm', 'other', '8M')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x31 1M 2M', path.join(vm, 'disk.vmdk')])
+    // export onto a file of the chain it reads
+    const tree = await snapshotTree(store)
+    const self = await redofs('export', path.join(vm, 'disk'), path.join(vm, 'disk.vmdk'))
+    t.is(self.code, 1, describe(self))
+    t.regex(self.stderr, /disk\.vmdk: is .*disk\.vmdk, which this command reads/)
+    t.deepEqual(await snapshotTree(store), tree, 'the export wrote the store')
+    const ref = path.join(dir, 'ref.raw')
+    await redofsOk('export', path.join(vm, 'disk'), ref)
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const dest = path.join(dir, 'backup')
+    await redofsOk('backup', s.mnt, 'vm/disk', dest)
+    const full = (JSON.parse(await readFile(path.join(dest, 'manifest.json'), 'utf8')) as { backups: Array<{ data: string }> }).backups[0].data
+    // in place: a mounted disk file keeps its old bytes where nothing is written, so every byte is
+    for (const [cmd, from] of [['export', path.join(vm, 'disk')], ['restore', dest]]) {
+      await shOk('dd if=/dev/urandom of="$1" bs=1M count=8 conv=notrunc,fsync status=none', [s.img('vm', 'other')])
+      await redofsOk(cmd, from, s.img('vm', 'other'))
+      t.is(await sha256File(s.img('vm', 'other')), await sha256File(ref), `${cmd} into the mounted file left old bytes`)
+    }
+    await s.stopClean(t)
+    // restore onto its own data file
+    const data = await sha256File(path.join(dest, full))
+    const own = await redofs('restore', dest, path.join(dest, full))
+    t.is(own.code, 1, describe(own))
+    t.regex(own.stderr, /which this command reads/)
+    t.is(await sha256File(path.join(dest, full)), data, 'the restore wrote its own backup')
+    // a manifest that is not one
+    const manifest = path.join(dest, 'manifest.json')
+    const good = await readFile(manifest, 'utf8')
+    await writeFile(manifest, JSON.stringify({ ...JSON.parse(good), capacity: undefined }))
+    const bad = await redofs('restore', dest, path.join(dir, 'x.raw'))
+    t.is(bad.code, 1, describe(bad))
+    t.regex(bad.stderr, /manifest\.json: not a redofs backup manifest \(no valid capacity\)/)
+    await writeFile(manifest, good)
+    // a restore that fails (its data file is gone) leaves the target as it was, or none
+    await writeFile(path.join(dir, 'keep.raw'), 'precious')
+    await rm(path.join(dest, full))
+    for (const target of ['keep.raw', 'new.raw', path.join('vmdir', 'new.vmdk')]) {
+      const r = await redofs('restore', dest, path.join(dir, target))
+      t.is(r.code, 1, describe(r))
+      t.regex(r.stderr, /ENOENT|no such file/i)
+    }
+    t.is(await readFile(path.join(dir, 'keep.raw'), 'utf8'), 'precious', 'a failed restore changed its target')
+    t.deepEqual((await readdir(dir)).filter(f => /new|redofs/.test(f)), [], 'a failed restore left a file behind')
+    t.deepEqual(await readdir(path.join(dir, 'vmdir')), [], 'a failed restore into a .vmdk left a file behind')
+  })
+
   test.serial('linked clones: redofs clone shares the parent, commits into it are refused, info shows the tree', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')
@@ -146,6 +199,13 @@ if (ok) {
     await redofsOk('addredo', path.join(store, 'vm1', 'disk'))
     const clone = (await redofsOk('clone', `${path.join(store, 'vm1', 'disk')}@0`, 'vm2')).stdout.trim()
     t.is(path.dirname(clone), path.join(store, 'vm2'))
+    // a second clone into the same VM is refused before the source changes (it would freeze
+    // the live generation first)
+    const files = (await readdir(path.join(store, 'vm1'))).sort()
+    const twice = await redofs('clone', path.join(store, 'vm1', 'disk'), 'vm2')
+    t.is(twice.code, 1, describe(twice))
+    t.regex(twice.stderr, /VM vm2 already has a disk "disk"/)
+    t.deepEqual((await readdir(path.join(store, 'vm1'))).sort(), files, 'the refused clone froze the source')
     const info = await redofsOk('info', path.join(store, 'vm1', 'disk'))
     t.regex(info.stdout, /also parent of .*vm2\/disk-000001\.vmdk/)
     const offline = await redofs('commit', path.join(store, 'vm1', 'disk'), 'level=0')
