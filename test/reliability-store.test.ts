@@ -7,6 +7,7 @@ import { spawn, spawnSync } from 'node:child_process'
 import { access, chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { hostname, tmpdir } from 'node:os'
 import path from 'node:path'
+import { processStart, REGISTRY } from '../src/cli/serve'
 import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, isMounted, requireFuse, sh, shOk, storeWithRedo, writeVmx } from './helpers/mount'
 import { describe, mustRun, run, sha256File, snapshotTree } from './helpers/qemu'
@@ -287,17 +288,23 @@ if (ok) {
     // a server killed hard leaves its registry entry; its pid now belongs to someone else
     const other = spawn('sleep', ['60'], { stdio: 'ignore' })
     t.teardown(() => { other.kill() })
-    const registry = path.join(tmpdir(), 'redofs-mounts', encodeURIComponent(path.resolve(mnt)) + '.json')
+    const registry = path.join(REGISTRY, encodeURIComponent(path.resolve(mnt)) + '.json')
+    t.is((await stat(REGISTRY)).mode & 0o777, 0o700, 'the registry is open to other users')
+    // its start time differs from the entry's; or even an entry naming it exactly: the path is
+    // not mounted, so nothing is signalled
+    for (const start of [1, processStart(other.pid as number)]) {
+      await writeFile(registry, JSON.stringify({ pid: other.pid, start, store, mnt: path.resolve(mnt) }))
+      const stale = await run(process.execPath, [REDOFS_BIN, 'umount', mnt])
+      t.not(stale.code, 0, 'umount of a path that is not mounted succeeded')
+      t.regex(stale.stderr, /not mounted/)
+      t.is(other.exitCode, null, 'the unrelated process was signalled')
+      t.is(other.signalCode, null, 'the unrelated process was signalled')
+    }
     await writeFile(registry, JSON.stringify({ pid: other.pid, start: 1, store, mnt: path.resolve(mnt) }))
-    const stale = await run(process.execPath, [REDOFS_BIN, 'umount', mnt])
-    t.not(stale.code, 0, 'umount of a path that is not mounted succeeded')
-    t.regex(stale.stderr, /not mounted/)
-    t.is(other.exitCode, null, 'the unrelated process was signalled')
-    t.is(other.signalCode, null, 'the unrelated process was signalled')
     // the next server to start, wherever it mounts, deletes the stale entry (and keeps its own)
     const next = await env.mount(store, path.join(dir, 'mnt2'))
     t.false(await access(registry).then(() => true, () => false), 'the stale registry entry is still there')
-    const own = path.join(tmpdir(), 'redofs-mounts', encodeURIComponent(next.mnt) + '.json')
+    const own = path.join(REGISTRY, encodeURIComponent(next.mnt) + '.json')
     t.true(await access(own).then(() => true, () => false), 'the new server has no registry entry')
     t.is(other.signalCode, null, 'the unrelated process was signalled')
     await next.stopClean(t)

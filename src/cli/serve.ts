@@ -2,7 +2,7 @@
  * Serving a store in the foreground: mount, announce, and on SIGINT/SIGTERM, `redofs umount`
  * or an external fusermount -u, unmount and power everything off cleanly.
  */
-import { mkdir, readFile, readdir, realpath, stat, unlink, writeFile } from 'node:fs/promises'
+import { lstat, mkdir, readFile, readdir, realpath, stat, unlink, writeFile } from 'node:fs/promises'
 import { readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
@@ -11,9 +11,24 @@ import { DEFAULT_READAHEAD, RedoMount, type MountOptions } from '../fs/mount'
 import { log } from '../log'
 import { Store, type StoreOptions } from '../store/store'
 
-const REGISTRY = join(tmpdir(), 'redofs-mounts')
+/**
+ * Where servers note their pid by mountpoint, for `redofs umount`: one directory per user, mode
+ * 0700. A shared one in /tmp could be made by another user first, who could then plant entries
+ * (umount signals the pid one names) or links (the server writes its entry through them).
+ */
+export const REGISTRY = join(tmpdir(), `redofs-mounts-${process.getuid?.() ?? 'user'}`)
 
 export const registryFile = (mnt: string): string => join(REGISTRY, encodeURIComponent(resolve(mnt)) + '.json')
+
+/** The registry, made if missing; refused unless it is this user's own, writable by nobody else. */
+async function registry (): Promise<string> {
+  await mkdir(REGISTRY, { mode: 0o700 }).catch((e: NodeJS.ErrnoException) => { if (e.code !== 'EEXIST') throw e })
+  const st = await lstat(REGISTRY)
+  if (!st.isDirectory() || st.uid !== process.getuid?.() || (st.mode & 0o022) !== 0) {
+    throw new Error(`${REGISTRY}: not a directory of this user's that only it can write; remove it`)
+  }
+  return REGISTRY
+}
 
 export interface Served {
   pid: number
@@ -113,9 +128,11 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
     else if (mopts.readahead === undefined) log.fs('readahead window left at the kernel default: %s', why)
     else process.stderr.write(`redofs: warning: --readahead not applied (the kernel's window stays): ${why}\n`)
   }
-  await mkdir(REGISTRY, { recursive: true })
-  await pruneRegistry()
-  await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, start: processStart(process.pid), store: store.root, mnt: resolve(mnt) } satisfies Served))
+  // without an entry `redofs umount` still unmounts (fusermount -u), which this server notices
+  await registry().then(async () => {
+    await pruneRegistry()
+    await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, start: processStart(process.pid), store: store.root, mnt: resolve(mnt) } satisfies Served))
+  }).catch(e => { process.stderr.write(`redofs: warning: no registry entry for redofs umount: ${(e as Error).message}\n`) })
   let stopping: Promise<void> | null = null
   const stop = async (why: string): Promise<void> => {
     if (stopping !== null) return await stopping
@@ -123,23 +140,26 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
       log.fs('stopping (%s)', why)
       clearInterval(watch)
       await m.unmount()
-      await store.close()
-      await unlink(registryFile(mnt)).catch(() => {})
+      try {
+        await store.close() // throws (after closing everything) when a power-off action failed
+      } finally {
+        await unlink(registryFile(mnt)).catch(() => {})
+      }
     })()
     return await stopping
   }
-  const watch = setInterval(() => {
-    // an unreadable mountinfo is no reason to stop serving
-    if (!isMounted(canonical, true)) void stop('unmounted from outside').then(() => process.exit(0), () => process.exit(1))
-  }, 1000)
-  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-    process.on(sig, () => {
-      void stop(sig).then(() => process.exit(0), e => {
-        process.stderr.write(`redofs: unmount: ${(e as Error).message}\n`)
-        process.exit(1)
-      })
+  /** Stop and exit: 1, with the reason on stderr, when the unmount or a power-off action failed. */
+  const finish = (why: string): void => {
+    void stop(why).then(() => process.exit(0), e => {
+      process.stderr.write(`redofs: unmount: ${(e as Error).message}\n`)
+      process.exit(1)
     })
   }
+  const watch = setInterval(() => {
+    // an unreadable mountinfo is no reason to stop serving
+    if (!isMounted(canonical, true)) finish('unmounted from outside')
+  }, 1000)
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => { finish(sig) })
   for (const vm of store.vms.values()) {
     for (const err of vm.errors) process.stderr.write(`redofs: left out: ${err.message}\n`)
   }
@@ -185,8 +205,12 @@ function serverAlive (pid: number, start: number | undefined): boolean {
   }
 }
 
+/** The registry entry of the server of `mnt`, if this user's registry holds one of its own. */
 export async function readServed (mnt: string): Promise<Served | undefined> {
   try {
+    await registry()
+    const st = await lstat(registryFile(mnt))
+    if (!st.isFile() || st.uid !== process.getuid?.()) return undefined
     return JSON.parse(await readFile(registryFile(mnt), 'utf8')) as Served
   } catch {
     return undefined

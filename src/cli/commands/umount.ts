@@ -14,9 +14,11 @@ export const builder = (y: Argv): Argv => y
 const alive = (pid: number): boolean => { try { process.kill(pid, 0); return true } catch { return false } }
 
 export const handler = action(async (a: { mnt: string, timeout: number }) => {
+  if (!isMounted(a.mnt)) throw new RedoError('EINVAL', `${a.mnt}: not mounted`)
   const served = await readServed(a.mnt)
   // a server killed hard (SIGKILL, OOM) leaves its entry behind, and its pid can since belong
   // to any process: signal it only if it is still the process that registered (same start time)
+  // and the path is mounted (checked above)
   if (served !== undefined && served.start !== undefined && processStart(served.pid) === served.start) {
     process.kill(served.pid, 'SIGTERM')
     const until = Date.now() + a.timeout * 1000
@@ -26,7 +28,6 @@ export const handler = action(async (a: { mnt: string, timeout: number }) => {
     }
     return
   }
-  if (!isMounted(a.mnt)) throw new RedoError('EINVAL', `${a.mnt}: not mounted`)
   await promisify(execFile)('fusermount', ['-u', a.mnt]).catch((e: Error & { stderr?: string }) => {
     throw new RedoError('EBUSY', `${a.mnt}: ${(e.stderr ?? e.message).trim()}`)
   })
