@@ -5,7 +5,7 @@
 import test from 'ava'
 import { spawn, spawnSync } from 'node:child_process'
 import { access, chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
-import { hostname, tmpdir } from 'node:os'
+import { hostname } from 'node:os'
 import path from 'node:path'
 import { processStart, REGISTRY } from '../src/cli/serve'
 import { REDOFS_BIN } from './helpers/env'
