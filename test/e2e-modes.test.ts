@@ -226,6 +226,10 @@ test('append: the redo log is added once, kept at unmount and appended to at the
   st = await srv.status('vm1', 'disk')
   t.is(st.redoLogs, 1, 'the existing redo log is appended to')
   t.is(st.top, files[0])
+  // poweroff is an undoable disk's choice: taken here, it would silently do nothing
+  const po = await srv.command('vm1', 'disk', 'poweroff', 'discard')
+  t.not(po.code, 0, 'poweroff=discard was accepted on an append disk')
+  t.regex(await srv.errorText('vm1', 'disk'), /is append; only an undoable disk chooses at power off/)
   await liveEquals(t, srv, model, 'cycle 2')
   await writeLive(srv, model, 3 * M, 100)
   await srv.stopClean(t)

@@ -8,7 +8,7 @@ import { spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
-import { createDisk, e2e, requireFuse, sh, shOk, type Server } from './helpers/mount'
+import { createDisk, e2e, requireFuse, sh, shOk, waitFor, type Server } from './helpers/mount'
 import { makeCowd, writeVmfsBase } from './helpers/cowd'
 import { describe, mustRun, run, sha256File, snapshotTree } from './helpers/qemu'
 
@@ -391,6 +391,24 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     await shOk('echo "level=1 freeze=0 wait=0" > "$1/commit" && echo pause > "$1/job"', [path.join(s.mnt, '.ctl', 'vm', 'disk')])
     return { s, vm, live, store, dir }
   }
+
+  test.serial('a freezing commit refuses pause from its start, also while it still waits for an earlier job\'s deletion', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'disk', '16M')
+    // deleting the discarded redo log takes 3 s: the commit waits for it before it freezes I/O
+    const s = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_DELAY: 'reap:3000' })
+    await s.commandOk('vm', 'disk', 'addredo')
+    await s.commandOk('vm', 'disk', 'addredo')
+    await s.commandOk('vm', 'disk', 'discard')
+    await s.commandOk('vm', 'disk', 'commit', 'level=0 wait=0')
+    const pause = await s.command('vm', 'disk', 'job', 'pause')
+    t.not(pause.code, 0, 'a freezing commit was paused: live I/O would wait on it')
+    t.regex(await s.errorText('vm', 'disk'), /it cannot be paused/)
+    t.true(await waitFor(async () => (await status(s)).job === null, 200), 'the commit did not end')
+    t.is((await status(s)).redoLogs, 0)
+    await s.stopClean(t)
+  })
 
   test.serial('commit control: pause, resume and cancel from .ctl; progress with rate and ETA; a progress bar on a terminal', async t => {
     t.timeout(180_000)

@@ -280,6 +280,8 @@ export class Disk {
         if (this.closing) throw new RedoError('EBUSY', `${this.vm}/${this.name}: the store is being unmounted`)
         const w = text.trim()
         if (w !== 'keep' && w !== 'commit' && w !== 'discard') throw new RedoError('EINVAL', `poweroff: expected keep, commit or discard, got "${w}"`)
+        // only an undoable disk asks (SPEC §4): taken elsewhere it would do nothing at power off
+        if (this.mode !== 'undoable') throw new RedoError('EINVAL', `poweroff: ${this.vm}/${this.name} is ${this.mode}; only an undoable disk chooses at power off`)
         this.poweroff = w
         return
       }
@@ -466,6 +468,9 @@ export class Disk {
   }
 
   private async doCommit (plan: { levels: number[], freeze: boolean, force: boolean }, st: JobState): Promise<void> {
+    // before any await: `pause` must refuse a freezing commit from its start (runJob calls this
+    // at once), not only once it holds the live file's I/O
+    this.ctl.freezing = plan.freeze
     const run = async (): Promise<void> => {
       for (const [n, level] of plan.levels.entries()) {
         const i = this.chain.redoCount - level
@@ -505,7 +510,6 @@ export class Disk {
       }
     }
     await this.reaped() // before any hold: an earlier job's deletion does not stall live I/O
-    this.ctl.freezing = plan.freeze
     if (plan.freeze) await this.gate.freezeLive(run)
     else await run()
     await this.topChanged()
