@@ -491,6 +491,11 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     const vmStatus = (await shOk('cat "$1"', [path.join(s.mnt, '.ctl', 'vm', 'status')])).stdout
     t.regex(vmStatus, /disk \\"a@0\\" left out: a@0\.img is the name of generation or label \\"0\\" of disk \\"a\\"/)
     await s.stopClean(t)
+    // the command line: <disk>@0 is generation 0 as on the mount, the file a@0.vmdk itself
+    const gen0 = JSON.parse((await redofsOk('map', path.join(store, 'vm', 'a@0'))).stdout) as Array<{ data: boolean }>
+    t.true(gen0.some(e => e.data), 'a@0 is not generation 0 of disk a (which holds "hello")')
+    const file = JSON.parse((await redofsOk('map', path.join(store, 'vm', 'a@0.vmdk'))).stdout) as Array<{ data: boolean }>
+    t.false(file.some(e => e.data), 'a@0.vmdk was not taken as the (empty) disk file')
   })
 
   test.serial('a redo log whose header is destroyed keeps its disk out of the mount (its parent is not served as the live disk); the other disk stays', async t => {

@@ -1,4 +1,5 @@
 /** Shared bits of the CLI commands: option shapes, the store root, error output, progress. */
+import { existsSync } from 'node:fs'
 import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
 import { journalPath } from '../chain/journal'
@@ -116,6 +117,9 @@ export function progressBar (label: string): { update: (done: number, total: num
 
 /** Split "file.vmdk@G" into the file and the generation (a number or a label). */
 export function splitGeneration (arg: string): { file: string, gen?: number | string } {
+  // a file whose own name holds '@' (data@2024.vmdk) is taken whole when it is there; a disk
+  // name with '@' (data@2024) means a generation, as the mount's file names do
+  if (/\.(vmdk|REDO)$/i.test(arg) && existsSync(arg)) return { file: arg }
   const m = /^(.*[^/])@([^/@]+)$/.exec(arg)
   if (m === null) return { file: arg }
   return { file: m[1], gen: /^\d+$/.test(m[2]) ? Number(m[2]) : m[2] }

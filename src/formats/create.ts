@@ -17,7 +17,12 @@ export interface ParentLink {
   cid: number
 }
 
+/** Names a descriptor cannot hold: its values are quoted with no escapes, one per line. */
+const UNQUOTABLE = /["\x00-\x1f]/
+
 async function refuseExisting (path: string): Promise<void> {
+  // a new layer's name goes into descriptors (its extents, its children's parent hints)
+  if (UNQUOTABLE.test(basename(path))) throw new RedoError('EINVAL', `${path}: a name with '"' or a control character cannot be written in a VMDK descriptor`, path)
   try {
     await stat(path)
   } catch (e) {
@@ -120,7 +125,8 @@ export async function importRaw (raw: string, path: string): Promise<void> {
   await refuseExisting(path)
   const dir = dirname(path)
   let file = basename(raw)
-  if (dirname(await realpathOr(raw)) !== await realpathOr(dir)) {
+  // outside the VM directory, or under a name no descriptor can hold: linked in as <disk>-flat
+  if (dirname(await realpathOr(raw)) !== await realpathOr(dir) || UNQUOTABLE.test(file)) {
     file = basename(path).replace(/\.vmdk$/i, '') + '-flat.vmdk'
     const target = join(dir, file)
     await refuseExisting(target)
