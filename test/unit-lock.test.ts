@@ -89,3 +89,31 @@ test.serial('a live holder of this host is never replaced, even one that holds n
     t.is(await fsp.readFile(file, 'utf8'), before, 'the holder\'s lock file was replaced')
   })
 })
+
+test.serial('a lock of another host is never taken over; the refusal says which file to delete if that host is gone', async t => {
+  await inTmp(async dir => {
+    const file = path.join(dir, '.redofs.lock')
+    await writeFile(file, JSON.stringify({ pid: 1, host: 'gone-host.example', since: new Date(0).toISOString(), what: 'redofs mount' }))
+    const e = await StoreLock.acquire(dir, 'test').then(() => undefined, (err: { code?: string, message?: string }) => err)
+    t.is(e?.code, 'EBUSY')
+    t.true(String(e?.message).includes(`on gone-host.example since 1970-01-01T00:00:00.000Z); if that host is gone for good, delete ${file}`), String(e?.message))
+  })
+})
+
+test.serial('the command line: a lock that cannot be made names the store and --store; relink of a missing file takes no lock', async t => {
+  await inTmp(async dir => {
+    const bin = path.resolve(__dirname, '..', '..', 'bin', 'redofs')
+    // the store root of <dir>/vm/d.vmdk is <dir>: a file there blocks nothing, but a store
+    // root that is a file cannot hold a lock
+    const made = spawnSync(process.execPath, [bin, 'create', path.join(dir, 'vm', 'd'), '--size', '1M'], { encoding: 'utf8' })
+    t.is(made.status, 0, made.stderr)
+    await writeFile(path.join(dir, 'not-a-dir'), '')
+    const r = spawnSync(process.execPath, [bin, 'addredo', '--store', path.join(dir, 'not-a-dir'), path.join(dir, 'vm', 'd')], { encoding: 'utf8' })
+    t.is(r.status, 1, r.stderr)
+    t.regex(r.stderr, /cannot lock the store .*not-a-dir \(--store\): .*; name the store with --store DIR/)
+    const missing = spawnSync(process.execPath, [bin, 'relink', path.join(dir, 'nothere', 'x.vmdk')], { encoding: 'utf8' })
+    t.is(missing.status, 1)
+    t.regex(missing.stderr, /x\.vmdk: no such file/)
+    t.deepEqual((await readdir(dir)).filter(n => n.startsWith('.redofs.lock')), [], 'relink locked a store before checking its argument')
+  })
+})

@@ -27,12 +27,28 @@ export async function openDisk (arg: string, args: GlobalArgs, extra: ChainOptio
 }
 
 /**
+ * The lock of the store `file` belongs to (--store, else its grandparent). A store root that
+ * cannot take a lock file (a disk outside the <store>/<vm>/ layout, in a directory the user
+ * cannot write) says so and how to name the store.
+ */
+export async function lockStore (file: string, args: GlobalArgs, what: string): Promise<StoreLock> {
+  const root = storeRoot(file, args)
+  try {
+    return await StoreLock.acquire(root, `redofs ${what}`)
+  } catch (e) {
+    const err = toRedoError(e)
+    if (err.code === 'EBUSY') throw err
+    throw new RedoError(err.code, `cannot lock the store ${root} (${args.store !== undefined ? '--store' : `the directory above ${dirname(resolve(file))}`}): ${err.message}; name the store with --store DIR`, err.file)
+  }
+}
+
+/**
  * Run `fn` on a disk opened for writing, holding the store lock (a mounted store, or another
  * offline command, makes this fail with a message naming the holder).
  */
 export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: string, fn: (chain: Chain) => Promise<T>): Promise<T> {
   const top = await resolveDiskTop(arg)
-  const lock = await StoreLock.acquire(storeRoot(top, args), `redofs ${what}`)
+  const lock = await lockStore(top, args, what)
   try {
     const chain = await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), writable: true })
     try {

@@ -42,7 +42,8 @@ export async function readLock (root: string): Promise<LockInfo | undefined> {
 let tmpSeq = 0
 
 const busy = (root: string, h: LockInfo): RedoError =>
-  new RedoError('EBUSY', `${root}: store is in use by ${h.what} (pid ${h.pid} on ${h.host} since ${h.since})`, lockPath(root))
+  new RedoError('EBUSY', `${root}: store is in use by ${h.what} (pid ${h.pid} on ${h.host} since ${h.since})` +
+    (h.host !== hostname() ? `; if that host is gone for good, delete ${lockPath(root)}` : ''), lockPath(root))
 
 const NO_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS'])
 

@@ -6,16 +6,16 @@ import { parentCandidates } from '../../chain/peek'
 import { RedoError } from '../../errors'
 import { cidHex } from '../../formats/descriptor'
 import { Layer } from '../../formats/layer'
-import { StoreLock } from '../../store/lock'
-import { action, storeRoot, type GlobalArgs } from '../common'
+import { action, lockStore, storeRoot, type GlobalArgs } from '../common'
 
 export const command = 'relink <child>'
 export const describe = 're-stamp parentCID after checking that the parent still holds what it held (CID mismatch after moving files)'
 export const builder = (y: Argv): Argv => y.positional('child', { type: 'string', describe: 'the .vmdk whose parentCID no longer matches' })
 
 export const handler = action(async (a: GlobalArgs & { child: string }) => {
+  if (!await stat(a.child).then(s => s.isFile(), () => false)) throw new RedoError('ENOENT', `${a.child}: no such file`, a.child)
   const root = storeRoot(a.child, a)
-  const lock = await StoreLock.acquire(root, 'redofs relink')
+  const lock = await lockStore(a.child, a, 'relink')
   try {
     const child = await Layer.open(a.child, { root })
     let parentPath: string | undefined
