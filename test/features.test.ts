@@ -516,6 +516,22 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.deepEqual(await snapshotTree(store), before, 'a file of the store changed')
   })
 
+  test.serial('a VM named "status", or a disk named like a VM\'s control file, is left out with an error: .ctl keeps its own files', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'status', 'd', '8M')
+    for (const d of ['ok', 'status', 'commit']) await createDisk(store, 'vm', d, '8M')
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    t.deepEqual((await readdir(s.mnt)).sort(), ['.ctl', 'vm'])
+    t.deepEqual((await readdir(path.join(s.mnt, 'vm'))).sort(), ['ok.img'])
+    const top = JSON.parse(await readFile(path.join(s.mnt, '.ctl', 'status'), 'utf8')) as { errors: Array<{ message: string }>, vms: Array<{ name: string, errors: Array<{ message: string }> }> }
+    t.regex(top.errors.map(e => e.message).join('\n'), /VM "status" left out: \.ctl\/status is the store's status file/)
+    const vmErrors = top.vms.find(v => v.name === 'vm')?.errors.map(e => e.message).join('\n') ?? ''
+    for (const d of ['status', 'commit']) t.regex(vmErrors, new RegExp(`disk "${d}" left out: \\.ctl/vm/${d} is the VM's own control file`))
+    t.is((JSON.parse(await readFile(path.join(s.mnt, '.ctl', 'vm', 'status'), 'utf8')) as { name: string }).name, 'vm')
+    await s.stopClean(t)
+  })
+
   test.serial('a VM-wide discard is all or none: a generation open on one disk refuses it before any disk changes', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

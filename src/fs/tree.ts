@@ -1,9 +1,8 @@
 /** Mapping mount paths to store objects (SPEC §2). No I/O here. */
 import type { Disk, Generation } from '../store/disk'
-import type { Store, Vm } from '../store/store'
+import { VM_COMMANDS, type Store, type Vm } from '../store/store'
 
 export const DISK_COMMANDS = ['addredo', 'commit', 'discard', 'label', 'poweroff', 'job'] as const
-export const VM_COMMANDS = ['addredo', 'commit', 'discard'] as const
 
 export type Node =
   | { kind: 'dir', names: () => string[] }

@@ -83,6 +83,11 @@ export class Store {
     const all = await peekDirs([this.root, ...await subdirs(this.root)])
     for (const e of entries.sort((a, b) => a.name.localeCompare(b.name))) {
       if (!e.isDirectory() || e.name.startsWith('.')) continue
+      // .ctl/status is the store's own status file
+      if (e.name === 'status') {
+        this.errors.push({ file: join(this.root, e.name), message: `${join(this.root, e.name)}: VM "status" left out: .ctl/status is the store's status file; rename the directory` })
+        continue
+      }
       await this.scanVm(e.name, join(this.root, e.name), all)
     }
   }
@@ -125,6 +130,10 @@ export class Store {
     for (const w of wanted) {
       const diskName = diskNameOf(w.top)
       if (broken.has(diskName)) continue
+      if (VM_CTL_FILES.has(diskName)) {
+        realVm.errors.push({ file: w.top, message: `${w.top}: disk "${diskName}" left out: .ctl/${name}/${diskName} is the VM's own control file; rename the disk` })
+        continue
+      }
       const at = diskName.lastIndexOf('@')
       const other = diskName.slice(0, Math.max(at, 0))
       if (at > 0 && names.has(other)) {
@@ -378,6 +387,10 @@ export class Store {
     if (failed.length > 0) throw new RedoError('EIO', `power off failed: ${failed.join('; ')}`)
   }
 }
+
+/** The files of .ctl/<vm>/ besides its disks' directories: the VM-wide commands, status, error. */
+export const VM_COMMANDS = ['addredo', 'commit', 'discard'] as const
+const VM_CTL_FILES = new Set<string>([...VM_COMMANDS, 'status', 'error'])
 
 async function subdirs (root: string): Promise<string[]> {
   try {
