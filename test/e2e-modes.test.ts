@@ -210,6 +210,21 @@ test('redo logs a user adds during a nonpersistent or undoable session belong to
   await fileEquals(t, un, 'disk.vmdk', model, 'the base after poweroff=commit')
 })
 
+test('a nonpersistent session whose first redo log the user commits into the base: the redo logs above it still belong to the session and go at power off', async t => {
+  const np = await makeVm('nonpersistent')
+  const srv = await powerOn(np)
+  const kept = Buffer.from(np.orig)
+  await writeLive(srv, kept, 3 * M, 70000)
+  await srv.commandOk('vm1', 'disk', 'addredo')
+  const scratch = Buffer.from(kept)
+  await writeLive(srv, scratch, 9 * M, 70000)
+  await srv.commandOk('vm1', 'disk', 'commit', 'level=1') // the session's first redo log into the base
+  t.is((await srv.status('vm1', 'disk')).redoLogs, 1)
+  await srv.stopClean(t)
+  t.deepEqual(await redoFiles(np), [], 'the session\'s remaining redo log survived a nonpersistent power off')
+  await fileEquals(t, np, 'disk.vmdk', kept, 'the base holds what was committed, and only that')
+})
+
 test('append: the redo log is added once, kept at unmount and appended to at the next mount', async t => {
   const vm = await makeVm('append')
   const model = Buffer.from(vm.orig)

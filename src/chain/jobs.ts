@@ -13,7 +13,7 @@ import { delayPoint, failPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
-import { findLabel, labelOf, setMeta } from './labels'
+import { findLabel, labelOf, SESSION_KEY, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
@@ -334,6 +334,13 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
       const hint = parentHintFor(dirname(a.path), parent.path)
       faultPoint('commit.relink')
       if (a.parentHint !== hint || a.parentCID !== parent.cid) await a.setParent(hint, parent.cid)
+      // a disk mode's session is marked on its first redo log: merged away, the next one is first
+      const session = child?.descriptor.get(SESSION_KEY)
+      if (session !== undefined && a.hasCids && a.descriptor.get(SESSION_KEY) === undefined) {
+        const d = a.descriptor.clone()
+        d.set(SESSION_KEY, session)
+        await a.saveDescriptor(d)
+      }
     } finally {
       if (own) await a.close()
     }

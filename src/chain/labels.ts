@@ -9,6 +9,8 @@ import type { Chain } from './chain'
 
 export const LABEL_KEY = 'ddb.redofs.label'
 export const FROZEN_KEY = 'ddb.redofs.frozen'
+/** On the first redo log of a nonpersistent or undoable disk's session (see the store's modes). */
+export const SESSION_KEY = 'ddb.redofs.session'
 
 export function labelOf (layer: Layer): string | undefined {
   const v = layer.descriptor.get(LABEL_KEY)

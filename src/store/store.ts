@@ -7,6 +7,7 @@ import { readdir, realpath, stat } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
 import { checkCommit, checkDiscard, commit, type RedoFormat } from '../chain/jobs'
+import { SESSION_KEY } from '../chain/labels'
 import { diskNameOf } from '../chain/names'
 import { brokenIn, peekDirs, type Peek } from '../chain/peek'
 import { RedoError, toRedoError } from '../errors'
@@ -31,9 +32,6 @@ export interface FileError {
   file: string
   message: string
 }
-
-/** ddb key marking a redo log that redofs added for a nonpersistent/undoable session. */
-export const SESSION_KEY = 'ddb.redofs.session'
 
 export class Vm {
   disks = new Map<string, Disk>()
