@@ -660,6 +660,34 @@ if (ok) {
     t.deepEqual((await readdir(vm)).sort(), ['disk-000001.vmdk', 'disk-000003.vmdk', 'disk.vmdk'])
   })
 
+  test.serial('a commit killed mid-copy, under a read-only mount: the generation it merges into refuses to open, the others read as before', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const vm = path.join(store, 'vm')
+    await createDisk(store, 'vm', 'disk', '8M')
+    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 0 6M', path.join(vm, 'disk.vmdk')])
+    await addRedoFilled(vm, 2, '0 5M') // two copy chunks
+    await addRedoFilled(vm, 3, '4M 1M')
+    const before = await Promise.all(['disk-000001.vmdk', 'disk-000002.vmdk'].map(async f => {
+      const q = await sh('qemu-img convert -O raw "$1" "$2" && sha256sum < "$2"', [path.join(vm, f), path.join(dir, `${f}.raw`)])
+      return q.stdout
+    }))
+    const k = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'disk'), 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.copy' } })
+    t.regex(k.stderr, /crashing at commit\.copy/, describe(k))
+    const ro = await env.mount(store, path.join(dir, 'mnt'), ['--read-only'])
+    const g0 = await sh('head -c 1 "$1" >/dev/null', [ro.img('vm', 'disk', 0)])
+    t.not(g0.code, 0, 'generation 0, half merged, was served')
+    t.regex(g0.stderr, /busy/i)
+    t.regex(await ro.errorText('vm', 'disk'), /generation 0 is being merged with the one above by an interrupted commit/)
+    t.is((await sh('sha256sum < "$1"', [ro.img('vm', 'disk', 1)])).stdout, before[0])
+    t.is((await sh('sha256sum < "$1"', [ro.img('vm', 'disk')])).stdout, before[1])
+    await ro.stop()
+    const rw = await env.mount(store, path.join(dir, 'mnt'))
+    t.is((await rw.status('vm', 'disk')).redoLogs, 1)
+    t.is((await sh('sha256sum < "$1"', [rw.img('vm', 'disk', 0)])).stdout, before[0])
+    await rw.stopClean(t)
+  })
+
   test.serial('a grain directory with 70 entries naming one table: those tables are held and never written, the other tables keep working', async t => {
     const dir = await env.tmp()
     const file = path.join(dir, 'd.vmdk')

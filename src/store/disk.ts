@@ -134,7 +134,12 @@ export class Disk {
 
   /** Why `gen` cannot be opened now (a running job is changing it), or undefined. */
   openRefusal (gen: Generation | 'live'): RedoError | undefined {
-    if (gen === 'live' || !this.changing.has(gen)) return undefined
+    if (gen === 'live') return undefined
+    // (a read-only mount leaves a commit a crash interrupted as it is: the generation it merges
+    // into holds part of the one above until a writable open finishes it)
+    const j = this.chain.mergingInto(this.indexOf(gen))
+    if (j !== undefined) return new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is being merged with the one above by an interrupted commit (${j.child}); a writable mount finishes it`)
+    if (!this.changing.has(gen)) return undefined
     return new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is being changed by a running ${this.job?.kind ?? 'job'}; open it when that has ended`)
   }
 
