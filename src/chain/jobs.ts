@@ -101,10 +101,6 @@ function commitSpace (runs: Run[], parent: Layer): number {
   return n
 }
 
-/**
- * Merge the redo log `level` levels below the top into its parent (level 0 = the top one).
- * Generations above it renumber; their content does not change.
- */
 export interface CommitResult {
   /** Label of the generation the commit removed (its content is gone), if it had one. */
   droppedLabel?: string
@@ -146,6 +142,10 @@ export async function checkCommit (chain: Chain, level: number, opts: { force?: 
   return { i, child, parent, above, others }
 }
 
+/**
+ * Merge the redo log `level` levels below the top into its parent (level 0 = the top one).
+ * Generations above it renumber; their content does not change.
+ */
 export async function commit (chain: Chain, level: number, opts: { force?: boolean } & JobControl = {}): Promise<CommitResult> {
   const { i, child, parent, above, others } = await checkCommit(chain, level, opts)
   // what the child holds, worked out once: a frozen child does not change while it is merged
