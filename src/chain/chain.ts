@@ -260,7 +260,8 @@ export class Chain {
 
   allocatedBytes (g: number): number {
     let n = 0
-    for (let i = 0; i <= g; i++) n += this.layers[i].allocatedBytes()
+    // (a generation a running discard has just removed asks too: getattr of its file)
+    for (let i = 0; i <= Math.min(g, this.layers.length - 1); i++) n += this.layers[i].allocatedBytes()
     return Math.min(n, this.size)
   }
 
