@@ -392,6 +392,22 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     return { s, vm, live, store, dir }
   }
 
+  test.serial('a commit into a generation whose content record is still being read stops that record: none is saved of content the commit changes', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const vm = path.join(store, 'vm')
+    await createDisk(store, 'vm', 'disk', '32M')
+    await redofsOk('addredo', path.join(vm, 'disk'))
+    // the record starts reading after 500 ms; the commit's chunks wait 1.5 s before copying
+    const s = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_DELAY: 'record:500,commit.chunk:1500' })
+    await shOk('dd if=/dev/urandom of="$1" bs=1M count=4 conv=notrunc,fsync status=none', [s.img('vm', 'disk')])
+    await s.commandOk('vm', 'disk', 'addredo', 'record=1') // records generation 1 (disk-000001) in the background
+    await shOk('dd if=/dev/urandom of="$1" bs=1M count=12 conv=notrunc,fsync status=none', [s.img('vm', 'disk')])
+    await s.commandOk('vm', 'disk', 'commit', 'level=0') // merges the new top into disk-000001
+    await s.stopClean(t)
+    t.false((await readdir(vm)).includes('disk-000001.vmdk.redofs-digest'), 'a record of disk-000001\'s old content outlived the commit that changed it')
+  })
+
   test.serial('a freezing commit refuses pause from its start, also while it still waits for an earlier job\'s deletion', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

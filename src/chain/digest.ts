@@ -8,6 +8,7 @@
 import { createHash } from 'node:crypto'
 import { rename, unlink } from 'node:fs/promises'
 import { RedoError } from '../errors'
+import { delayPoint } from '../fault'
 import { readIfExists, writeFileDurable } from '../formats/extent'
 import type { Chain } from './chain'
 
@@ -93,6 +94,7 @@ export async function moveDigest (from: string, to: string): Promise<void> {
 
 /** Record generation g of the chain (the content of layer g as the top). */
 export async function recordGeneration (chain: Chain, g: number, cancelled?: () => boolean): Promise<boolean> {
+  await delayPoint('record')
   const layer = chain.layers[g].path
   const d = await computeDigest(chain, g, cancelled)
   if (d === undefined || cancelled?.() === true) return false

@@ -447,13 +447,31 @@ export class Disk {
     if (record) this.recordLater(this.chain.redoCount - 1)
   }
 
+  /** The content record being read in the background, if any. */
+  private recording: Promise<void> = Promise.resolve()
+
   /** Content record of a newly frozen generation (for relink), read in the background. */
   private recordLater (g: number): void {
     const shape = this.shape
     const stale = (): boolean => this.shape !== shape || this.closing
-    setImmediate(() => {
-      recordGeneration(this.chain, g, stale).catch(e => log.store('%s/%s: content record of generation %d: %s', this.vm, this.name, g, (e as Error).message))
+    const before = this.recording
+    this.recording = new Promise<void>(resolve => {
+      setImmediate(() => {
+        void before.then(async () => await recordGeneration(this.chain, g, stale))
+          .catch(e => log.store('%s/%s: content record of generation %d: %s', this.vm, this.name, g, (e as Error).message))
+          .finally(resolve)
+      })
     })
+  }
+
+  /**
+   * A job about to change frozen content (a commit merging into a layer, a discard making one
+   * live) first stops a content record in progress: read meanwhile, it would mix old and new
+   * content, and saved after the job dropped the layer's record, it would outlive it.
+   */
+  private async stopRecords (): Promise<void> {
+    this.shape++
+    await this.recording
   }
 
   /** Set at unmount: background work stops. */
@@ -468,6 +486,7 @@ export class Disk {
     this.closing = true
     if (this.ctl.paused) { this.ctl.cancel = true; this.resumeJob() }
     await this.idle()
+    await this.recording // stopped by `closing`: nothing is saved after the power-off's jobs
     await this.gate.close(`${this.vm}/${this.name}: the store is being unmounted`)
     await this.reaped()
   }
@@ -476,6 +495,7 @@ export class Disk {
     // before any await: `pause` must refuse a freezing commit from its start (runJob calls this
     // at once), not only once it holds the live file's I/O
     this.ctl.freezing = plan.freeze
+    await this.stopRecords()
     const run = async (): Promise<void> => {
       for (const [n, level] of plan.levels.entries()) {
         const i = this.chain.redoCount - level
@@ -526,6 +546,7 @@ export class Disk {
   }
 
   async doDiscard (to: number, force = false): Promise<void> {
+    await this.stopRecords()
     await this.reaped()
     // the live file then reads as generation `to`: pages cached from the discarded top must go
     let files: string[] = []
