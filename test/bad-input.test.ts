@@ -81,5 +81,10 @@ test('a damaged redo log is not skipped: commands given the disk name refuse it 
     const r = await redofs(args)
     assertOneLineError(t, r, { mustName: ['d-000001.vmdk'], keyword: /not a VMDK/ })
   }
+  // a file named explicitly fixes its own chain: reading the intact base stays possible
+  const salvage = await redofs(['export', path.join(vm, 'd.vmdk'), out])
+  t.is(salvage.code, 0, describe(salvage))
+  const wr = await redofs(['addredo', path.join(vm, 'd.vmdk')])
+  assertOneLineError(t, wr, { mustName: ['d-000001.vmdk'], keyword: /not a VMDK/ })
   t.deepEqual(await snapshotTree(root), before, 'a file in the store was modified')
 })

@@ -90,6 +90,12 @@ if (ok) {
     const r = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(store, 'vmB', 'b')])
     t.is(r.code, 1, describe(r))
     t.regex(r.stderr, /the top of another disk in its directory/)
+    // a base no disk serves (in the store's root, not a VM directory) is no other disk's top
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', path.join(store, 'base.vmdk'), '8M'])
+    await mkdir(path.join(store, 'vmC'))
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', '../base.vmdk', '-F', 'vmdk', path.join(store, 'vmC', 'c.vmdk')])
+    const c = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vmC', 'c'), 'level=0'])
+    t.is(c.code, 0, describe(c))
   })
 
   test.serial('a VM-wide discard refused for one disk (its kept layer is shared) changes no disk', async t => {
@@ -133,14 +139,18 @@ if (ok) {
     const store = await templateAndClone(dir)
     await writeVmx(path.join(store, 'vmA', 'vmA.vmx'), [{ fileName: 'd.vmdk', mode: 'nonpersistent' }])
     const base = await sha256File(path.join(store, 'vmA', 'd.vmdk'))
-    for (let round = 0; round < 2; round++) {
+    // rounds 0 and 1 power off; round 2 is killed, and the next power on drops its session
+    for (let round = 0; round < 4; round++) {
       const s = await env.mount(store, path.join(dir, 'mnt'))
       t.deepEqual((await vmsOf(s.mnt)).find(v => v.name === 'vmA')?.disks.map(d => d.disk), ['d'], `round ${round}: the disk was left out`)
+      if (round === 3) { await s.stopClean(t); break }
       await shOk('printf session | dd of="$1" conv=notrunc,fsync status=none', [s.img('vmA', 'd')])
+      if (round === 2) { await s.kill(); continue }
       await s.stopClean(t)
       t.deepEqual((await readdir(path.join(store, 'vmA'))).sort(), ['d.vmdk', 'vmA.vmx'], `round ${round}: the session redo log survived power off`)
       t.is(await sha256File(path.join(store, 'vmA', 'd.vmdk')), base)
     }
+    t.deepEqual((await readdir(path.join(store, 'vmA'))).sort(), ['d.vmdk', 'vmA.vmx'], 'the killed session\'s redo log survived the next power on and off')
     // undoable, poweroff=discard, a generation file held open across the unmount
     const dir2 = await env.tmp()
     const store2 = path.join(dir2, 'store')
@@ -180,6 +190,13 @@ if (ok) {
     t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d-000001\.vmdk"/)
     await mustRun(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'd'), 'level=0'])
     t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d\.vmdk"/)
+    // a commit killed before it could point the .vmx at the parent: its repeat does
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'd')])
+    const k = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'd'), 'level=0'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.drop' } })
+    t.regex(k.stderr, /crashing at commit\.drop/, describe(k))
+    t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d-000001\.vmdk"/)
+    await mustRun(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'd'), 'level=0'])
+    t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d\.vmdk"/, 'the .vmx names the merged redo log')
   })
 
   test.serial('a second writer to a command file whose command still runs is refused at once (EBUSY), not queued behind it', async t => {

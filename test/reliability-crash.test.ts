@@ -624,6 +624,14 @@ if (ok) {
     t.is(other.code, 1, describe(other))
     t.regex(other.stderr, /renumbered the generations, so level=1 may not name the one meant/)
     t.deepEqual((await readdir(vm)).sort(), ['disk-000001.vmdk', 'disk.vmdk'], 'only the interrupted commit was to be finished')
+    // a discard of "the top": the finished commit merged the top the user saw away
+    const vm3 = await build()
+    await crashCommit(vm3, 0, 'commit.drop')
+    const top = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(vm3, 'disk')])
+    t.is(top.code, 1, describe(top))
+    t.regex(top.stderr, /so the top may not name the one meant/)
+    t.deepEqual((await readdir(vm3)).sort(), ['disk-000001.vmdk', 'disk.vmdk'], 'the discard dropped the merged generation')
+    await qemuReadsBack(t, path.join(vm3, 'disk-000001.vmdk'), '1 0 1M', '2 1M 1M')
     const vm2 = await build()
     await addRedoFilled(vm2, 3, '3M 1M') // disk-000003.vmdk
     await crashCommit(vm2, 0, 'commit.drop')

@@ -4,7 +4,7 @@
  */
 import test from 'ava'
 import { spawn, spawnSync } from 'node:child_process'
-import { access, chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises'
+import { access, chmod, mkdir, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import path from 'node:path'
 import { processStart, REGISTRY } from '../src/cli/serve'
@@ -280,7 +280,9 @@ if (ok) {
     const { dir, store } = await storeWithRedo(env.tmp, '8M')
     const mnt = path.join(dir, 'mnt')
     const server = await env.mount(store, mnt)
-    const r = await run(process.execPath, [REDOFS_BIN, 'umount', mnt])
+    // named through a symbolic link (mountinfo and the registry hold the real path)
+    await symlink(mnt, path.join(dir, 'link'))
+    const r = await run(process.execPath, [REDOFS_BIN, 'umount', path.join(dir, 'link')])
     t.is(r.code, 0, describe(r))
     t.deepEqual(await server.exited, { code: 0, signal: null }, `server exit\nstderr: ${server.stderr}`)
     t.false(isMounted(mnt))

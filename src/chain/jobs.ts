@@ -131,7 +131,7 @@ export async function checkCommit (chain: Chain, level: number, opts: { force?: 
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
   }
-  if (opts.force !== true && await anotherDisksTop(parent.path, chain.top.path)) {
+  if (opts.force !== true && await anotherDisksTop(parent.path, chain.top.path, chain.opts.root)) {
     throw new RedoError('EBUSY', `${parent.path}: the top of another disk in its directory; committing into it would change that disk (use force=1)`, parent.path)
   }
   // the merged file is deleted: no other chain may be built on it (force cannot help them)
@@ -459,7 +459,7 @@ export async function checkDiscard (chain: Chain, to?: number, opts: { force?: b
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)
   }
-  if (opts.force !== true && await anotherDisksTop(chain.layers[g].path, chain.top.path)) {
+  if (opts.force !== true && await anotherDisksTop(chain.layers[g].path, chain.top.path, chain.opts.root)) {
     throw new RedoError('EBUSY', `${chain.layers[g].path}: the top of another disk in its directory; it cannot become live here too (use force=1)`, chain.layers[g].path)
   }
   // the discarded files are deleted: no other chain may be built on any of them (force cannot help them)

@@ -7,6 +7,7 @@ import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
 import { COWD_MAGIC } from '../formats/cowd'
 import { Descriptor } from '../formats/descriptor'
 import { DROPPED } from '../formats/layer'
+import { Vmx } from '../formats/vmx'
 import { KDMV_MAGIC, descriptorIntent, descriptorIntentPath, parseSparseHeader } from '../formats/sparse'
 import { SECTOR } from '../units'
 
@@ -127,18 +128,22 @@ export async function childrenOfEach (parents: string[], root: string | undefine
 }
 
 /**
- * `layer`, of a chain whose top is `top`, lies in another directory and nothing in its own names
- * it as parent: it is the live top of a disk there (a linked clone's template, say). A job that
- * would make it this chain's top, or write into it, would give that disk a second writer.
+ * `layer`, of a chain whose top is `top`, is the live top of a disk the mount would serve from
+ * another VM directory of the store `root` (a linked clone's template, say): nothing in its own
+ * directory names it as parent, and that directory's .vmx, if it has one, names it. A job that
+ * made it this chain's top, or wrote into it, would give that disk a second writer.
  */
-export async function anotherDisksTop (layer: string, top: string): Promise<boolean> {
+export async function anotherDisksTop (layer: string, top: string, root: string | undefined): Promise<boolean> {
   const dir = dirname(resolve(layer))
-  if (dir === dirname(resolve(top))) return false
+  if (root === undefined || dirname(dir) !== resolve(root) || dir === dirname(resolve(top))) return false
+  if ((await childrenOf(layer, undefined)).length > 0) return false
+  const vmx = (await readdir(dir).catch(() => [] as string[])).find(n => /\.vmx$/i.test(n))
+  if (vmx === undefined) return true
   const real = await realpath(layer).catch(() => resolve(layer))
-  for (const p of await peekDirs([dir])) {
-    if (p.parent !== undefined && await realpath(p.parent).catch(() => resolve(p.parent as string)) === real) return false
+  for (const d of (await Vmx.read(join(dir, vmx)).catch(() => undefined))?.disks() ?? []) {
+    if (await realpath(resolve(dir, d.fileName)).catch(() => resolve(dir, d.fileName)) === real) return true
   }
-  return true
+  return false
 }
 
 /**
@@ -192,7 +197,7 @@ export async function brokenIn (dir: string): Promise<Peek[]> {
     if (p?.error !== undefined) out.push(p)
     // (an ESX 2.x raw base has no header either: its `<name>.REDO` files use it)
     else if (p?.unless !== undefined && !names.some(m => m.startsWith(`${n}.REDO`)) && !(used ??= await extentsUsedIn(dir)).has(join(dir, n))) {
-      out.push({ ...p, extentOnly: false, error: `${p.unless}, and no descriptor beside it uses it as an extent` })
+      out.push({ ...p, extentOnly: false, error: `${p.unless}, and no descriptor beside it uses it as an extent (a raw disk image? redofs import makes it a disk)` })
     }
   }
   return out

@@ -8,7 +8,7 @@ import { isRedoError, RedoError, toRedoError } from '../errors'
 import { log } from '../log'
 import { StoreLock } from '../store/lock'
 import { resolveDiskTop } from '../store/tops'
-import { pointVmxAt } from '../store/vmx'
+import { pointVmxAt } from '../formats/vmx'
 import { formatSize } from '../units'
 
 export interface GlobalArgs {
@@ -47,18 +47,19 @@ export async function lockStore (file: string, args: GlobalArgs, what: string): 
  * offline command, makes this fail with a message naming the holder).
  */
 export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: string, fn: (chain: Chain) => Promise<T>): Promise<T> {
-  const top = await resolveDiskTop(arg)
+  const top = await resolveDiskTop(arg, true)
   const lock = await lockStore(top, args, what)
   try {
     const chain = await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), writable: true })
     try {
       // the open finished what a crash had interrupted: the chain is not the one `info` showed
       for (const j of chain.recovered) process.stderr.write(`redofs: finished the interrupted commit of ${j.child} into ${j.parent} first\n`)
-      const before = chain.layers.map(l => l.path)
+      // every file the .vmx may name: the chain as the open found it, and what it merged away
+      const before = [...chain.recovered.map(j => j.child), ...chain.layers.map(l => l.path)]
       const out = await fn(chain)
       // the .vmx names the chain's top (SPEC §1), as the mount keeps it; the command itself is
       // done, so a .vmx that cannot be rewritten is a warning
-      if (chain.top.path !== before[before.length - 1]) {
+      if (resolve(chain.top.path) !== resolve(top)) {
         await pointVmxAt(before, chain.top.path).catch(e => { process.stderr.write(`redofs: warning: the .vmx still names the old top: ${toRedoError(e).message}\n`) })
       }
       return out

@@ -1,17 +1,19 @@
 /**
  * The raw file `export` and `restore` write. A regular file (new or not) is written under a
- * temporary name beside it and renamed over the target once complete and synced: a failed or
- * killed command leaves the target as it was, never a complete-looking half. Where no file can
+ * temporary name beside it (`.<name>.redofs-new.<pid>`) and renamed over the target once
+ * complete and synced: a failed or killed command leaves the target as it was, never a
+ * complete-looking half (an existing target's space is freed only then: room for both is needed). Where no file can
  * be made beside it (a disk file inside a redofs mount, a directory without write permission)
  * and for devices, the target is written in place: nothing truncates its old content away
  * there, so the caller writes holes as zeros too (`dense`). A target that is one of the files
  * the command reads is refused: writing it would destroy the source while it is read.
  */
 import { constants } from 'node:fs'
-import { open, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { syncDir, writeExact } from '../formats/extent'
+import { alive } from '../store/lock'
 
 /** Errors that mean "no new file here", where writing the existing target in place still can. */
 const NO_SIBLING = new Set(['EACCES', 'EPERM', 'EROFS', 'ENOSYS', 'EOPNOTSUPP', 'ENOTSUP'])
@@ -43,9 +45,13 @@ export class RawOutput {
       }
     }
     if (st === undefined || st.isFile()) {
-      const tmp = join(dirname(target), `.${basename(target)}.redofs-new`)
+      // one name per process (two runs to one target must not share it); a killed run's goes
+      const stem = `.${basename(target)}.redofs-new.`
+      for (const n of await readdir(dirname(target)).catch(() => [] as string[])) {
+        if (n.startsWith(stem) && !alive(Number(n.slice(stem.length)))) await unlink(join(dirname(target), n)).catch(() => {})
+      }
+      const tmp = join(dirname(target), stem + String(process.pid))
       try {
-        await unlink(tmp).catch(() => {}) // left by a killed run
         const fh = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, st !== undefined ? st.mode & 0o7777 : 0o666)
         return new RawOutput(target, fh, tmp, false, true)
       } catch (e) {

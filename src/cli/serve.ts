@@ -12,7 +12,8 @@ import { log } from '../log'
 import { Store, type StoreOptions } from '../store/store'
 
 /**
- * Where servers note their pid by mountpoint, for `redofs umount`: one directory per user, mode
+ * Where servers note their pid by mountpoint (its canonical path), for `redofs umount`: one
+ * directory per user, mode
  * 0700. A shared one in /tmp could be made by another user first, who could then plant entries
  * (umount signals the pid one names) or links (the server writes its entry through them).
  */
@@ -131,7 +132,7 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
   // without an entry `redofs umount` still unmounts (fusermount -u), which this server notices
   await registry().then(async () => {
     await pruneRegistry()
-    await writeFile(registryFile(mnt), JSON.stringify({ pid: process.pid, start: processStart(process.pid), store: store.root, mnt: resolve(mnt) } satisfies Served))
+    await writeFile(registryFile(canonical), JSON.stringify({ pid: process.pid, start: processStart(process.pid), store: store.root, mnt: canonical } satisfies Served))
   }).catch(e => { process.stderr.write(`redofs: warning: no registry entry for redofs umount: ${(e as Error).message}\n`) })
   let stopping: Promise<void> | null = null
   const stop = async (why: string): Promise<void> => {
@@ -143,7 +144,7 @@ export async function serve (storeDir: string, mnt: string, sopts: StoreOptions,
       try {
         await store.close() // throws (after closing everything) when a power-off action failed
       } finally {
-        await unlink(registryFile(mnt)).catch(() => {})
+        await unlink(registryFile(canonical)).catch(() => {})
       }
     })()
     return await stopping

@@ -15,7 +15,7 @@ import { reapDropped } from '../formats/layer'
 import { log } from '../log'
 import { parseArgs, type ArgValue } from './args'
 import { IoGate } from './gate'
-import type { DiskMode, Vmx } from './vmx'
+import type { DiskMode, Vmx } from '../formats/vmx'
 
 export interface DiskOptions {
   readOnly: boolean

@@ -22,7 +22,9 @@ export interface LockInfo {
 
 export const lockPath = (root: string): string => join(root, '.redofs.lock')
 
-function alive (pid: number): boolean {
+/** A process with this pid exists (perhaps another user's). */
+export function alive (pid: number): boolean {
+  if (!Number.isSafeInteger(pid) || pid <= 0) return false
   try {
     process.kill(pid, 0)
     return true

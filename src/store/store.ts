@@ -17,7 +17,7 @@ import { parseArgs } from './args'
 import { Disk, type DiskOptions } from './disk'
 import { StoreLock } from './lock'
 import { chainTops, topsAmong } from './tops'
-import { Vmx, type DiskMode } from './vmx'
+import { Vmx, type DiskMode } from '../formats/vmx'
 
 export interface StoreOptions {
   readOnly?: boolean
@@ -240,7 +240,7 @@ export class Store {
         const k = this.sessionStart(disk)
         if (k !== undefined) {
           log.store('%s/%s: discarding a stale session', disk.vm, disk.name)
-          await disk.doDiscard(k - 1)
+          await disk.doDiscard(k - 1, true) // force: as at power off (powerOffDisk)
         }
         await disk.doAddRedo()
         await this.markSession(disk, 'nonpersistent')
@@ -315,9 +315,10 @@ export class Store {
         }
         case 'commit': {
           const a = parseArgs(text, { level: 'level', freeze: 'bool', wait: 'bool', force: 'bool' }, 'commit')
-          // every disk's refusals first: all or none (level=all merges into the base first)
-          for (const d of disks) d.planCommit(a)
-          for (const d of disks) await checkCommit(d.chain, a.level === 'all' ? d.chain.redoCount - 1 : (a.level as number | undefined) ?? 0, { force: a.force === true })
+          // every disk's refusals first, for every level it merges: all or none
+          for (const d of disks) {
+            for (const level of d.planCommit(a).levels) await checkCommit(d.chain, level, { force: a.force === true })
+          }
           await Promise.all(disks.map(async d => await d.command('commit', text)))
           return
         }
@@ -325,11 +326,10 @@ export class Store {
           const a = parseArgs(text, { to: 'gen' }, 'discard')
           // every disk checked first, open generations included, and held from then on: all or none
           try {
-            for (const d of disks) {
-              const to = d.planDiscard(a.to as number | string | undefined)
-              await checkDiscard(d.chain, to)
-              d.holdForDiscard(to)
-            }
+            // the checks that read descriptors first; then each disk's open generations are
+            // checked and held with no await in between (one opened meanwhile is seen)
+            for (const d of disks) await checkDiscard(d.chain, d.planDiscard(a.to as number | string | undefined))
+            for (const d of disks) d.holdForDiscard(d.planDiscard(a.to as number | string | undefined))
             for (const d of disks) await d.command('discard', text)
           } finally {
             for (const d of disks) d.releaseHold()

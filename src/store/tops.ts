@@ -43,18 +43,21 @@ async function mergedAway (p: Peek, real: string, realOf: (p: string) => Promise
 
 /**
  * The top file of disk `<dir>/<disk>`: a .vmdk path is taken as it is; a bare disk name is looked
- * up among the chain tops of its directory.
+ * up among the chain tops of its directory. `writing`: the command will change the chain.
  */
-export async function resolveDiskTop (arg: string): Promise<string> {
+export async function resolveDiskTop (arg: string, writing = false): Promise<string> {
   const file = /\.vmdk$|\.REDO$/i.test(arg)
   if (file) await stat(arg).catch(() => { throw new RedoError('ENOENT', `${arg}: no such file`, arg) })
   const dir = dirname(resolve(arg))
   const disk = file ? diskNameOf(arg) : basename(arg)
   // A file of the disk that cannot be read may be its top, or a redo log built on the layer
-  // named: the chain cannot be known, so the disk is refused (the mount leaves it out alike).
-  // Skipping it would serve or commit under it as if it were not there.
-  const broken = (await brokenIn(dir)).find(b => diskNameOf(b.path) === disk)
-  if (broken !== undefined) throw new RedoError('EIO', `${broken.error as string} (a file of disk "${disk}": its chain cannot be known until it is repaired or moved away)`, broken.path)
+  // named: which chain a disk name means cannot be known, and writing a layer under it as if it
+  // were not there would change what it is built on (the mount leaves such a disk out alike).
+  // A file named to be read fixes its chain itself: salvaging what is intact stays possible.
+  if (!file || writing) {
+    const broken = (await brokenIn(dir)).find(b => diskNameOf(b.path) === disk)
+    if (broken !== undefined) throw new RedoError('EIO', `${broken.error as string} (a file of disk "${disk}": its chain cannot be known until it is repaired or moved away)`, broken.path)
+  }
   if (file) return resolve(arg)
   const tops = (await chainTops(dir)).filter(p => diskNameOf(p.path) === disk)
   if (tops.length === 0) throw new RedoError('ENOENT', `${arg}: no disk "${disk}" in ${dir}`, arg)

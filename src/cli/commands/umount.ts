@@ -1,7 +1,9 @@
 import type { Argv } from 'yargs'
 import { execFile } from 'node:child_process'
+import { realpath } from 'node:fs/promises'
 import { promisify } from 'node:util'
 import { RedoError } from '../../errors'
+import { alive } from '../../store/lock'
 import { isMounted, processStart, readServed } from '../serve'
 import { action } from '../common'
 
@@ -11,11 +13,11 @@ export const builder = (y: Argv): Argv => y
   .positional('mnt', { type: 'string' })
   .option('timeout', { type: 'number', default: 600, describe: 'seconds to wait for the server to finish' })
 
-const alive = (pid: number): boolean => { try { process.kill(pid, 0); return true } catch { return false } }
-
 export const handler = action(async (a: { mnt: string, timeout: number }) => {
-  if (!isMounted(a.mnt)) throw new RedoError('EINVAL', `${a.mnt}: not mounted`)
-  const served = await readServed(a.mnt)
+  // mountinfo and the registry hold the canonical path: a path through a link is resolved first
+  const mnt = await realpath(a.mnt).catch(() => a.mnt)
+  if (!isMounted(mnt)) throw new RedoError('EINVAL', `${a.mnt}: not mounted`)
+  const served = await readServed(mnt)
   // a server killed hard (SIGKILL, OOM) leaves its entry behind, and its pid can since belong
   // to any process: signal it only if it is still the process that registered (same start time)
   // and the path is mounted (checked above)
@@ -28,7 +30,7 @@ export const handler = action(async (a: { mnt: string, timeout: number }) => {
     }
     return
   }
-  await promisify(execFile)('fusermount', ['-u', a.mnt]).catch((e: Error & { stderr?: string }) => {
+  await promisify(execFile)('fusermount', ['-u', mnt]).catch((e: Error & { stderr?: string }) => {
     throw new RedoError('EBUSY', `${a.mnt}: ${(e.stderr ?? e.message).trim()}`)
   })
 })

@@ -4,8 +4,8 @@
  */
 import { readdir, readFile, realpath } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
-import { Mutex } from '../formats/extent'
-import { writeFileDurable } from '../formats/extent'
+import { Mutex } from './extent'
+import { writeFileDurable } from './extent'
 
 export type DiskMode = 'persistent' | 'nonpersistent' | 'undoable' | 'append'
 
