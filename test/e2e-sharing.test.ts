@@ -39,19 +39,20 @@ async function diskWithVmx (): Promise<{ dir: string, store: string, vm: string 
 }
 
 if (ok) {
-  test.serial('two .vmx files naming one disk: it is served once, the second VM leaves it out naming the first', async t => {
+  test.serial('two .vmx files naming one disk: it is served once, by the VM whose directory holds it; the other leaves it out naming the owner', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')
-    await createDisk(store, 'vmA', 'd', '8M')
-    await writeVmx(path.join(store, 'vmA', 'vmA.vmx'), [{ fileName: 'd.vmdk' }])
-    await mkdir(path.join(store, 'vmB'))
-    await writeVmx(path.join(store, 'vmB', 'vmB.vmx'), [{ fileName: '../vmA/d.vmdk' }])
+    // "app" sorts first, but the disk lies in "db"'s directory
+    await createDisk(store, 'db', 'd', '8M')
+    await writeVmx(path.join(store, 'db', 'db.vmx'), [{ fileName: 'd.vmdk' }])
+    await mkdir(path.join(store, 'app'))
+    await writeVmx(path.join(store, 'app', 'app.vmx'), [{ fileName: '../db/d.vmdk' }])
     const s = await env.mount(store, path.join(dir, 'mnt'))
     const vms = await vmsOf(s.mnt)
-    t.deepEqual(vms.find(v => v.name === 'vmA')?.disks.map(d => d.disk), ['d'])
-    const b = vms.find(v => v.name === 'vmB')
-    t.deepEqual(b?.disks, [], 'vmB serves the same file as a second disk')
-    t.regex(b?.errors.map(e => e.message).join('\n') ?? '', /d\.vmdk: already served as vmA\/d/)
+    t.deepEqual(vms.find(v => v.name === 'db')?.disks.map(d => d.disk), ['d'], 'the disk\'s own VM lost it')
+    const app = vms.find(v => v.name === 'app')
+    t.deepEqual(app?.disks, [], 'app serves the same file as a second disk')
+    t.regex(app?.errors.map(e => e.message).join('\n') ?? '', /d\.vmdk: already served as db\/d/)
     await s.stopClean(t)
   })
 

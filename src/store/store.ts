@@ -79,6 +79,7 @@ export class Store {
     const entries = await readdir(this.root, { withFileTypes: true })
     // every descriptor of the store, read once: chains may cross VM directories (linked clones)
     const all = await peekDirs([this.root, ...await subdirs(this.root)])
+    const later: Array<() => Promise<void>> = []
     for (const e of entries.sort((a, b) => a.name.localeCompare(b.name))) {
       if (!e.isDirectory() || e.name.startsWith('.')) continue
       // .ctl/status is the store's own status file
@@ -86,11 +87,12 @@ export class Store {
         this.errors.push({ file: join(this.root, e.name), message: `${join(this.root, e.name)}: VM "status" left out: .ctl/status is the store's status file; rename the directory` })
         continue
       }
-      await this.scanVm(e.name, join(this.root, e.name), all)
+      await this.scanVm(e.name, join(this.root, e.name), all, later)
     }
+    for (const serve of later) await serve()
   }
 
-  private async scanVm (name: string, dir: string, all: Peek[]): Promise<void> {
+  private async scanVm (name: string, dir: string, all: Peek[], later: Array<() => Promise<void>>): Promise<void> {
     let vmx: Vmx | undefined
     const files = await readdir(dir)
     const vmxName = files.includes(`${name}.vmx`) ? `${name}.vmx` : files.find(f => /\.vmx$/i.test(f))
@@ -125,22 +127,24 @@ export class Store {
     // name is "<another disk of this VM>@x" would hide one of them (or will, after more
     // addredos or a label), so it stays out until renamed
     const names = new Set([...wanted.map(w => diskNameOf(w.top)), ...broken.keys()])
-    for (const w of wanted) {
+    // a disk named from another VM's directory (a shared disk) is served after every VM's own:
+    // the VM whose directory holds the file owns it
+    const serve = async (w: (typeof wanted)[number]): Promise<void> => {
       const diskName = diskNameOf(w.top)
-      if (broken.has(diskName)) continue
+      if (broken.has(diskName)) return
       if (VM_CTL_FILES.has(diskName)) {
         realVm.errors.push({ file: w.top, message: `${w.top}: disk "${diskName}" left out: .ctl/${name}/${diskName} is the VM's own control file; rename the disk` })
-        continue
+        return
       }
       const at = diskName.lastIndexOf('@')
       const other = diskName.slice(0, Math.max(at, 0))
       if (at > 0 && names.has(other)) {
         realVm.errors.push({ file: w.top, message: `${w.top}: disk "${diskName}" left out: ${diskName}.img is the name of generation or label "${diskName.slice(at + 1)}" of disk "${other}"; rename one of the two disks` })
-        continue
+        return
       }
       if (realVm.disks.has(diskName)) {
         realVm.errors.push({ file: w.top, message: `${w.top}: a second chain top for disk "${diskName}" (left out)` })
-        continue
+        return
       }
       // one file, one disk: two disk objects writing one file would each overwrite the other's
       // grains (two .vmx files naming the same disk)
@@ -148,7 +152,7 @@ export class Store {
       const twin = this.served.get(real)
       if (twin !== undefined) {
         realVm.errors.push({ file: w.top, message: `${w.top}: already served as ${twin}; disk "${diskName}" of ${name} left out` })
-        continue
+        return
       }
       try {
         // damaged grains do not keep a disk out: reads there fail with EIO, the rest is served
@@ -167,6 +171,10 @@ export class Store {
         log.store('left out %s: %s', w.top, err.message)
         realVm.errors.push({ file: err.file ?? w.top, message: err.message })
       }
+    }
+    for (const w of wanted) {
+      if (resolve(dirname(w.top)) === resolve(dir)) await serve(w)
+      else later.push(async () => await serve(w))
     }
   }
 
