@@ -56,6 +56,23 @@ if (ok) {
     await s.stopClean(t)
   })
 
+  test.serial('a disk its own VM leaves out (a damaged redo log) is not served through another VM\'s .vmx either', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'db', 'd', '8M')
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'db', 'd')])
+    await writeVmx(path.join(store, 'db', 'db.vmx'), [{ fileName: 'd-000001.vmdk' }])
+    await shOk('printf XXXX | dd of="$1" conv=notrunc status=none', [path.join(store, 'db', 'd-000001.vmdk')])
+    await mkdir(path.join(store, 'app'))
+    await writeVmx(path.join(store, 'app', 'app.vmx'), [{ fileName: '../db/d.vmdk' }])
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vms.find(v => v.name === 'db')?.disks, [])
+    t.deepEqual(vms.find(v => v.name === 'app')?.disks, [], 'the disk left out for its damaged redo log was served through app')
+    t.regex(vms.find(v => v.name === 'app')?.errors.map(e => e.message).join('\n') ?? '', /d\.vmdk: a disk of VM directory db\/d; disk "d" of app left out/)
+    await s.stopClean(t)
+  })
+
   test.serial('a .vmx does not follow a child of another disk: the disk it names stays its own, the .vmx unchanged', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')
@@ -83,14 +100,24 @@ if (ok) {
     for (const cmd of ['discard', 'commit']) {
       const r = await s.command('vmB', 'b', cmd)
       t.not(r.code, 0, `${cmd} on the clone made the template its live file`)
-      t.regex(await s.errorText('vmB', 'b'), /the top of another disk in its directory/)
+      t.regex(await s.errorText('vmB', 'b'), /d\.vmdk: the live file of disk vmA\/d/)
     }
     t.is((await s.status('vmB', 'b')).redoLogs, 1)
     await s.stopClean(t)
     // offline the same
     const r = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(store, 'vmB', 'b')])
     t.is(r.code, 1, describe(r))
-    t.regex(r.stderr, /the top of another disk in its directory/)
+    t.regex(r.stderr, /d\.vmdk: the live file of disk vmA\/d/)
+    // the owner is what a mount would serve: here another VM's .vmx names the template (vmA's
+    // own .vmx names only another disk, and a leftover .vmx beside it names nothing)
+    await createDisk(store, 'vmA', 'other', '8M')
+    await writeVmx(path.join(store, 'vmA', 'vmA.vmx'), [{ fileName: 'other.vmdk' }])
+    await writeVmx(path.join(store, 'vmA', 'backup.vmx'), [])
+    await mkdir(path.join(store, 'app'))
+    await writeVmx(path.join(store, 'app', 'app.vmx'), [{ fileName: '../vmA/d.vmdk' }])
+    const viaApp = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vmB', 'b'), 'level=0'])
+    t.is(viaApp.code, 1, describe(viaApp))
+    t.regex(viaApp.stderr, /d\.vmdk: the live file of disk app\/d/)
     // a base no disk serves (in the store's root, not a VM directory) is no other disk's top
     await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', path.join(store, 'base.vmdk'), '8M'])
     await mkdir(path.join(store, 'vmC'))
@@ -198,6 +225,13 @@ if (ok) {
     t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d-000001\.vmdk"/)
     await mustRun(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'd'), 'level=0'])
     t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d\.vmdk"/, 'the .vmx names the merged redo log')
+    // and when the command after the crash is refused (a discard of the top the open merged away)
+    await mustRun(process.execPath, [REDOFS_BIN, 'addredo', path.join(vm, 'd')])
+    const k2 = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(vm, 'd'), 'level=0'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.drop' } })
+    t.regex(k2.stderr, /crashing at commit\.drop/, describe(k2))
+    const refused = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(vm, 'd')])
+    t.is(refused.code, 1, describe(refused))
+    t.regex(await readFile(path.join(vm, 'vm.vmx'), 'utf8'), /scsi0:0\.fileName = "d\.vmdk"/, 'a refused command left the .vmx naming the merged redo log')
   })
 
   test.serial('a second writer to a command file whose command still runs is refused at once (EBUSY), not queued behind it', async t => {

@@ -25,6 +25,12 @@ export interface ChainOptions {
   lenient?: boolean
   /** Internal: do not finish interrupted commits (used while finishing one). */
   noRecovery?: boolean
+  /**
+   * The disk ("vm/disk") whose live top file `path` is, when it is served as one (a linked
+   * clone's template, say): commits and discards refuse to write it or make it this chain's
+   * top. The mount answers from what it serves, the command line from the store's .vmx files.
+   */
+  otherDisk?: (path: string) => Promise<string | undefined>
 }
 
 const MAX_DEPTH = 255

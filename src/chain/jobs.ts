@@ -17,7 +17,7 @@ import { findLabel, labelOf, SESSION_KEY, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
-import { anotherDisksTop, childrenOfEach, parentCandidates } from './peek'
+import { childrenOfEach, parentCandidates } from './peek'
 
 export interface Progress {
   done: number
@@ -131,8 +131,9 @@ export async function checkCommit (chain: Chain, level: number, opts: { force?: 
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
   }
-  if (opts.force !== true && await anotherDisksTop(parent.path, chain.top.path, chain.opts.root)) {
-    throw new RedoError('EBUSY', `${parent.path}: the top of another disk in its directory; committing into it would change that disk (use force=1)`, parent.path)
+  const owner = opts.force === true ? undefined : await chain.opts.otherDisk?.(parent.path)
+  if (owner !== undefined) {
+    throw new RedoError('EBUSY', `${parent.path}: the live file of disk ${owner}; committing into it would change that disk (use force=1)`, parent.path)
   }
   // the merged file is deleted: no other chain may be built on it (force cannot help them)
   const onChild = ofChild.filter(p => above === undefined || resolve(p) !== resolve(above.path))
@@ -459,8 +460,9 @@ export async function checkDiscard (chain: Chain, to?: number, opts: { force?: b
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)
   }
-  if (opts.force !== true && await anotherDisksTop(chain.layers[g].path, chain.top.path, chain.opts.root)) {
-    throw new RedoError('EBUSY', `${chain.layers[g].path}: the top of another disk in its directory; it cannot become live here too (use force=1)`, chain.layers[g].path)
+  const owner = opts.force === true ? undefined : await chain.opts.otherDisk?.(chain.layers[g].path)
+  if (owner !== undefined) {
+    throw new RedoError('EBUSY', `${chain.layers[g].path}: the live file of disk ${owner}; it cannot become this disk's too (use force=1)`, chain.layers[g].path)
   }
   // the discarded files are deleted: no other chain may be built on any of them (force cannot help them)
   for (let k = 1; k < kids.length; k++) {

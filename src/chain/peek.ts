@@ -7,7 +7,6 @@ import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
 import { COWD_MAGIC } from '../formats/cowd'
 import { Descriptor } from '../formats/descriptor'
 import { DROPPED } from '../formats/layer'
-import { Vmx } from '../formats/vmx'
 import { KDMV_MAGIC, descriptorIntent, descriptorIntentPath, parseSparseHeader } from '../formats/sparse'
 import { SECTOR } from '../units'
 
@@ -125,25 +124,6 @@ export async function childrenOfEach (parents: string[], root: string | undefine
     targets.forEach((t, i) => { if (r === t) out[i].push(p.path) })
   }
   return out
-}
-
-/**
- * `layer`, of a chain whose top is `top`, is the live top of a disk the mount would serve from
- * another VM directory of the store `root` (a linked clone's template, say): nothing in its own
- * directory names it as parent, and that directory's .vmx, if it has one, names it. A job that
- * made it this chain's top, or wrote into it, would give that disk a second writer.
- */
-export async function anotherDisksTop (layer: string, top: string, root: string | undefined): Promise<boolean> {
-  const dir = dirname(resolve(layer))
-  if (root === undefined || dirname(dir) !== resolve(root) || dir === dirname(resolve(top))) return false
-  if ((await childrenOf(layer, undefined)).length > 0) return false
-  const vmx = (await readdir(dir).catch(() => [] as string[])).find(n => /\.vmx$/i.test(n))
-  if (vmx === undefined) return true
-  const real = await realpath(layer).catch(() => resolve(layer))
-  for (const d of (await Vmx.read(join(dir, vmx)).catch(() => undefined))?.disks() ?? []) {
-    if (await realpath(resolve(dir, d.fileName)).catch(() => resolve(dir, d.fileName)) === real) return true
-  }
-  return false
 }
 
 /**

@@ -7,7 +7,7 @@ import { resolveGeneration } from '../chain/labels'
 import { isRedoError, RedoError, toRedoError } from '../errors'
 import { log } from '../log'
 import { StoreLock } from '../store/lock'
-import { resolveDiskTop } from '../store/tops'
+import { realOrResolved, resolveDiskTop, servedTops } from '../store/tops'
 import { pointVmxAt } from '../formats/vmx'
 import { formatSize } from '../units'
 
@@ -50,19 +50,29 @@ export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: 
   const top = await resolveDiskTop(arg, true)
   const lock = await lockStore(top, args, what)
   try {
-    const chain = await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), writable: true })
+    // another disk's live file, as a mount of the store would serve it (read once, on demand)
+    let served: Promise<Map<string, string>> | undefined
+    const otherDisk = async (p: string): Promise<string | undefined> => {
+      const m = await (served ??= servedTops(storeRoot(top, args)))
+      const o = m.get(await realOrResolved(p))
+      return o !== m.get(await realOrResolved(top)) ? o : undefined
+    }
+    const chain = await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), writable: true, otherDisk })
     try {
       // the open finished what a crash had interrupted: the chain is not the one `info` showed
       for (const j of chain.recovered) process.stderr.write(`redofs: finished the interrupted commit of ${j.child} into ${j.parent} first\n`)
       // every file the .vmx may name: the chain as the open found it, and what it merged away
       const before = [...chain.recovered.map(j => j.child), ...chain.layers.map(l => l.path)]
-      const out = await fn(chain)
-      // the .vmx names the chain's top (SPEC §1), as the mount keeps it; the command itself is
-      // done, so a .vmx that cannot be rewritten is a warning
-      if (resolve(chain.top.path) !== resolve(top)) {
-        await pointVmxAt(before, chain.top.path).catch(e => { process.stderr.write(`redofs: warning: the .vmx still names the old top: ${toRedoError(e).message}\n`) })
+      try {
+        return await fn(chain)
+      } finally {
+        // the .vmx names the chain's top (SPEC §1), as the mount keeps it, also when the command
+        // failed after the open's recovery moved the top; what changed is done, so a .vmx that
+        // cannot be rewritten is a warning
+        if (resolve(chain.top.path) !== resolve(top)) {
+          await pointVmxAt(before, chain.top.path).catch(e => { process.stderr.write(`redofs: warning: the .vmx still names the old top: ${toRedoError(e).message}\n`) })
+        }
       }
-      return out
     } finally {
       await chain.close()
     }

@@ -48,7 +48,8 @@ export class RawOutput {
       // one name per process (two runs to one target must not share it); a killed run's goes
       const stem = `.${basename(target)}.redofs-new.`
       for (const n of await readdir(dirname(target)).catch(() => [] as string[])) {
-        if (n.startsWith(stem) && !alive(Number(n.slice(stem.length)))) await unlink(join(dirname(target), n)).catch(() => {})
+        const pid = n.startsWith(stem) ? n.slice(stem.length) : ''
+        if (/^\d+$/.test(pid) && !alive(Number(pid))) await unlink(join(dirname(target), n)).catch(() => {})
       }
       const tmp = join(dirname(target), stem + String(process.pid))
       try {

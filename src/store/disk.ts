@@ -309,11 +309,11 @@ export class Disk {
   }
 
   /**
-   * Hold opens of the generations a discard to `to` removes, before its job starts (a VM-wide
-   * discard checks every disk first, then runs them one after another). Released by the job's
-   * end, or by `releaseHold` when the job never ran.
+   * Hold opens of the generations a VM-wide discard or commit will remove, before its jobs start
+   * (it checks every disk first, then runs them). Released by the job's end, or by
+   * `releaseHold` when the job never ran.
    */
-  holdForDiscard (to: number): void { this.changing = new Set(this.frozen.slice(to)) }
+  hold (gens: Generation[]): void { this.changing = new Set(gens) }
   releaseHold (): void { if (this.job === null) this.changing = new Set() }
 
   /** Validate a discard before accepting it: the generation that becomes live (its number). */

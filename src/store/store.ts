@@ -3,7 +3,7 @@
  * power on (mount) and power off (unmount). A disk that cannot be opened is left out with its
  * error; everything else is served.
  */
-import { readdir, realpath, stat } from 'node:fs/promises'
+import { readdir, stat } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
 import { checkCommit, checkDiscard, commit, type RedoFormat } from '../chain/jobs'
@@ -16,7 +16,7 @@ import { log } from '../log'
 import { parseArgs } from './args'
 import { Disk, type DiskOptions } from './disk'
 import { StoreLock } from './lock'
-import { chainTops, topsAmong } from './tops'
+import { realOrResolved, vmDirs, vmTops } from './tops'
 import { Vmx, type DiskMode } from '../formats/vmx'
 
 export interface StoreOptions {
@@ -46,6 +46,8 @@ export class Store {
   private lock: StoreLock | null = null
   /** Real path of every served disk's top → "vm/disk". */
   private readonly served = new Map<string, string>()
+  /** Every disk a VM names in its own directory (diskKey) → "vm/disk", served or not. */
+  private readonly claimed = new Map<string, string>()
   readonly diskOpts: DiskOptions
 
   private constructor (readonly root: string, readonly opts: StoreOptions) {
@@ -78,7 +80,7 @@ export class Store {
   private async scan (): Promise<void> {
     const entries = await readdir(this.root, { withFileTypes: true })
     // every descriptor of the store, read once: chains may cross VM directories (linked clones)
-    const all = await peekDirs([this.root, ...await subdirs(this.root)])
+    const all = await peekDirs([this.root, ...await vmDirs(this.root)])
     const later: Array<() => Promise<void>> = []
     for (const e of entries.sort((a, b) => a.name.localeCompare(b.name))) {
       if (!e.isDirectory() || e.name.startsWith('.')) continue
@@ -93,29 +95,14 @@ export class Store {
   }
 
   private async scanVm (name: string, dir: string, all: Peek[], later: Array<() => Promise<void>>): Promise<void> {
-    let vmx: Vmx | undefined
-    const files = await readdir(dir)
-    const vmxName = files.includes(`${name}.vmx`) ? `${name}.vmx` : files.find(f => /\.vmx$/i.test(f))
-    let vmxError: FileError | undefined
-    if (vmxName !== undefined) {
-      try {
-        vmx = await Vmx.read(join(dir, vmxName))
-      } catch (e) {
-        vmxError = { file: join(dir, vmxName), message: toRedoError(e).message }
-      }
-    }
+    const { vmx, errors, wanted } = await vmTops(name, dir, all)
     const realVm = new Vm(name, dir, vmx)
-    if (vmxError !== undefined) realVm.errors.push(vmxError)
+    realVm.errors.push(...errors)
     this.vms.set(name, realVm)
-    const wanted: Array<{ top: string, mode: DiskMode, device?: string }> = []
-    if (vmx !== undefined) {
-      for (const d of vmx.disks()) {
-        const top = await this.findTop(resolve(dir, d.fileName))
-        if (top === undefined) { realVm.errors.push({ file: resolve(dir, d.fileName), message: `${resolve(dir, d.fileName)}: disk named by ${vmx.path} (${d.device}) not found` }); continue }
-        wanted.push({ top, mode: d.mode, device: d.device })
-      }
-    } else {
-      for (const p of await topsAmong(dir, all)) wanted.push({ top: p.path, mode: 'persistent' })
+    // the disks of its own directory are this VM's, served or not: another VM's .vmx naming one
+    // cannot take it (not even one left out here, for a damaged file or a clashing name)
+    for (const w of wanted) {
+      if (resolve(dirname(w.top)) === resolve(dir)) this.claimed.set(await diskKey(w.top), `${name}/${diskNameOf(w.top)}`)
     }
     // a file of a disk that cannot be read: the chain cannot be known, so the disk stays out
     const broken = new Map<string, string>()
@@ -148,23 +135,34 @@ export class Store {
       }
       // one file, one disk: two disk objects writing one file would each overwrite the other's
       // grains (two .vmx files naming the same disk)
-      const real = await realpath(w.top).catch(() => resolve(w.top))
-      const twin = this.served.get(real)
+      const real = await realOrResolved(w.top)
+      const owner = this.claimed.get(await diskKey(w.top))
+      const twin = this.served.get(real) ?? (owner !== undefined && owner !== `${name}/${diskName}` ? owner : undefined)
       if (twin !== undefined) {
-        realVm.errors.push({ file: w.top, message: `${w.top}: already served as ${twin}; disk "${diskName}" of ${name} left out` })
+        realVm.errors.push({ file: w.top, message: `${w.top}: ${this.served.has(real) ? 'already served as' : 'a disk of VM directory'} ${twin}; disk "${diskName}" of ${name} left out` })
         return
       }
       try {
         // damaged grains do not keep a disk out: reads there fail with EIO, the rest is served
-        const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true })
+        const id = `${name}/${diskName}`
+        const otherDisk = async (p: string): Promise<string | undefined> => {
+          const o = this.served.get(await realOrResolved(p))
+          return o !== id ? o : undefined
+        }
+        const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true, otherDisk })
         const disk = await Disk.create(name, diskName, chain, w.mode, this.diskOpts, vmx !== undefined && w.device !== undefined ? { file: vmx, device: w.device } : undefined)
-        disk.onTopChanged = async () => await this.syncVmx(disk)
+        disk.onTopChanged = async () => {
+          // the served map follows the disk's live file
+          for (const [f, o] of this.served) if (o === id) this.served.delete(f)
+          this.served.set(await realOrResolved(disk.chain.top.path), id)
+          await this.syncVmx(disk)
+        }
         for (const j of chain.recovered) disk.notice(`finished the interrupted commit of ${j.child} into ${j.parent} at mount`)
         if (chain.topChildren.length > 0) {
           realVm.errors.push({ file: chain.top.path, message: `${chain.top.path}: other chains use it as their parent; ${diskName}.img is read-only (addredo to write)` })
         }
         realVm.disks.set(diskName, disk)
-        this.served.set(real, `${name}/${diskName}`)
+        this.served.set(real, id)
         await this.syncVmx(disk)
       } catch (e) {
         const err = toRedoError(e, w.top)
@@ -176,28 +174,6 @@ export class Store {
       if (resolve(dirname(w.top)) === resolve(dir)) await serve(w)
       else later.push(async () => await serve(w))
     }
-  }
-
-  /**
-   * The top of the chain that `file` belongs to: follow children in the directory while there is
-   * exactly one of the same disk name (a crash between addredo and the .vmx update heals here).
-   */
-  private async findTop (file: string): Promise<string | undefined> {
-    const dir = dirname(file)
-    const peeks = await peekDirs([dir])
-    let cur: string | undefined = (await stat(file).then(() => file, () => undefined))
-    if (cur === undefined) {
-      const tops = (await chainTops(dir)).filter(p => diskNameOf(p.path) === diskNameOf(file))
-      return tops.length === 1 ? tops[0].path : undefined
-    }
-    for (let depth = 0; depth < 256; depth++) {
-      const at: string = cur
-      // (a child under another disk's name is that disk's: a clone made beside its parent)
-      const kids = peeks.filter(p => p.parent !== undefined && resolve(p.parent) === resolve(at) && diskNameOf(p.path) === diskNameOf(file))
-      if (kids.length !== 1) break
-      cur = kids[0].path
-    }
-    return cur
   }
 
   private async syncVmx (disk: Disk): Promise<void> {
@@ -323,11 +299,17 @@ export class Store {
         }
         case 'commit': {
           const a = parseArgs(text, { level: 'level', freeze: 'bool', wait: 'bool', force: 'bool' }, 'commit')
-          // every disk's refusals first, for every level it merges: all or none
+          // every disk's refusals first, for every level it merges: all or none; then, with no
+          // await in between, each disk's open generations are checked and those it removes held
           for (const d of disks) {
             for (const level of d.planCommit(a).levels) await checkCommit(d.chain, level, { force: a.force === true })
           }
-          await Promise.all(disks.map(async d => await d.command('commit', text)))
+          try {
+            for (const d of disks) d.hold(d.planCommit(a).removed)
+            await Promise.all(disks.map(async d => await d.command('commit', text)))
+          } finally {
+            for (const d of disks) d.releaseHold()
+          }
           return
         }
         case 'discard': {
@@ -337,7 +319,7 @@ export class Store {
             // the checks that read descriptors first; then each disk's open generations are
             // checked and held with no await in between (one opened meanwhile is seen)
             for (const d of disks) await checkDiscard(d.chain, d.planDiscard(a.to as number | string | undefined))
-            for (const d of disks) d.holdForDiscard(d.planDiscard(a.to as number | string | undefined))
+            for (const d of disks) d.hold(d.frozen.slice(d.planDiscard(a.to as number | string | undefined)))
             for (const d of disks) await d.command('discard', text)
           } finally {
             for (const d of disks) d.releaseHold()
@@ -394,15 +376,11 @@ export class Store {
   }
 }
 
+/** A disk as its files' directory (real path) and disk name: every layer of it in that directory. */
+async function diskKey (file: string): Promise<string> {
+  return `${await realOrResolved(dirname(file))}/${diskNameOf(file)}`
+}
+
 /** The files of .ctl/<vm>/ besides its disks' directories: the VM-wide commands, status, error. */
 export const VM_COMMANDS = ['addredo', 'commit', 'discard'] as const
 const VM_CTL_FILES = new Set<string>([...VM_COMMANDS, 'status', 'error'])
-
-async function subdirs (root: string): Promise<string[]> {
-  try {
-    return (await readdir(root, { withFileTypes: true })).filter(e => e.isDirectory() && !e.name.startsWith('.')).map(e => join(root, e.name))
-  } catch {
-    return []
-  }
-}
-

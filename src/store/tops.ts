@@ -1,7 +1,8 @@
 /** Finding chain tops in a VM directory: descriptors that no other descriptor names as parent. */
-import { realpath, stat } from 'node:fs/promises'
-import { basename, dirname, resolve } from 'node:path'
-import { RedoError } from '../errors'
+import { readdir, realpath, stat } from 'node:fs/promises'
+import { basename, dirname, join, resolve } from 'node:path'
+import { RedoError, toRedoError } from '../errors'
+import { Vmx, type DiskMode } from '../formats/vmx'
 import { diskNameOf } from '../chain/names'
 import { readJournal } from '../chain/journal'
 import { brokenIn, peekDirs, type Peek } from '../chain/peek'
@@ -65,4 +66,92 @@ export async function resolveDiskTop (arg: string, writing = false): Promise<str
   const redo = (p: Peek): number => Number(/-(\d{6})\.vmdk$/i.exec(p.path)?.[1] ?? 0)
   tops.sort((a, b) => redo(a) - redo(b) || basename(a.path).localeCompare(basename(b.path)))
   return tops[tops.length - 1].path
+}
+
+/** The real path of `p`, or `p` resolved when it cannot be read. */
+export async function realOrResolved (p: string): Promise<string> {
+  return await realpath(p).catch(() => resolve(p))
+}
+
+/** The VM directories of a store: its subdirectories but hidden ones. */
+export async function vmDirs (root: string): Promise<string[]> {
+  try {
+    return (await readdir(root, { withFileTypes: true })).filter(e => e.isDirectory() && !e.name.startsWith('.')).map(e => join(root, e.name))
+  } catch {
+    return []
+  }
+}
+
+/**
+ * The top of the chain that `file` belongs to: follow children in the directory while there is
+ * exactly one of the same disk name (a crash between addredo and the .vmx update heals here; a
+ * child under another disk's name is that disk's, a clone made beside its parent).
+ */
+export async function findTop (file: string): Promise<string | undefined> {
+  const dir = dirname(file)
+  const peeks = await peekDirs([dir])
+  let cur: string | undefined = (await stat(file).then(() => file, () => undefined))
+  if (cur === undefined) {
+    const tops = (await chainTops(dir)).filter(p => diskNameOf(p.path) === diskNameOf(file))
+    return tops.length === 1 ? tops[0].path : undefined
+  }
+  for (let depth = 0; depth < 256; depth++) {
+    const at: string = cur
+    const kids = peeks.filter(p => p.parent !== undefined && resolve(p.parent) === resolve(at) && diskNameOf(p.path) === diskNameOf(file))
+    if (kids.length !== 1) break
+    cur = kids[0].path
+  }
+  return cur
+}
+
+export interface WantedTop { top: string, mode: DiskMode, device?: string }
+
+/**
+ * The disks VM `name` (directory `dir`) has: its .vmx's (`<name>.vmx`, else the first one),
+ * each followed up to its chain's top, or without a .vmx (or an unreadable one: its error is
+ * returned) every chain top in the directory, persistent. `all`: the store's descriptors.
+ */
+export async function vmTops (name: string, dir: string, all: Peek[]): Promise<{ vmx?: Vmx, errors: Array<{ file: string, message: string }>, wanted: WantedTop[] }> {
+  const files = await readdir(dir)
+  const vmxName = files.includes(`${name}.vmx`) ? `${name}.vmx` : files.find(f => /\.vmx$/i.test(f))
+  const errors: Array<{ file: string, message: string }> = []
+  let vmx: Vmx | undefined
+  if (vmxName !== undefined) {
+    try {
+      vmx = await Vmx.read(join(dir, vmxName))
+    } catch (e) {
+      errors.push({ file: join(dir, vmxName), message: toRedoError(e).message })
+    }
+  }
+  const wanted: WantedTop[] = []
+  if (vmx !== undefined) {
+    for (const d of vmx.disks()) {
+      const top = await findTop(resolve(dir, d.fileName))
+      if (top === undefined) { errors.push({ file: resolve(dir, d.fileName), message: `${resolve(dir, d.fileName)}: disk named by ${vmx.path} (${d.device}) not found` }); continue }
+      wanted.push({ top, mode: d.mode, device: d.device })
+    }
+  } else {
+    for (const p of await topsAmong(dir, all)) wanted.push({ top: p.path, mode: 'persistent' })
+  }
+  return { vmx, errors, wanted }
+}
+
+/**
+ * Every disk top a mount of the store at `root` would serve: real path → "vm/disk" (read from
+ * the .vmx files and descriptors; no chain is opened). For offline jobs: a layer listed here
+ * is another disk's live file.
+ */
+export async function servedTops (root: string): Promise<Map<string, string>> {
+  const dirs = await vmDirs(root)
+  const all = await peekDirs([root, ...dirs])
+  const out = new Map<string, string>()
+  for (const dir of dirs.sort()) {
+    const name = basename(dir)
+    if (name === 'status') continue // never served (store.ts)
+    for (const w of (await vmTops(name, dir, all).catch(() => ({ wanted: [] as WantedTop[] }))).wanted) {
+      const real = await realOrResolved(w.top)
+      if (!out.has(real)) out.set(real, `${name}/${diskNameOf(w.top)}`)
+    }
+  }
+  return out
 }
