@@ -6,7 +6,7 @@
  * does not fail a job that is done, and a command file takes one command at a time.
  */
 import test from 'ava'
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises'
+import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, requireFuse, sh, shOk, writeVmx } from './helpers/mount'
@@ -126,6 +126,29 @@ if (ok) {
     t.is(c.code, 0, describe(c))
   })
 
+  test.serial('the owner of a file is the VM whose directory holds it: a clone may not write its template even when that VM leaves the disk out, and another VM naming the file does not make it the owner', async t => {
+    const dir = await env.tmp()
+    const store = await templateAndClone(dir) // vmA/d.vmdk <- vmB/b.vmdk
+    // a stray file of disk d that cannot be read: vmA leaves d out
+    await writeFile(path.join(store, 'vmA', 'd-000009.vmdk'), Buffer.alloc(2 << 20, 7))
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    t.deepEqual((await vmsOf(s.mnt)).find(v => v.name === 'vmA')?.disks, [], 'vmA served d despite its damaged file')
+    const r = await s.command('vmB', 'b', 'commit')
+    t.not(r.code, 0, 'the clone committed into the template its VM owns')
+    t.regex(await s.errorText('vmB', 'b'), /d\.vmdk: the live file of disk vmA\/d/)
+    await s.stopClean(t)
+    // offline: VM "aa" (sorted first) names both a template and its clone, which share a disk
+    // name; the owners stay the VMs whose directories hold them, as on the mount
+    await createDisk(store, 'vmX', 'x', '8M')
+    await mkdir(path.join(store, 'vmY'))
+    await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', '../vmX/x.vmdk', '-F', 'vmdk', path.join(store, 'vmY', 'x-000001.vmdk')])
+    await mkdir(path.join(store, 'aa'))
+    await writeVmx(path.join(store, 'aa', 'aa.vmx'), [{ fileName: '../vmX/x.vmdk' }, { fileName: '../vmY/x-000001.vmdk' }])
+    const off = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vmY', 'x'), 'level=0'])
+    t.is(off.code, 1, describe(off))
+    t.regex(off.stderr, /x\.vmdk: the live file of disk vmX\/x/)
+  })
+
   test.serial('a VM-wide discard refused for one disk (its kept layer is shared) changes no disk', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')
@@ -141,6 +164,25 @@ if (ok) {
     t.regex(await s.errorText('vm1'), /shared by other chains/)
     t.is((await s.status('vm1', 'a')).redoLogs, 1, 'disk a was discarded although disk b refused')
     t.is((await s.status('vm1', 'b')).redoLogs, 1)
+    await s.stopClean(t)
+  })
+
+  test.serial('while a VM-wide discard works through its disks, a command on a disk it has not reached yet is refused (EBUSY)', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    for (const d of ['a', 'b']) await createDisk(store, 'vm', d, '8M')
+    // deleting a's earlier redo log takes 3 s: the VM-wide discard waits for it on disk a first
+    const s = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_DELAY: 'reap:3000' })
+    for (let i = 0; i < 2; i++) for (const d of ['a', 'b']) await s.commandOk('vm', d, 'addredo')
+    await s.commandOk('vm', 'a', 'discard')
+    const vmWide = s.command('vm', undefined, 'discard')
+    await new Promise(resolve => setTimeout(resolve, 1000))
+    const r = await s.command('vm', 'b', 'addredo')
+    t.not(r.code, 0, 'an addredo on disk b slipped in while the VM-wide discard held it')
+    t.regex(await s.errorText('vm', 'b'), /a command on the whole VM is running/)
+    t.is((await vmWide).code, 0, await s.errorText('vm'))
+    t.is((await s.status('vm', 'a')).redoLogs, 0)
+    t.is((await s.status('vm', 'b')).redoLogs, 1)
     await s.stopClean(t)
   })
 

@@ -1,6 +1,6 @@
 /**
  * The raw file `export` and `restore` write. A regular file (new or not) is written under a
- * temporary name beside it (`.<name>.redofs-new.<pid>`) and renamed over the target once
+ * temporary name beside it (`.<name>.redofs-new.<host>.<pid>`) and renamed over the target once
  * complete and synced: a failed or killed command leaves the target as it was, never a
  * complete-looking half (an existing target's space is freed only then: room for both is needed). Where no file can
  * be made beside it (a disk file inside a redofs mount, a directory without write permission)
@@ -10,6 +10,7 @@
  */
 import { constants } from 'node:fs'
 import { open, readdir, realpath, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { hostname } from 'node:os'
 import { basename, dirname, join, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { syncDir, writeExact } from '../formats/extent'
@@ -45,8 +46,9 @@ export class RawOutput {
       }
     }
     if (st === undefined || st.isFile()) {
-      // one name per process (two runs to one target must not share it); a killed run's goes
-      const stem = `.${basename(target)}.redofs-new.`
+      // one name per process (two runs to one target must not share it); a killed run's of
+      // this host goes (another host's pid says nothing here)
+      const stem = `.${basename(target)}.redofs-new.${hostname()}.`
       for (const n of await readdir(dirname(target)).catch(() => [] as string[])) {
         const pid = n.startsWith(stem) ? n.slice(stem.length) : ''
         if (/^\d+$/.test(pid) && !alive(Number(pid))) await unlink(join(dirname(target), n)).catch(() => {})

@@ -299,6 +299,8 @@ export class Disk {
     if (this.opts.readOnly) throw new RedoError('EROFS', `${kind}: the store is mounted read-only`)
     if (this.closing) throw new RedoError('EBUSY', `${this.vm}/${this.name}: the store is being unmounted`)
     if (this.job !== null) throw new RedoError('EBUSY', `${this.vm}/${this.name}: a ${this.job.kind} job is running`)
+    // generations held with no job of this disk: a command on the whole VM is on its way here
+    if (this.changing.size > 0) throw new RedoError('EBUSY', `${this.vm}/${this.name}: a command on the whole VM is running`)
     if (kind !== 'commit' && kind !== 'label') {
       const pending = this.chain.unfinishedRefusal(`${this.vm}/${this.name}`)
       if (pending !== undefined) throw pending

@@ -16,7 +16,7 @@ import { log } from '../log'
 import { parseArgs } from './args'
 import { Disk, type DiskOptions } from './disk'
 import { StoreLock } from './lock'
-import { realOrResolved, vmDirs, vmTops } from './tops'
+import { diskKey, realOrResolved, vmDirs, vmTops } from './tops'
 import { Vmx, type DiskMode } from '../formats/vmx'
 
 export interface StoreOptions {
@@ -48,6 +48,8 @@ export class Store {
   private readonly served = new Map<string, string>()
   /** Every disk a VM names in its own directory (diskKey) → "vm/disk", served or not. */
   private readonly claimed = new Map<string, string>()
+  /** The top files of those disks (real path) → "vm/disk". */
+  private readonly owned = new Map<string, string>()
   readonly diskOpts: DiskOptions
 
   private constructor (readonly root: string, readonly opts: StoreOptions) {
@@ -95,14 +97,18 @@ export class Store {
   }
 
   private async scanVm (name: string, dir: string, all: Peek[], later: Array<() => Promise<void>>): Promise<void> {
-    const { vmx, errors, wanted } = await vmTops(name, dir, all)
+    // an unreadable VM directory is that VM's error, not the store's
+    const { vmx, errors, wanted } = await vmTops(name, dir, all).catch(e => ({ vmx: undefined, errors: [{ file: dir, message: toRedoError(e, dir).message }], wanted: [] }))
     const realVm = new Vm(name, dir, vmx)
     realVm.errors.push(...errors)
     this.vms.set(name, realVm)
     // the disks of its own directory are this VM's, served or not: another VM's .vmx naming one
-    // cannot take it (not even one left out here, for a damaged file or a clashing name)
+    // cannot take it, nor write into its live file (not even one left out here, for a damaged
+    // file or a clashing name)
     for (const w of wanted) {
-      if (resolve(dirname(w.top)) === resolve(dir)) this.claimed.set(await diskKey(w.top), `${name}/${diskNameOf(w.top)}`)
+      if (resolve(dirname(w.top)) !== resolve(dir)) continue
+      this.claimed.set(await diskKey(w.top), `${name}/${diskNameOf(w.top)}`)
+      this.owned.set(await realOrResolved(w.top), `${name}/${diskNameOf(w.top)}`)
     }
     // a file of a disk that cannot be read: the chain cannot be known, so the disk stays out
     const broken = new Map<string, string>()
@@ -146,15 +152,17 @@ export class Store {
         // damaged grains do not keep a disk out: reads there fail with EIO, the rest is served
         const id = `${name}/${diskName}`
         const otherDisk = async (p: string): Promise<string | undefined> => {
-          const o = this.served.get(await realOrResolved(p))
+          const r = await realOrResolved(p)
+          const o = this.served.get(r) ?? this.owned.get(r)
           return o !== id ? o : undefined
         }
         const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true, otherDisk })
         const disk = await Disk.create(name, diskName, chain, w.mode, this.diskOpts, vmx !== undefined && w.device !== undefined ? { file: vmx, device: w.device } : undefined)
         disk.onTopChanged = async () => {
-          // the served map follows the disk's live file
+          // the served map follows the disk's live file (replaced with no await in between)
+          const now = await realOrResolved(disk.chain.top.path)
           for (const [f, o] of this.served) if (o === id) this.served.delete(f)
-          this.served.set(await realOrResolved(disk.chain.top.path), id)
+          this.served.set(now, id)
           await this.syncVmx(disk)
         }
         for (const j of chain.recovered) disk.notice(`finished the interrupted commit of ${j.child} into ${j.parent} at mount`)
@@ -162,7 +170,7 @@ export class Store {
           realVm.errors.push({ file: chain.top.path, message: `${chain.top.path}: other chains use it as their parent; ${diskName}.img is read-only (addredo to write)` })
         }
         realVm.disks.set(diskName, disk)
-        this.served.set(real, id)
+        this.served.set(await realOrResolved(chain.top.path), id) // the open may have finished a commit
         await this.syncVmx(disk)
       } catch (e) {
         const err = toRedoError(e, w.top)
@@ -306,7 +314,7 @@ export class Store {
           }
           try {
             for (const d of disks) d.hold(d.planCommit(a).removed)
-            await Promise.all(disks.map(async d => await d.command('commit', text)))
+            await Promise.all(disks.map(async d => { d.releaseHold(); await d.command('commit', text) }))
           } finally {
             for (const d of disks) d.releaseHold()
           }
@@ -320,7 +328,9 @@ export class Store {
             // checked and held with no await in between (one opened meanwhile is seen)
             for (const d of disks) await checkDiscard(d.chain, d.planDiscard(a.to as number | string | undefined))
             for (const d of disks) d.hold(d.frozen.slice(d.planDiscard(a.to as number | string | undefined)))
-            for (const d of disks) await d.command('discard', text)
+            // each disk's hold ends as its own job takes over (no await in between): per-disk
+            // commands stay refused until then
+            for (const d of disks) { d.releaseHold(); await d.command('discard', text) }
           } finally {
             for (const d of disks) d.releaseHold()
           }
@@ -374,11 +384,6 @@ export class Store {
     this.lock = null
     if (failed.length > 0) throw new RedoError('EIO', `power off failed: ${failed.join('; ')}`)
   }
-}
-
-/** A disk as its files' directory (real path) and disk name: every layer of it in that directory. */
-async function diskKey (file: string): Promise<string> {
-  return `${await realOrResolved(dirname(file))}/${diskNameOf(file)}`
 }
 
 /** The files of .ctl/<vm>/ besides its disks' directories: the VM-wide commands, status, error. */

@@ -136,22 +136,41 @@ export async function vmTops (name: string, dir: string, all: Peek[]): Promise<{
   return { vmx, errors, wanted }
 }
 
+/** A disk as its files' directory (real path) and disk name: every layer of it in that directory. */
+export async function diskKey (file: string): Promise<string> {
+  return `${await realOrResolved(dirname(file))}/${diskNameOf(file)}`
+}
+
 /**
  * Every disk top a mount of the store at `root` would serve: real path → "vm/disk" (read from
- * the .vmx files and descriptors; no chain is opened). For offline jobs: a layer listed here
- * is another disk's live file.
+ * the .vmx files and descriptors; no chain is opened), by the scan's rules (store.ts): each
+ * VM's own-directory disks first, and they are its own, then disks named from another
+ * directory, one disk name per VM. For offline jobs: a layer listed here is another disk's
+ * live file.
  */
 export async function servedTops (root: string): Promise<Map<string, string>> {
-  const dirs = await vmDirs(root)
+  const dirs = (await vmDirs(root)).sort((a, b) => basename(a).localeCompare(basename(b)))
   const all = await peekDirs([root, ...dirs])
   const out = new Map<string, string>()
-  for (const dir of dirs.sort()) {
+  const ids = new Set<string>()
+  const claimed = new Set<string>()
+  const later: Array<{ name: string, top: string }> = []
+  const add = async (name: string, top: string): Promise<void> => {
+    const id = `${name}/${diskNameOf(top)}`
+    const real = await realOrResolved(top)
+    if (out.has(real) || ids.has(id)) return
+    out.set(real, id)
+    ids.add(id)
+  }
+  for (const dir of dirs) {
     const name = basename(dir)
     if (name === 'status') continue // never served (store.ts)
     for (const w of (await vmTops(name, dir, all).catch(() => ({ wanted: [] as WantedTop[] }))).wanted) {
-      const real = await realOrResolved(w.top)
-      if (!out.has(real)) out.set(real, `${name}/${diskNameOf(w.top)}`)
+      if (resolve(dirname(w.top)) !== resolve(dir)) { later.push({ name, top: w.top }); continue }
+      claimed.add(await diskKey(w.top))
+      await add(name, w.top)
     }
   }
+  for (const { name, top } of later) if (!claimed.has(await diskKey(top))) await add(name, top)
   return out
 }
