@@ -9,7 +9,7 @@ import test from 'ava'
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
-import { createDisk, e2e, requireFuse, sh, shOk, writeVmx } from './helpers/mount'
+import { createDisk, e2e, requireFuse, sh, shOk, writeVmx, type Server } from './helpers/mount'
 import { describe, mustRun, run, sha256File } from './helpers/qemu'
 
 const ok = requireFuse(test)
@@ -36,6 +36,14 @@ async function diskWithVmx (): Promise<{ dir: string, store: string, vm: string 
   await createDisk(store, 'vm', 'd', '8M')
   await writeVmx(path.join(vm, 'vm.vmx'), [{ fileName: 'd.vmdk' }])
   return { dir, store, vm }
+}
+
+/** vm/a and vm/b (8M each, no .vmx), mounted with `faults` in the server's environment. */
+async function mountTwoDisks (faults: Record<string, string>): Promise<Server> {
+  const dir = await env.tmp()
+  const store = path.join(dir, 'store')
+  for (const d of ['a', 'b']) await createDisk(store, 'vm', d, '8M')
+  return await env.mount(store, path.join(dir, 'mnt'), [], faults)
 }
 
 if (ok) {
@@ -168,11 +176,8 @@ if (ok) {
   })
 
   test.serial('while a VM-wide discard works through its disks, a command on a disk it has not reached yet is refused (EBUSY)', async t => {
-    const dir = await env.tmp()
-    const store = path.join(dir, 'store')
-    for (const d of ['a', 'b']) await createDisk(store, 'vm', d, '8M')
     // deleting a's earlier redo log takes 3 s: the VM-wide discard waits for it on disk a first
-    const s = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_DELAY: 'reap:3000' })
+    const s = await mountTwoDisks({ REDOFS_DELAY: 'reap:3000' })
     for (let i = 0; i < 2; i++) for (const d of ['a', 'b']) await s.commandOk('vm', d, 'addredo')
     await s.commandOk('vm', 'a', 'discard')
     const vmWide = s.command('vm', undefined, 'discard')
@@ -187,11 +192,8 @@ if (ok) {
   })
 
   test.serial('a VM-wide addredo that fails on its second disk merges the first disk\'s new redo log back: what the VM wrote meanwhile stays', async t => {
-    const dir = await env.tmp()
-    const store = path.join(dir, 'store')
-    for (const d of ['a', 'b']) await createDisk(store, 'vm', d, '8M')
     // the second addredo fails; between the two, a write lands in disk a's new redo log
-    const s = await env.mount(store, path.join(dir, 'mnt'), [], { REDOFS_FAIL_ONCE: 'addredo#2', REDOFS_DELAY: 'vm.addredo:1500' })
+    const s = await mountTwoDisks({ REDOFS_FAIL_ONCE: 'addredo#2', REDOFS_DELAY: 'vm.addredo:1500' })
     const vmCmd = s.command('vm', undefined, 'addredo')
     await new Promise(resolve => setTimeout(resolve, 700))
     await shOk('dd if=/dev/urandom of="$1" bs=64k count=4 conv=notrunc,fsync status=none', [s.img('vm', 'a')])
