@@ -1,10 +1,10 @@
 /** Creating new layers: hosted sparse (monolithic or split), monolithicFlat, and raw imports. */
-import { link, open, realpath, rename, stat, unlink } from 'node:fs/promises'
+import { link, open, rename, stat, unlink } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { Descriptor, defaultDdb, newCid, type ExtentLine } from './descriptor'
-import { syncDir, writeFileDurable } from './extent'
+import { realOrResolved, syncDir, writeFileDurable } from './extent'
 import { createSparseFile, descriptorIntentPath } from './sparse'
 import { createCowdFile } from './cowd'
 
@@ -126,7 +126,7 @@ export async function importRaw (raw: string, path: string): Promise<void> {
   const dir = dirname(path)
   let file = basename(raw)
   // outside the VM directory, or under a name no descriptor can hold: linked in as <disk>-flat
-  if (dirname(await realpathOr(raw)) !== await realpathOr(dir) || UNQUOTABLE.test(file)) {
+  if (dirname(await realOrResolved(raw)) !== await realOrResolved(dir) || UNQUOTABLE.test(file)) {
     file = basename(path).replace(/\.vmdk$/i, '') + '-flat.vmdk'
     const target = join(dir, file)
     await refuseExisting(target)
@@ -142,10 +142,6 @@ export async function importRaw (raw: string, path: string): Promise<void> {
   const cid = newCid()
   const desc = Descriptor.create({ createType: 'monolithicFlat', cid, extents: [{ access: 'RW', sectors, type: 'FLAT', file, offset: 0 }], ddb: defaultDdb(sectors, cid) })
   await writeFileDurable(path, desc.toString())
-}
-
-async function realpathOr (p: string): Promise<string> {
-  try { return await realpath(p) } catch { return p }
 }
 
 /**

@@ -2,8 +2,8 @@
  * The narrow interface every on-disk extent kind implements (flat, hosted sparse, COWD, zero).
  * All positions and lengths are bytes relative to the start of the extent.
  */
-import { open, readFile, rename, unlink, type FileHandle } from 'node:fs/promises'
-import { dirname } from 'node:path'
+import { open, readFile, realpath, rename, unlink, type FileHandle } from 'node:fs/promises'
+import { dirname, resolve } from 'node:path'
 import { RedoError } from '../errors'
 import { failPoint } from '../fault'
 
@@ -262,6 +262,11 @@ export async function syncDir (dir: string): Promise<void> {
   } finally {
     await fh.close()
   }
+}
+
+/** The real path of `p`, or `p` resolved when it cannot be read (missing, a broken link). */
+export async function realOrResolved (p: string): Promise<string> {
+  return await realpath(p).catch(() => resolve(p))
 }
 
 /** A whole small file, or undefined when it does not exist (other errors are thrown). */

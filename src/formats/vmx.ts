@@ -2,10 +2,9 @@
  * The VMware .vmx file: which disks a VM has and in which mode. redofs rewrites only the
  * `fileName` value of a disk whose chain top changed and keeps every other byte as it found it.
  */
-import { readdir, readFile, realpath } from 'node:fs/promises'
+import { readdir, readFile } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
-import { Mutex } from './extent'
-import { writeFileDurable } from './extent'
+import { Mutex, realOrResolved, writeFileDurable } from './extent'
 
 export type DiskMode = 'persistent' | 'nonpersistent' | 'undoable' | 'append'
 
@@ -87,14 +86,13 @@ export class Vmx {
  */
 export async function pointVmxAt (before: string[], top: string): Promise<string[]> {
   const dir = dirname(top)
-  const real = async (p: string): Promise<string> => await realpath(p).catch(() => resolve(p))
-  const was = new Set(await Promise.all(before.map(real)))
-  const now = await real(top)
+  const was = new Set(await Promise.all(before.map(realOrResolved)))
+  const now = await realOrResolved(top)
   const out: string[] = []
   for (const f of (await readdir(dir)).filter(n => /\.vmx$/i.test(n))) {
     const vmx = await Vmx.read(join(dir, f))
     for (const d of vmx.disks()) {
-      const named = await real(resolve(dir, d.fileName))
+      const named = await realOrResolved(resolve(dir, d.fileName))
       if (named === now || !was.has(named)) continue
       await vmx.setFileName(d.device, relative(dir, top))
       if (!out.includes(vmx.path)) out.push(vmx.path)
