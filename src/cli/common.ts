@@ -4,10 +4,11 @@ import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
 import { journalPath } from '../chain/journal'
 import { resolveGeneration } from '../chain/labels'
+import { diskNameOf } from '../chain/names'
 import { isRedoError, RedoError, toRedoError } from '../errors'
 import { log } from '../log'
 import { StoreLock } from '../store/lock'
-import { realOrResolved, resolveDiskTop, servedTops } from '../store/tops'
+import { liveFileOf, planStore, resolveDiskTop, type StorePlan } from '../store/tops'
 import { pointVmxAt } from '../formats/vmx'
 import { formatSize } from '../units'
 
@@ -51,11 +52,14 @@ export async function withWritableDisk<T> (arg: string, args: GlobalArgs, what: 
   const lock = await lockStore(top, args, what)
   try {
     // another disk's live file, as a mount of the store would serve it (read once, on demand)
-    let served: Promise<Map<string, string>> | undefined
+    let plan: Promise<StorePlan> | undefined
     const otherDisk = async (p: string): Promise<string | undefined> => {
-      const m = await (served ??= servedTops(storeRoot(top, args)))
-      const o = m.get(await realOrResolved(p))
-      return o !== m.get(await realOrResolved(top)) ? o : undefined
+      // a layer of this disk itself (its directory, its name) is nobody else's: no store scan
+      // on the way of an ordinary commit or discard
+      if (dirname(resolve(p)) === dirname(resolve(top)) && diskNameOf(p) === diskNameOf(top)) return undefined
+      const s = await (plan ??= planStore(storeRoot(top, args)))
+      const o = await liveFileOf(s, p)
+      return o !== await liveFileOf(s, top) ? o : undefined
     }
     const chain = await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), writable: true, otherDisk })
     try {

@@ -1,6 +1,7 @@
 /** Mapping mount paths to store objects (SPEC §2). No I/O here. */
 import type { Disk, Generation } from '../store/disk'
-import { VM_COMMANDS, type Store, type Vm } from '../store/store'
+import type { Store, Vm } from '../store/store'
+import { VM_COMMANDS } from '../store/tops'
 
 export const DISK_COMMANDS = ['addredo', 'commit', 'discard', 'label', 'poweroff', 'job'] as const
 

@@ -3,20 +3,20 @@
  * power on (mount) and power off (unmount). A disk that cannot be opened is left out with its
  * error; everything else is served.
  */
-import { readdir, stat } from 'node:fs/promises'
-import { dirname, join, relative, resolve } from 'node:path'
+import { stat } from 'node:fs/promises'
+import { dirname, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
 import { checkCommit, checkDiscard, commit, type RedoFormat } from '../chain/jobs'
 import { SESSION_KEY } from '../chain/labels'
-import { diskNameOf } from '../chain/names'
-import { brokenIn, peekDirs, type Peek } from '../chain/peek'
 import { RedoError, toRedoError } from '../errors'
 import { delayPoint } from '../fault'
+import { realOrResolved } from '../formats/extent'
 import { log } from '../log'
 import { parseArgs } from './args'
 import { Disk, type DiskOptions } from './disk'
 import { StoreLock } from './lock'
-import { diskKey, realOrResolved, vmDirs, vmTops } from './tops'
+import { planStore, type FileError } from './tops'
+export type { FileError } from './tops'
 import { Vmx, type DiskMode } from '../formats/vmx'
 
 export interface StoreOptions {
@@ -26,11 +26,6 @@ export interface StoreOptions {
   redoLimit?: number
   redoLimitHard?: boolean
   redoFormat?: RedoFormat
-}
-
-export interface FileError {
-  file: string
-  message: string
 }
 
 export class Vm {
@@ -46,10 +41,8 @@ export class Store {
   private lock: StoreLock | null = null
   /** Real path of every served disk's top → "vm/disk". */
   private readonly served = new Map<string, string>()
-  /** Every disk a VM names in its own directory (diskKey) → "vm/disk", served or not. */
-  private readonly claimed = new Map<string, string>()
-  /** The top files of those disks (real path) → "vm/disk". */
-  private readonly owned = new Map<string, string>()
+  /** Real path of every top a VM names in its own directory → "vm/disk", served or left out. */
+  private owned = new Map<string, string>()
   readonly diskOpts: DiskOptions
 
   private constructor (readonly root: string, readonly opts: StoreOptions) {
@@ -79,108 +72,43 @@ export class Store {
     return s
   }
 
+  /** Open every disk the plan serves (tops.ts planStore holds the rules); one that fails stays out. */
   private async scan (): Promise<void> {
-    const entries = await readdir(this.root, { withFileTypes: true })
-    // every descriptor of the store, read once: chains may cross VM directories (linked clones)
-    const all = await peekDirs([this.root, ...await vmDirs(this.root)])
-    const later: Array<() => Promise<void>> = []
-    for (const e of entries.sort((a, b) => a.name.localeCompare(b.name))) {
-      if (!e.isDirectory() || e.name.startsWith('.')) continue
-      // .ctl/status is the store's own status file
-      if (e.name === 'status') {
-        this.errors.push({ file: join(this.root, e.name), message: `${join(this.root, e.name)}: VM "status" left out: .ctl/status is the store's status file; rename the directory` })
-        continue
-      }
-      await this.scanVm(e.name, join(this.root, e.name), all, later)
-    }
-    for (const serve of later) await serve()
-  }
-
-  private async scanVm (name: string, dir: string, all: Peek[], later: Array<() => Promise<void>>): Promise<void> {
-    // an unreadable VM directory is that VM's error, not the store's
-    const { vmx, errors, wanted } = await vmTops(name, dir, all).catch(e => ({ vmx: undefined, errors: [{ file: dir, message: toRedoError(e, dir).message }], wanted: [] }))
-    const realVm = new Vm(name, dir, vmx)
-    realVm.errors.push(...errors)
-    this.vms.set(name, realVm)
-    // the disks of its own directory are this VM's, served or not: another VM's .vmx naming one
-    // cannot take it, nor write into its live file (not even one left out here, for a damaged
-    // file or a clashing name)
-    for (const w of wanted) {
-      if (resolve(dirname(w.top)) !== resolve(dir)) continue
-      this.claimed.set(await diskKey(w.top), `${name}/${diskNameOf(w.top)}`)
-      this.owned.set(await realOrResolved(w.top), `${name}/${diskNameOf(w.top)}`)
-    }
-    // a file of a disk that cannot be read: the chain cannot be known, so the disk stays out
-    const broken = new Map<string, string>()
-    for (const b of await brokenIn(dir)) {
-      broken.set(diskNameOf(b.path), b.error as string)
-      realVm.errors.push({ file: b.path, message: b.error as string })
-    }
-    // "<disk>@<x>.img" is how the mount names generation or label x of <disk>: a disk whose own
-    // name is "<another disk of this VM>@x" would hide one of them (or will, after more
-    // addredos or a label), so it stays out until renamed
-    const names = new Set([...wanted.map(w => diskNameOf(w.top)), ...broken.keys()])
-    // a disk named from another VM's directory (a shared disk) is served after every VM's own:
-    // the VM whose directory holds the file owns it
-    const serve = async (w: (typeof wanted)[number]): Promise<void> => {
-      const diskName = diskNameOf(w.top)
-      if (broken.has(diskName)) return
-      if (VM_CTL_FILES.has(diskName)) {
-        realVm.errors.push({ file: w.top, message: `${w.top}: disk "${diskName}" left out: .ctl/${name}/${diskName} is the VM's own control file; rename the disk` })
-        return
-      }
-      const at = diskName.lastIndexOf('@')
-      const other = diskName.slice(0, Math.max(at, 0))
-      if (at > 0 && names.has(other)) {
-        realVm.errors.push({ file: w.top, message: `${w.top}: disk "${diskName}" left out: ${diskName}.img is the name of generation or label "${diskName.slice(at + 1)}" of disk "${other}"; rename one of the two disks` })
-        return
-      }
-      if (realVm.disks.has(diskName)) {
-        realVm.errors.push({ file: w.top, message: `${w.top}: a second chain top for disk "${diskName}" (left out)` })
-        return
-      }
-      // one file, one disk: two disk objects writing one file would each overwrite the other's
-      // grains (two .vmx files naming the same disk)
-      const real = await realOrResolved(w.top)
-      const owner = this.claimed.get(await diskKey(w.top))
-      const twin = this.served.get(real) ?? (owner !== undefined && owner !== `${name}/${diskName}` ? owner : undefined)
-      if (twin !== undefined) {
-        realVm.errors.push({ file: w.top, message: `${w.top}: ${this.served.has(real) ? 'already served as' : 'a disk of VM directory'} ${twin}; disk "${diskName}" of ${name} left out` })
-        return
-      }
+    const plan = await planStore(this.root)
+    this.errors.push(...plan.errors)
+    this.owned = plan.owned
+    for (const v of plan.vms) this.vms.set(v.name, Object.assign(new Vm(v.name, v.dir, v.vmx), { errors: v.errors }))
+    for (const d of plan.disks) {
+      const vm = this.vms.get(d.vm) as Vm
+      if (d.leftOut !== undefined) { vm.errors.push(d.leftOut); continue }
       try {
         // damaged grains do not keep a disk out: reads there fail with EIO, the rest is served
-        const id = `${name}/${diskName}`
         const otherDisk = async (p: string): Promise<string | undefined> => {
           const r = await realOrResolved(p)
           const o = this.served.get(r) ?? this.owned.get(r)
-          return o !== id ? o : undefined
+          return o !== d.id ? o : undefined
         }
-        const chain = await Chain.open(w.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true, otherDisk })
-        const disk = await Disk.create(name, diskName, chain, w.mode, this.diskOpts, vmx !== undefined && w.device !== undefined ? { file: vmx, device: w.device } : undefined)
+        const chain = await Chain.open(d.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true, otherDisk })
+        const disk = await Disk.create(d.vm, d.name, chain, d.mode, this.diskOpts, vm.vmx !== undefined && d.device !== undefined ? { file: vm.vmx, device: d.device } : undefined)
         disk.onTopChanged = async () => {
           // the served map follows the disk's live file (replaced with no await in between)
           const now = await realOrResolved(disk.chain.top.path)
-          for (const [f, o] of this.served) if (o === id) this.served.delete(f)
-          this.served.set(now, id)
+          for (const [f, o] of this.served) if (o === d.id) this.served.delete(f)
+          this.served.set(now, d.id)
           await this.syncVmx(disk)
         }
         for (const j of chain.recovered) disk.notice(`finished the interrupted commit of ${j.child} into ${j.parent} at mount`)
         if (chain.topChildren.length > 0) {
-          realVm.errors.push({ file: chain.top.path, message: `${chain.top.path}: other chains use it as their parent; ${diskName}.img is read-only (addredo to write)` })
+          vm.errors.push({ file: chain.top.path, message: `${chain.top.path}: other chains use it as their parent; ${d.name}.img is read-only (addredo to write)` })
         }
-        realVm.disks.set(diskName, disk)
-        this.served.set(await realOrResolved(chain.top.path), id) // the open may have finished a commit
+        vm.disks.set(d.name, disk)
+        this.served.set(await realOrResolved(chain.top.path), d.id) // the open may have finished a commit
         await this.syncVmx(disk)
       } catch (e) {
-        const err = toRedoError(e, w.top)
-        log.store('left out %s: %s', w.top, err.message)
-        realVm.errors.push({ file: err.file ?? w.top, message: err.message })
+        const err = toRedoError(e, d.top)
+        log.store('left out %s: %s', d.top, err.message)
+        vm.errors.push({ file: err.file ?? d.top, message: err.message })
       }
-    }
-    for (const w of wanted) {
-      if (resolve(dirname(w.top)) === resolve(dir)) await serve(w)
-      else later.push(async () => await serve(w))
     }
   }
 
@@ -386,6 +314,3 @@ export class Store {
   }
 }
 
-/** The files of .ctl/<vm>/ besides its disks' directories: the VM-wide commands, status, error. */
-export const VM_COMMANDS = ['addredo', 'commit', 'discard'] as const
-const VM_CTL_FILES = new Set<string>([...VM_COMMANDS, 'status', 'error'])

@@ -1,7 +1,8 @@
 /** Finding chain tops in a VM directory: descriptors that no other descriptor names as parent. */
-import { readdir, realpath, stat } from 'node:fs/promises'
+import { readdir, stat } from 'node:fs/promises'
 import { basename, dirname, join, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
+import { realOrResolved } from '../formats/extent'
 import { Vmx, type DiskMode } from '../formats/vmx'
 import { diskNameOf } from '../chain/names'
 import { readJournal } from '../chain/journal'
@@ -18,14 +19,13 @@ export async function chainTops (dir: string, allDirs: string[] = [dir]): Promis
  * is built on is still its own VM's disk (served read-only while the clone uses it).
  */
 export async function topsAmong (dir: string, all: Peek[]): Promise<Peek[]> {
-  const real = async (p: string): Promise<string> => await realpath(p).catch(() => resolve(p))
   const here = all.filter(p => resolve(dirname(p.path)) === resolve(dir))
   const parents = new Set<string>()
-  for (const p of here) if (p.parent !== undefined) parents.add(await real(p.parent))
+  for (const p of here) if (p.parent !== undefined) parents.add(await realOrResolved(p.parent))
   const out: Peek[] = []
   for (const p of here) {
-    const r = await real(p.path)
-    if (!parents.has(r) && !await mergedAway(p, r, real)) out.push(p)
+    const r = await realOrResolved(p.path)
+    if (!parents.has(r) && !await mergedAway(p, r)) out.push(p)
   }
   return out
 }
@@ -35,11 +35,11 @@ export async function topsAmong (dir: string, all: Peek[]): Promise<Peek[]> {
  * parent: nothing names it any more, but it is no top (its content is in the parent, and the
  * real top is above). The next writable open drops it.
  */
-async function mergedAway (p: Peek, real: string, realOf: (p: string) => Promise<string>): Promise<boolean> {
+async function mergedAway (p: Peek, real: string): Promise<boolean> {
   if (p.parent === undefined) return false
   const j = await readJournal(p.parent).catch(() => undefined)
   // (with the layer above gone too, it stays, for the open to say what is wrong)
-  return j?.above != null && await realOf(j.child) === real && await stat(j.above).then(() => true, () => false)
+  return j?.above != null && await realOrResolved(j.child) === real && await stat(j.above).then(() => true, () => false)
 }
 
 /**
@@ -66,11 +66,6 @@ export async function resolveDiskTop (arg: string, writing = false): Promise<str
   const redo = (p: Peek): number => Number(/-(\d{6})\.vmdk$/i.exec(p.path)?.[1] ?? 0)
   tops.sort((a, b) => redo(a) - redo(b) || basename(a.path).localeCompare(basename(b.path)))
   return tops[tops.length - 1].path
-}
-
-/** The real path of `p`, or `p` resolved when it cannot be read. */
-export async function realOrResolved (p: string): Promise<string> {
-  return await realpath(p).catch(() => resolve(p))
 }
 
 /** The VM directories of a store: its subdirectories but hidden ones. */
@@ -141,36 +136,111 @@ export async function diskKey (file: string): Promise<string> {
   return `${await realOrResolved(dirname(file))}/${diskNameOf(file)}`
 }
 
+/** The files of .ctl/<vm>/ besides its disks' directories: the VM-wide commands, status, error. */
+export const VM_COMMANDS = ['addredo', 'commit', 'discard'] as const
+const VM_CTL_FILES = new Set<string>([...VM_COMMANDS, 'status', 'error'])
+
+export interface FileError { file: string, message: string }
+
+/** A disk the mount would serve (its chain may still fail to open), or one it leaves out. */
+export interface PlannedDisk extends WantedTop {
+  vm: string
+  name: string
+  /** "vm/disk" */
+  id: string
+  /** Real path of the top. */
+  real: string
+  /** Why the disk stays out (a static rule), for its VM's errors. */
+  leftOut?: FileError
+}
+
+export interface StorePlan {
+  /** Errors of the store itself (a VM directory that cannot be one). */
+  errors: FileError[]
+  vms: Array<{ name: string, dir: string, vmx?: Vmx, errors: FileError[] }>
+  /** Every disk a VM names, in the order they are served: each VM's own-directory disks first. */
+  disks: PlannedDisk[]
+  /** Real path of every top a VM names in its own directory → "vm/disk", served or left out. */
+  owned: Map<string, string>
+}
+
 /**
- * Every disk top a mount of the store at `root` would serve: real path → "vm/disk" (read from
- * the .vmx files and descriptors; no chain is opened), by the scan's rules (store.ts): each
- * VM's own-directory disks first, and they are its own, then disks named from another
- * directory, one disk name per VM. For offline jobs: a layer listed here is another disk's
- * live file.
+ * What a mount of the store at `root` serves, read from the .vmx files and descriptors (no chain
+ * is opened): every rule of the scan that needs no open. The mount opens the disks this plan
+ * serves; offline jobs ask it whose live file a layer is.
+ * - A VM directory named "status" stays out (.ctl/status is the store's status file); an
+ *   unreadable one is that VM's error.
+ * - A disk with a file that cannot be read stays out (its chain cannot be known); so does one
+ *   named like a VM's control file, or "<another disk of the VM>@x" (the mount's name for
+ *   generation or label x of that disk), or a second chain top of one disk name.
+ * - One file is one disk: it belongs to the VM whose directory holds it when that VM names
+ *   it (served or left out there); disks named from another directory come after every VM's
+ *   own, and a file already taken is left out of the later VM.
  */
-export async function servedTops (root: string): Promise<Map<string, string>> {
+export async function planStore (root: string): Promise<StorePlan> {
   const dirs = (await vmDirs(root)).sort((a, b) => basename(a).localeCompare(basename(b)))
+  // every descriptor of the store, read once: chains may cross VM directories (linked clones)
   const all = await peekDirs([root, ...dirs])
-  const out = new Map<string, string>()
-  const ids = new Set<string>()
-  const claimed = new Set<string>()
-  const later: Array<{ name: string, top: string }> = []
-  const add = async (name: string, top: string): Promise<void> => {
-    const id = `${name}/${diskNameOf(top)}`
-    const real = await realOrResolved(top)
-    if (out.has(real) || ids.has(id)) return
-    out.set(real, id)
-    ids.add(id)
-  }
+  const plan: StorePlan = { errors: [], vms: [], disks: [], owned: new Map() }
+  const claimed = new Map<string, string>() // diskKey → "vm/disk"
+  const taken = new Map<string, string>() // real path of a planned top → "vm/disk"
+  const later: Array<() => Promise<void>> = []
   for (const dir of dirs) {
     const name = basename(dir)
-    if (name === 'status') continue // never served (store.ts)
-    for (const w of (await vmTops(name, dir, all).catch(() => ({ wanted: [] as WantedTop[] }))).wanted) {
-      if (resolve(dirname(w.top)) !== resolve(dir)) { later.push({ name, top: w.top }); continue }
-      claimed.add(await diskKey(w.top))
-      await add(name, w.top)
+    if (name === 'status') {
+      plan.errors.push({ file: dir, message: `${dir}: VM "status" left out: .ctl/status is the store's status file; rename the directory` })
+      continue
+    }
+    const { vmx, errors, wanted } = await vmTops(name, dir, all).catch(e => ({ vmx: undefined, errors: [{ file: dir, message: toRedoError(e, dir).message }], wanted: [] as WantedTop[] }))
+    const vm = { name, dir, vmx, errors }
+    plan.vms.push(vm)
+    const own = (w: WantedTop): boolean => resolve(dirname(w.top)) === resolve(dir)
+    for (const w of wanted.filter(own)) {
+      claimed.set(await diskKey(w.top), `${name}/${diskNameOf(w.top)}`)
+      plan.owned.set(await realOrResolved(w.top), `${name}/${diskNameOf(w.top)}`)
+    }
+    const broken = new Set<string>()
+    for (const b of await brokenIn(dir)) {
+      broken.add(diskNameOf(b.path))
+      errors.push({ file: b.path, message: b.error as string })
+    }
+    const names = new Set([...wanted.map(w => diskNameOf(w.top)), ...broken])
+    const ids = new Set<string>()
+    const place = async (w: WantedTop): Promise<void> => {
+      const diskName = diskNameOf(w.top)
+      if (broken.has(diskName)) return // its error is the VM's already
+      const id = `${name}/${diskName}`
+      const real = await realOrResolved(w.top)
+      const d: PlannedDisk = { ...w, vm: name, name: diskName, id, real }
+      const out = (message: string): void => { d.leftOut = { file: w.top, message: `${w.top}: ${message}` } }
+      const at = diskName.lastIndexOf('@')
+      const other = diskName.slice(0, Math.max(at, 0))
+      const owner = claimed.get(await diskKey(w.top))
+      if (VM_CTL_FILES.has(diskName)) out(`disk "${diskName}" left out: .ctl/${name}/${diskName} is the VM's own control file; rename the disk`)
+      else if (at > 0 && names.has(other)) out(`disk "${diskName}" left out: ${diskName}.img is the name of generation or label "${diskName.slice(at + 1)}" of disk "${other}"; rename one of the two disks`)
+      else if (ids.has(id)) out(`a second chain top for disk "${diskName}" (left out)`)
+      else if (taken.has(real)) out(`already served as ${taken.get(real) as string}; disk "${diskName}" of ${name} left out`)
+      else if (owner !== undefined && owner !== id) out(`a disk of VM directory ${owner}; disk "${diskName}" of ${name} left out`)
+      else {
+        ids.add(id)
+        taken.set(real, id)
+      }
+      plan.disks.push(d)
+    }
+    for (const w of wanted) {
+      if (own(w)) await place(w)
+      else later.push(async () => await place(w))
     }
   }
-  for (const { name, top } of later) if (!claimed.has(await diskKey(top))) await add(name, top)
-  return out
+  for (const place of later) await place()
+  return plan
+}
+
+/**
+ * Whose live file `path` is in the store `plan` describes ("vm/disk"): a disk the mount serves,
+ * or one a VM owns but leaves out. For offline jobs.
+ */
+export async function liveFileOf (plan: StorePlan, path: string): Promise<string | undefined> {
+  const r = await realOrResolved(path)
+  return plan.disks.find(d => d.leftOut === undefined && d.real === r)?.id ?? plan.owned.get(r)
 }
