@@ -102,6 +102,19 @@ async function addRedoFilled (vm: string, pattern: number, range: string): Promi
   await mustRun('qemu-io', ['-f', 'vmdk', '-c', `write -P ${pattern} ${range}`, path.join(vm, top)])
 }
 
+/**
+ * <store>/vm/disk, 8M: a base filled with 1 over `base`, redo log 1 with 2 over 0-5M (two
+ * copy chunks of 4 MiB), redo log 2 with 3 over `top`. Returns the VM directory.
+ */
+async function twoRedoChain (store: string, base: string, top: string): Promise<string> {
+  await createDisk(store, 'vm', 'disk', '8M')
+  const vm = path.join(store, 'vm')
+  await mustRun('qemu-io', ['-f', 'vmdk', '-c', `write -P 1 ${base}`, path.join(vm, 'disk.vmdk')])
+  await addRedoFilled(vm, 2, '0 5M')
+  await addRedoFilled(vm, 3, top)
+  return vm
+}
+
 /** The primary and redundant grain table entries of `grain`. */
 async function gteCopies (file: string, grain: number): Promise<number[]> {
   return [await readU32(file, await gtePosition(file, grain)), await readU32(file, await gtePosition(file, grain, true))]
@@ -439,11 +452,7 @@ if (ok) {
   test.serial('a store copied or moved after a crash in a commit finishes its own commit, never the one at the old path; a journal naming a file outside the store or not the parent\'s child is refused', async t => {
     const dir = await env.tmp()
     const orig = path.join(dir, 'orig')
-    await createDisk(orig, 'vm', 'disk', '8M')
-    const ovm = path.join(orig, 'vm')
-    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 0 8M', path.join(ovm, 'disk.vmdk')])
-    await addRedoFilled(ovm, 2, '0 5M') // two copy chunks (4 MiB each)
-    await addRedoFilled(ovm, 3, '2M 3M')
+    const ovm = await twoRedoChain(orig, '0 8M', '2M 3M')
     // killed after the journal and the first copied chunk: the base holds part of redo log 1
     const killed = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(ovm, 'disk'), 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.copy' } })
     t.regex(killed.stderr, /crashing at commit\.copy/, describe(killed))
@@ -671,11 +680,7 @@ if (ok) {
   test.serial('a commit killed mid-copy, under a read-only mount: the generation it merges into refuses to open, the others read as before', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')
-    const vm = path.join(store, 'vm')
-    await createDisk(store, 'vm', 'disk', '8M')
-    await mustRun('qemu-io', ['-f', 'vmdk', '-c', 'write -P 1 0 6M', path.join(vm, 'disk.vmdk')])
-    await addRedoFilled(vm, 2, '0 5M') // two copy chunks
-    await addRedoFilled(vm, 3, '4M 1M')
+    const vm = await twoRedoChain(store, '0 6M', '4M 1M')
     const before = await Promise.all(['disk-000001.vmdk', 'disk-000002.vmdk'].map(async f => {
       const q = await sh('qemu-img convert -O raw "$1" "$2" && sha256sum < "$2"', [path.join(vm, f), path.join(dir, `${f}.raw`)])
       return q.stdout
