@@ -4,6 +4,8 @@
  * metadata writes whose order matters (VMDK.md §9). REDOFS_CRASH_ONLY=a,b limits counting to
  * points whose name starts with one of the prefixes. Without the variable this is a no-op.
  */
+import { log } from './log'
+
 let left = Number(process.env.REDOFS_CRASH_AFTER ?? '0')
 const only = (process.env.REDOFS_CRASH_ONLY ?? '').split(',').filter(s => s !== '')
 
@@ -48,5 +50,7 @@ const delays = new Map((process.env.REDOFS_DELAY ?? '').split(',').filter(s => s
 
 export async function delayPoint (name: string): Promise<void> {
   const ms = delays.get(name)
-  if (ms !== undefined && ms > 0) await new Promise(resolve => setTimeout(resolve, ms))
+  if (ms === undefined || ms <= 0) return
+  log.fault('%s: waiting %d ms', name, ms)
+  await new Promise(resolve => setTimeout(resolve, ms))
 }

@@ -6,5 +6,7 @@ export const log = {
   chain: createDebug('redofs:chain'),
   store: createDebug('redofs:store'),
   fs: createDebug('redofs:fs'),
-  cli: createDebug('redofs:cli')
+  cli: createDebug('redofs:cli'),
+  /** The test hooks of src/fault.ts (a test waits for a delay point to be reached). */
+  fault: createDebug('redofs:fault')
 }

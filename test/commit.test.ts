@@ -4,11 +4,12 @@
  * check, qemu reads through every parent, and every parentCID equals its parent's CID.
  */
 import test, { type ExecutionContext } from 'ava'
-import { mkdir, readdir } from 'node:fs/promises'
+import { spawn } from 'node:child_process'
+import { mkdir, readdir, readFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN, requireEnv } from './helpers/env'
-import { convertToRaw, createChild, describe, qemuCheck, run, sameContent, snapshotTree, type BaseFormat } from './helpers/qemu'
-import { infoJson, redofs } from './helpers/redofs'
+import { convertToRaw, createChild, describe, qemuCheck, run, sameContent, snapshotTree, type BaseFormat, type RunResult } from './helpers/qemu'
+import { assertOneLineError, exportGen, infoJson, redofs, redofsOk } from './helpers/redofs'
 import { convertAll, FOUR_LEVELS, storeChain, type StoreChain } from './helpers/store'
 import { tmpDirs } from './helpers/tmp'
 import { chainFiles, cidLinkProblems, findTops, layerInfo } from './helpers/vmdk'
@@ -17,6 +18,15 @@ requireEnv(test)
 const tmp = tmpDirs(test)
 
 const M = 1024 * 1024
+
+/** `redofs commit <file> level=<level>` with an I/O error injected at the nth chunk it copies: it fails. */
+async function failingCommit (t: ExecutionContext, file: string, level: number, nth: number): Promise<RunResult> {
+  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_FAIL_ONCE: `commit.copy#${nth}` }
+  delete env.DEBUG
+  const r = await run(process.execPath, [REDOFS_BIN, 'commit', file, `level=${level}`], { env })
+  t.is(r.code, 1, describe(r))
+  return r
+}
 
 async function fourLevels (format: BaseFormat): Promise<{ c: StoreChain, refs: string[] }> {
   const root = await tmp()
@@ -102,18 +112,18 @@ test('commit level=0 of a redo log with zeroed-grain entries (GTE=1) writes zero
   await assertChainAfter(t, c, refs, [0, 2])
 })
 
-test('a commit that fails (an I/O error while copying) leaves no journal: the chain opens as before and a later commit finishes', async t => {
+test('a commit that fails while copying leaves no journal; the generation it merged into is marked, refused for reading, and whole again once the commit is run again', async t => {
   const { c, refs } = await fourLevels('monolithicSparse')
   const top = c.files[3]
-  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_FAIL_ONCE: 'commit.copy' }
-  delete env.DEBUG
-  const r = await run(process.execPath, [REDOFS_BIN, 'commit', top, 'level=1'], { env })
-  t.is(r.code, 1, describe(r))
-  t.regex(r.stderr, /commit of .*disk-000002\.vmdk failed: .*injected I\/O error.*generations 2 and up are unchanged/)
+  // the second chunk fails: the first one was written into generation 1's layer
+  const r = await failingCommit(t, top, 1, 2)
+  t.regex(r.stderr, /commit of .*disk-000002\.vmdk failed: .*injected I\/O error.*generations 2 and up are unchanged; generation 1 holds part of generation 2's changes/)
   t.deepEqual((await readdir(c.vmDir)).filter(f => f.includes('redofs-commit')), [], 'the failed commit left its journal')
   // no commit is finished behind the user's back: the chain is as long as before and reads the same
   const info = await infoJson(top)
   t.is(info.layers.length, 4)
+  t.deepEqual(info.layers.map(l => l.inFlux !== null), [false, true, false, false], JSON.stringify(info.layers))
+  t.regex(info.layers[1].inFlux ?? '', /holds part of generation 2's changes: a commit of .*disk-000002\.vmdk/)
   t.deepEqual(await cidLinkProblems(top), [])
   for (const g of [0, 2, 3]) {
     const out = path.join(c.root, `failed-g${g}.raw`)
@@ -123,11 +133,103 @@ test('a commit that fails (an I/O error while copying) leaves no journal: the ch
   }
   const chk = await redofs(['check', top])
   t.is(chk.code, 0, describe(chk))
-  // the same commit, without the fault, ends as any commit does
+  // generation 1 is neither what it was nor generation 2: nothing reads it as either
+  const before = await snapshotTree(c.store)
+  const exp = await exportGen(c.disk, 1, path.join(c.root, 'mixed.raw'))
+  assertOneLineError(t, exp, { mustName: ['disk-000002.vmdk'], keyword: /holds part of generation 2's changes.*commit that redo log again/ })
+  const mp = await redofs(['map', `${c.disk}@1`])
+  t.is(mp.code, 1, describe(mp))
+  const cl = await redofs(['clone', `${c.disk}@1`, 'vm9'])
+  assertOneLineError(t, cl, { mustName: ['disk-000002.vmdk'], keyword: /holds part of generation 2's changes/ })
+  // nor does a discard make it live, unless forced
+  const dis = await redofs(['discard', c.disk, 'to=1'])
+  assertOneLineError(t, dis, { mustName: ['disk-000002.vmdk'], keyword: /would make that mix live \(use force=1\)/ })
+  t.deepEqual(await snapshotTree(c.store), before, 'a refused command changed a file')
+  // the generations around it still export
+  await redofsOk(['export', `${c.disk}@2`, path.join(c.root, 'g2.raw')])
+  t.true((await sameContent(path.join(c.root, 'g2.raw'), refs[2])).same)
+  // the same commit, without the fault, ends as any commit does and leaves no mark
   const again = await redofs(['commit', top, 'level=1'])
   t.is(again.code, 0, describe(again))
   await assertChainAfter(t, c, refs, [0, 2, 3])
+  t.deepEqual((await infoJson(top)).layers.map(l => l.inFlux), [null, null, null])
+  t.notRegex(await readFile(c.files[1], 'latin1').then(s => s.slice(0, 1 << 16)), /ddb\.redofs\.partOf/, 'the mark stayed after the commit completed it')
 })
+
+test('a commit that fails before it writes anything marks nothing; a forced discard to a marked generation warns and clears the mark', async t => {
+  const { c } = await fourLevels('monolithicSparse')
+  const top = c.files[3]
+  // a top of one chunk: its copy fails before it writes (with more chunks, the other copy
+  // workers would write theirs before they see the failure)
+  const one = await storeChain(await tmp(), 16 * M, [{ writes: FOUR_LEVELS[0] }, { writes: [{ pattern: 0x55, offset: 0, length: 4096 }] }])
+  const r0 = await failingCommit(t, one.disk, 0, 1)
+  t.regex(r0.stderr, /nothing was copied, every generation is unchanged/)
+  t.deepEqual((await infoJson(one.files[1])).layers.map(l => l.inFlux), [null, null])
+  await redofsOk(['export', `${one.disk}@0`, path.join(one.root, 'g0.raw')])
+  // a mark, then discard to=1 with force=1: a warning, and the generation is live without a mark
+  await failingCommit(t, top, 1, 2)
+  const forced = await redofs(['discard', c.disk, 'to=1', 'force=1'])
+  t.is(forced.code, 0, describe(forced))
+  t.regex(forced.stderr, /^redofs: warning: generation 1 is live now, holding part of the discarded .*disk-000002\.vmdk's changes/)
+  const info = await infoJson(c.files[1])
+  t.deepEqual(info.layers.map(l => l.inFlux), [null, null])
+  t.notRegex(await readFile(c.files[1], 'latin1').then(s => s.slice(0, 1 << 16)), /ddb\.redofs\.partOf/)
+  // a redo log added later under the discarded file's free name is not taken for the marked child
+  const added = (await redofsOk(['addredo', c.disk])).stdout.trim()
+  t.is(path.basename(added), 'disk-000002.vmdk')
+  t.deepEqual((await infoJson(added)).layers.map(l => l.inFlux), [null, null, null])
+})
+
+test('committing a layer that holds part of the redo log above it passes that mark down: the merged generation stays refused until the redo log above is committed', async t => {
+  const { c, refs } = await fourLevels('monolithicSparse')
+  const top = c.files[3]
+  await failingCommit(t, top, 0, 2)
+  t.deepEqual((await infoJson(top)).layers.map(l => l.inFlux !== null), [false, false, true, false])
+  // disk-000002 (part of disk-000003 in it) merged into disk-000001: that layer holds the mix now
+  await redofsOk(['commit', top, 'level=1'])
+  const info = await infoJson(top)
+  t.deepEqual(info.layers.map(l => path.basename(l.file)), ['disk.vmdk', 'disk-000001.vmdk', 'disk-000003.vmdk'])
+  t.regex(info.layers[1].inFlux ?? '', /generation 1 holds part of generation 2's changes: a commit of .*disk-000003\.vmdk/)
+  t.is((await exportGen(c.disk, 1, path.join(c.root, 'mixed.raw'))).code, 1)
+  await redofsOk(['commit', top, 'level=0'])
+  t.deepEqual((await infoJson(c.files[1])).layers.map(l => l.inFlux), [null, null])
+  await redofsOk(['export', c.disk, path.join(c.root, 'live.raw')])
+  t.true((await sameContent(path.join(c.root, 'live.raw'), refs[3])).same)
+})
+
+for (const cmd of ['export', 'map'] as const) {
+  test(`${cmd === 'export' ? 'an export' : 'a map'} of a generation that a commit changes while it is read fails${cmd === 'export' ? ' and keeps no output; the same export afterwards is whole' : ''}`, async t => {
+    const { c, refs } = await fourLevels('monolithicSparse')
+    const out = path.join(c.root, 'g2.raw')
+    // the reader says when it waits at its delay point: the chain is open then
+    const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_DELAY: 'reader:1000', DEBUG: 'redofs:fault' }
+    // read generation 2 (disk-000002.vmdk); once the reader has the chain open, it is stopped
+    // while `commit level=0` merges disk-000003.vmdk into that file, then goes on
+    const args = cmd === 'export' ? ['export', `${c.disk}@2`, out] : ['map', `${c.disk}@2`]
+    const reader = spawn(process.execPath, [REDOFS_BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    reader.stdout.on('data', (b: Buffer) => { stdout += b.toString() })
+    reader.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
+    const exited = new Promise<number | null>(resolve => reader.on('exit', code => resolve(code)))
+    let done = false
+    void exited.then(() => { done = true })
+    while (!done && !stderr.includes('reader: waiting')) await new Promise(resolve => setTimeout(resolve, 10))
+    t.false(done, `the ${cmd} ended before its delay point: ${stderr}`)
+    reader.kill('SIGSTOP')
+    await redofsOk(['commit', c.disk, 'level=0'])
+    reader.kill('SIGCONT')
+    t.is(await exited, 1, stderr)
+    t.regex(stderr, /^redofs: .*@2: generation 2 changed while it was read \(.*disk-000002\.vmdk: written \(CID/m, stderr)
+    t.is(stdout, '')
+    t.deepEqual((await readdir(c.root)).filter(f => f === 'g2.raw' || f.startsWith('.g2.raw.')), [], 'the export left a file')
+    if (cmd === 'export') {
+      // the generation 2 it meant is gone: the same command now exports the merged one, whole
+      await redofsOk(['export', `${c.disk}@2`, out])
+      t.true((await sameContent(out, refs[3])).same)
+    }
+  })
+}
 
 test('commit into a parent that another chain shares is refused without force=1 and changes nothing', async t => {
   const root = await tmp()

@@ -22,7 +22,7 @@ const redofsOk = async (...args: string[]): Promise<import('./helpers/qemu').Run
   return r
 }
 
-interface Gen { generation: number, label: string | null, frozenAt: string | null, file: string }
+interface Gen { generation: number, label: string | null, frozenAt: string | null, file: string, inFlux: string | null }
 interface Status { redoLogs: number, generations: Gen[], notices: string[], job: null | Record<string, unknown>, lastJob: null | Record<string, unknown> }
 const status = async (s: Server, vm = 'vm', disk = 'disk'): Promise<Status> => JSON.parse(await readFile(s.ctl(vm, disk, 'status'), 'utf8')) as Status
 
@@ -309,16 +309,22 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.regex(above.stderr, /disk\.vmdk\.REDO: has no descriptor/)
     t.deepEqual((await readdir(vm)).sort(), ['disk.vmdk', 'disk.vmdk.REDO'])
     // committed into its raw base (which has no descriptor for a label or a CID); then once more,
-    // killed before the REDO file is dropped: the next writable open finishes it
-    for (const crash of [undefined, 'commit.drop']) {
+    // killed before the REDO file is dropped: the next writable open finishes it; and failed
+    // after its first chunk: the raw base cannot carry a partial-merge mark, so the journal stays
+    for (const crash of [undefined, 'commit.drop', 'fail']) {
       const v = path.join(dir, 'store', `commit-${crash ?? 'plain'}`)
       await mkdir(v, { recursive: true })
       for (const f of ['disk.vmdk', 'disk.vmdk.REDO']) await copyFile(path.join(vm, f), path.join(v, f))
-      const env = crash === undefined ? process.env : { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: crash }
+      const env = crash === undefined ? process.env : crash === 'fail' ? { ...process.env, REDOFS_FAIL_ONCE: 'commit.copy#2' } : { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: crash }
       const c = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(v, 'disk.vmdk.REDO'), 'level=0'], { env })
       if (crash === undefined) t.is(c.code, 0, describe(c))
       else {
         t.not(c.code, 0, 'the commit was not killed')
+        if (crash === 'fail') {
+          t.regex(c.stderr, /failed: .*injected I\/O error.*it is not undone: the next writable open finishes it/, describe(c))
+          const exp = await redofs('export', `${path.join(v, 'disk.vmdk.REDO')}@0`, path.join(dir, 'mixed.raw'))
+          t.regex(exp.stderr, /generation 0 is being merged with the one above by an interrupted commit/, describe(exp))
+        }
         t.true((await readdir(v)).includes('disk.vmdk.redofs-commit'), 'no journal left by the killed commit')
         // the same command again is its repeat: it finishes the commit and stops there
         const again = await redofs('commit', path.join(v, 'disk.vmdk.REDO'), 'level=0')
@@ -440,13 +446,21 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
     t.not(busy.code, 0, 'a generation a running commit changes was opened')
     t.regex(busy.stderr, /busy/i)
     await s.commandOk('vm', 'disk', 'job', 'resume')
+    // cancelled once it has copied something (768 MiB take longer than the first chunks)
+    for (let i = 0; i < 200 && ((await status(s)).job?.done as number | undefined ?? 1) === 0; i++) await new Promise(resolve => setTimeout(resolve, 20))
     await s.commandOk('vm', 'disk', 'job', 'cancel')
     for (let i = 0; i < 100 && (await status(s)).job !== null; i++) await new Promise(resolve => setTimeout(resolve, 100))
     const st = await status(s)
     t.is((st.lastJob as { state: string }).state, 'cancelled')
     t.is(st.redoLogs, 2, 'a cancelled commit changed the chain shape')
     t.is(await sha256File(s.img('vm', 'disk')), live, 'the live content changed')
-    await shOk('head -c 1 "$1" > /dev/null', [s.img('vm', 'disk', 0)])
+    // generation 0 holds part of generation 1 now: it stays closed, and status says why
+    const mixed = await sh('head -c 1 "$1"', [s.img('vm', 'disk', 0)])
+    t.not(mixed.code, 0, 'a generation the cancelled commit had written into was opened')
+    t.regex(mixed.stderr, /busy/i)
+    t.regex(st.generations[0].inFlux ?? '', /generation 0 holds part of generation 1's changes/)
+    t.deepEqual(st.generations.slice(1).map(g => g.inFlux), [null, null])
+    t.true(st.notices.some(n => /generation 0 holds part of generation 1's changes.*does not open until/.test(n)), st.notices.join('\n'))
     // resumable: the same commit runs to the end afterwards
     await s.commandOk('vm', 'disk', 'commit', 'level=1 freeze=0')
     t.is((await status(s)).redoLogs, 1)

@@ -159,8 +159,12 @@ if (ok) {
     const live = await sha256File(server.img('vm', 'disk'))
     const r = await server.command('vm', 'disk', 'commit', 'level=0')
     t.not(r.code, 0, 'the commit succeeded')
-    t.regex(await server.errorText('vm', 'disk'), /could not be undone/)
+    t.regex(await server.errorText('vm', 'disk'), /it is not undone: the next writable open finishes it/)
     t.true((await readdir(vm)).includes('disk.vmdk.redofs-commit'), 'the journal is kept')
+    // generation 0 is being merged into: it does not open
+    const g0 = await sh('head -c 1 "$1"', [server.img('vm', 'disk', 0)])
+    t.not(g0.code, 0, 'generation 0 of an unfinished commit was opened')
+    t.regex((await server.status('vm', 'disk')).generations[0].inFlux ?? '', /a commit that failed and is not undone/)
     for (const [cmd, arg] of [['addredo', ''], ['discard', '']]) {
       const refused = await server.command('vm', 'disk', cmd, arg)
       t.not(refused.code, 0, `${cmd} ran on a chain whose commit is unfinished`)

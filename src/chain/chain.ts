@@ -11,9 +11,9 @@ import { DROPPED, Layer, reapDroppedIn, resolveContained } from '../formats/laye
 import { log } from '../log'
 import { Index, mapOf, overlay, type MapEntry } from './view'
 import { dropDigest } from './digest'
-import { readJournal, type CommitJournal } from './journal'
-import { FROZEN_KEY, labelOf, setMeta } from './labels'
-import { childrenOf, parentCandidates, unfinishedDrops } from './peek'
+import { journalPath, readJournal, type CommitJournal } from './journal'
+import { FROZEN_KEY, labelOf, partOfOf, setMeta } from './labels'
+import { childrenOf, parentCandidates, peek, unfinishedDrops } from './peek'
 
 export interface ChainOptions {
   writable?: boolean
@@ -46,6 +46,18 @@ export interface View {
   map: () => MapEntry[]
 }
 
+/** See Chain.inFlux. */
+export interface Flux {
+  kind: 'interrupted' | 'unfinished' | 'partial'
+  /** The redo log being merged. */
+  child: string
+  /** The journal, or the layer carrying the mark. */
+  file: string
+  /** What happened, and what makes the generation whole. */
+  text: string
+  remedy: string
+}
+
 export class Chain {
   private indexes = new Map<number, Index>()
   /** Files that name the top as their parent (set at writable open): the top must not change. */
@@ -62,14 +74,42 @@ export class Chain {
   pending: CommitJournal[] = []
 
   /**
-   * The interrupted commit merging generation g+1 into g's top layer, if any: g's old content
-   * is partly overwritten (and gone once the commit is finished), so g cannot be read as it was.
+   * Why generation g (a frozen one) cannot be read as it was: a commit merging g+1 into g's top
+   * layer got part of the way. Interrupted by a crash (its journal, which a writable open
+   * finishes), failed without being undone (`unfinished`), or failed or cancelled and undone as
+   * far as it can be (the parent's PART_OF_KEY mark): g's old content is partly overwritten, and
+   * only committing g+1 again makes the layer whole.
    */
-  mergingInto (g: number): CommitJournal | undefined {
+  inFlux (g: number): Flux | undefined {
     const p = this.layers[g]
     const c = this.layers[g + 1]
     if (p === undefined || c === undefined) return undefined
-    return this.pending.find(j => resolve(j.parent) === resolve(p.path) && resolve(j.child) === resolve(c.path))
+    const j = this.pending.find(j => resolve(j.parent) === resolve(p.path) && resolve(j.child) === resolve(c.path))
+    if (j !== undefined) return { kind: 'interrupted', child: c.path, file: journalPath(j.parent), text: `generation ${g} is being merged with the one above by an interrupted commit (${journalPath(j.parent)})`, remedy: 'a writable open finishes it' }
+    const u = this.unfinished
+    if (u !== undefined && resolve(u.child) === resolve(c.path)) return { kind: 'unfinished', child: c.path, file: u.journal, text: `generation ${g} is being merged with the one above by a commit that failed and is not undone (${u.journal})`, remedy: 'commit that redo log again, or reopen the disk, which finishes it' }
+    if (partOfOf(p) === basename(c.path)) return { kind: 'partial', child: c.path, file: p.path, text: `generation ${g} holds part of generation ${g + 1}'s changes: a commit of ${c.path} into ${p.path} failed or was cancelled midway`, remedy: 'commit that redo log again to complete it' }
+    return undefined
+  }
+
+  /**
+   * For a reader that holds no lock (export, map): what changed the layers of generation g since
+   * this chain was opened, or undefined when nothing did, so what it read is the generation as
+   * it was. A commit writing into one of them shows by its journal, or by the new CID it gives
+   * the layer before its first write; a merged or discarded layer by its name being gone; a
+   * write session of the layer's own by its new CID (a session already open at the start does
+   * not show: the live generation of a disk in use changes under any reader).
+   */
+  async changedSince (g: number): Promise<string | undefined> {
+    for (const l of this.layers.slice(0, g + 1)) {
+      const j = journalPath(l.path)
+      if (await stat(j).then(() => true, () => false)) return `${l.path}: a commit into it started (${j})`
+      if (!l.hasCids) continue
+      const d = (await peek(l.path))?.descriptor
+      if (d === undefined) return `${l.path}: gone (merged or discarded)`
+      if (d.cid !== l.cid) return `${l.path}: written (CID ${cidHex(d.cid)}, was ${cidHex(l.cid)})`
+    }
+    return undefined
   }
 
   /** Why a job other than committing `child` must wait (see unfinished), or undefined. */

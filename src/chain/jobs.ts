@@ -13,7 +13,7 @@ import { delayPoint, failPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import type { Chain, ChainOptions } from './chain'
 import { Index } from './view'
-import { findLabel, labelOf, SESSION_KEY, setMeta } from './labels'
+import { findLabel, labelOf, partOfOf, SESSION_KEY, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
@@ -71,7 +71,8 @@ export async function addRedo (chain: Chain, opts: { label?: string, format?: Re
     const old = findLabel(chain, opts.label)
     if (old !== undefined) await setMeta(chain.layers[old], { label: null })
   }
-  if (top.hasCids) await setMeta(top, { frozen: new Date(), label: opts.label })
+  // (a partial-merge mark left on the live layer names no child of it: it goes)
+  if (top.hasCids) await setMeta(top, { frozen: new Date(), label: opts.label, partOf: null })
   faultPoint('addredo.frozen')
   const link = { hint: parentHintFor(dir, top.path), cid: top.cid }
   if (opts.format === 'cowd') await createCowdLayer(path, top.size, link)
@@ -181,18 +182,30 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   faultPoint('commit.journal')
   // the journal stays for the next writable open: the chain must keep its shape until then
   const unfinished = (): void => { chain.unfinished = { child: child.path, journal: journalPath(parent.path) } }
-  /** Undo a failed or cancelled copy; when that fails too the journal stays (unfinished). */
+  const copy = { wrote: false }
+  /**
+   * Undo a failed or cancelled copy: the parent is marked as holding part of the child. When
+   * that fails too, or a parent without descriptor cannot carry the mark, the journal stays
+   * (unfinished).
+   */
   const undo = async (): Promise<boolean> => {
-    const undone = await abandonCommit(child, parent).then(() => true, e => { log.chain('%s: undoing the commit failed: %s', child.path, (e as Error).message); return false })
+    if (copy.wrote && !parent.hasCids) { unfinished(); chain.invalidate(); return false }
+    const undone = await abandonCommit(child, parent, copy.wrote).then(() => true, e => { log.chain('%s: undoing the commit failed: %s', child.path, (e as Error).message); return false })
     if (!undone) unfinished()
     else if (chain.unfinished?.child === child.path) chain.unfinished = undefined // the journal is gone
     chain.invalidate()
     return undone
   }
+  /** What a stopped commit left, for its error. */
+  const stopped = (undone: boolean): string => !undone
+    ? 'it is not undone: the next writable open finishes it (until then the chain keeps its shape)'
+    : !copy.wrote
+        ? 'nothing was copied, every generation is unchanged'
+        : `generations ${i} and up are unchanged; generation ${i - 1} holds part of generation ${i}'s changes and is not served or exported until this commit is run again`
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
   const parentProblems = parent.problems.length
   try {
-    await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts, runs)
+    await copyInto(child, parent, j.parentCID, chain.layers, belowIndex, opts, runs, copy)
   } catch (e) {
     // Failed, not crashed: the user is told so, so the next open must not finish this commit
     // (nor trip over a chain changed since). Undone like a cancel, unless writing the parent
@@ -202,15 +215,11 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
     let undone = false
     if (parent.problems.length === parentProblems) undone = await undo()
     else { unfinished(); chain.invalidate() }
-    throw new RedoError(err.code, `commit of ${child.path} failed: ${err.message}; ` + (undone
-      ? `generations ${i} and up are unchanged; generation ${i - 1} may hold part of generation ${i}'s changes`
-      : 'it could not be undone either: the next writable open finishes it'), err.file)
+    throw new RedoError(err.code, `commit of ${child.path} failed: ${err.message}; ${stopped(undone)}`, err.file)
   }
   if (opts.cancelled?.() === true) {
     const undone = await undo()
-    throw new RedoError('ECANCELED', `commit of ${child.path} cancelled: ` + (undone
-      ? `generations ${i} and up are unchanged; generation ${i - 1} now holds part of generation ${i}'s changes`
-      : 'it could not be undone: the next writable open finishes it'))
+    throw new RedoError('ECANCELED', `commit of ${child.path} cancelled: ${stopped(undone)}`)
   }
   // the copy is complete (recorded before the I/O pause of the switch)
   await writeJournal(j = { ...j, phase: 'copied' })
@@ -243,15 +252,16 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
  * got a new CID: re-link the child, drop what described the parent's old content, and remove
  * the journal.
  */
-async function abandonCommit (child: Layer, parent: Layer): Promise<void> {
+async function abandonCommit (child: Layer, parent: Layer, wrote: boolean): Promise<void> {
   if (child.hasCids) await child.setParent(child.parentHint as string, parent.cid)
-  if (labelOf(parent) !== undefined) await setMeta(parent, { label: null })
+  // the mark goes first: once the journal is gone, only it says the parent's generation is mixed
+  if (parent.hasCids) await setMeta(parent, { label: null, partOf: wrote ? basename(child.path) : undefined })
   await dropDigest(parent.path)
   await removeJournal(parent.path)
 }
 
 /** Copy every run the child holds into the parent through the parent's write path. */
-async function copyInto (child: Layer, parent: Layer, parentCID: number, layers: Layer[], belowIndex: Index | undefined, opts: JobControl, runs: Run[]): Promise<void> {
+async function copyInto (child: Layer, parent: Layer, parentCID: number, layers: Layer[], belowIndex: Index | undefined, opts: JobControl, runs: Run[], copy = { wrote: false }): Promise<void> {
   await parent.beginSession(parentCID)
   // the work as chunks: neighbouring runs share a chunk; damaged runs were refused earlier
   const chunks: Array<{ pos: number, len: number, zero: boolean }> = []
@@ -294,6 +304,7 @@ async function copyInto (child: Layer, parent: Layer, parentCID: number, layers:
       try {
         failPoint('commit.copy')
         if (!c.zero) await child.read(b, 0, c.pos, c.len)
+        copy.wrote = true
         await parent.write(b, 0, c.pos, c.len, below)
       } catch (e) {
         failure ??= e
@@ -351,7 +362,8 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
   const c = !parent.hasCids ? undefined : child ?? await openJournaledChild(j)
   if (c !== undefined) {
     const frozen = c.descriptor.get('ddb.redofs.frozen')
-    await setMeta(parent, { label: labelOf(c) ?? null, frozen: frozen !== undefined ? new Date(frozen) : null })
+    // and the child's partial-merge mark: it names the layer above, now the parent's
+    await setMeta(parent, { label: labelOf(c) ?? null, frozen: frozen !== undefined ? new Date(frozen) : null, partOf: partOfOf(c) ?? null })
     if (child === undefined) await c.close()
   }
   await moveDigest(j.child, parent.path)
@@ -440,6 +452,8 @@ export interface DiscardResult {
   droppedLabel?: string
   /** The discarded layers' files, dropped (Layer.drop): the caller reaps them (reapDropped). */
   files: string[]
+  /** Set when force=1 made a generation holding part of a failed commit live: what it held. */
+  mixedLive?: string
 }
 
 /**
@@ -453,6 +467,8 @@ export async function checkDiscard (chain: Chain, to?: number, opts: { force?: b
   if (!Number.isInteger(g) || g < 0 || g >= N) throw new RedoError('EINVAL', `to=${g} is out of range (generations 0..${N - 1} can be kept)`)
   const pending = chain.unfinishedRefusal('discard')
   if (pending !== undefined) throw pending
+  const flux = chain.inFlux(g)
+  if (flux !== undefined && opts.force !== true) throw new RedoError('EBUSY', `discard: ${flux.text}; discarding down to it would make that mix live (use force=1)`, flux.file)
   // the layer that becomes live will be written: it must not be another chain's parent
   const next = chain.layers[g + 1].path
   const kids = await childrenOfEach(chain.layers.slice(g).map(l => l.path), chain.opts.root)
@@ -482,6 +498,8 @@ export async function checkDiscard (chain: Chain, to?: number, opts: { force?: b
  */
 export async function discard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<DiscardResult> {
   const { g, others } = await checkDiscard(chain, to, opts)
+  const flux = chain.inFlux(g)
+  const mixedLive = flux === undefined ? undefined : `generation ${g} is live now, holding part of the discarded ${flux.child}'s changes (a commit into it had failed or was cancelled midway)`
   // top first: every intermediate state is a valid, shorter chain
   const files: string[] = []
   while (chain.layers.length - 1 > g) {
@@ -494,6 +512,6 @@ export async function discard (chain: Chain, to?: number, opts: { force?: boolea
   const live = chain.top
   await dropDigest(live.path)
   const droppedLabel = labelOf(live)
-  if (live.hasCids && (droppedLabel !== undefined || live.descriptor.get('ddb.redofs.frozen') !== undefined)) await setMeta(live, { label: null, frozen: null })
-  return { droppedLabel, files }
+  if (live.hasCids) await setMeta(live, { label: null, frozen: null, partOf: null })
+  return { droppedLabel, files, mixedLive }
 }

@@ -11,6 +11,18 @@ export const LABEL_KEY = 'ddb.redofs.label'
 export const FROZEN_KEY = 'ddb.redofs.frozen'
 /** On the first redo log of a nonpersistent or undoable disk's session (see the store's modes). */
 export const SESSION_KEY = 'ddb.redofs.session'
+/**
+ * On a layer a failed or cancelled commit had written part of its child into: the child's file
+ * name. While that child is the layer right above, the layer's generation is neither what it
+ * was nor the child's (Chain.inFlux); committing the child again completes it.
+ */
+export const PART_OF_KEY = 'ddb.redofs.partOf'
+
+/** The file name of the redo log this layer holds part of (PART_OF_KEY), if any. */
+export function partOfOf (layer: Layer): string | undefined {
+  const v = layer.descriptor.get(PART_OF_KEY)
+  return v === undefined || v === '' ? undefined : v
+}
 
 export function labelOf (layer: Layer): string | undefined {
   const v = layer.descriptor.get(LABEL_KEY)
@@ -25,7 +37,7 @@ export function frozenAtOf (layer: Layer): Date | undefined {
 }
 
 /** Set or clear (undefined) metadata keys of a layer's descriptor. */
-export async function setMeta (layer: Layer, meta: { label?: string | null, frozen?: Date | null }): Promise<void> {
+export async function setMeta (layer: Layer, meta: { label?: string | null, frozen?: Date | null, partOf?: string | null }): Promise<void> {
   if (!layer.hasCids) throw new RedoError('ENOTSUP', `${layer.path}: this layer has no descriptor to hold a label`, layer.path)
   const d = layer.descriptor.clone()
   if (meta.label !== undefined) {
@@ -35,6 +47,10 @@ export async function setMeta (layer: Layer, meta: { label?: string | null, froz
   if (meta.frozen !== undefined) {
     if (meta.frozen === null) d.delete(FROZEN_KEY)
     else d.set(FROZEN_KEY, meta.frozen.toISOString())
+  }
+  if (meta.partOf !== undefined) {
+    if (meta.partOf === null) d.delete(PART_OF_KEY)
+    else d.set(PART_OF_KEY, meta.partOf)
   }
   if (d.toString() !== layer.descriptor.toString()) await layer.saveDescriptor(d)
 }

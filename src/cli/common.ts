@@ -2,7 +2,6 @@
 import { existsSync } from 'node:fs'
 import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
-import { journalPath } from '../chain/journal'
 import { resolveGeneration } from '../chain/labels'
 import { diskNameOf } from '../chain/names'
 import { isRedoError, RedoError, toRedoError } from '../errors'
@@ -97,14 +96,26 @@ export function refuseRenumbered (chain: Chain, disk: string, arg: string): void
 
 /**
  * The generation `gen` (a number or label; the live one when undefined) of a disk opened to be
- * read, refusing one that an interrupted commit is merging into (its content is in flux until
- * a writable open finishes the commit).
+ * read, refusing one that a commit is merging into (see refuseInFlux).
  */
 export function readableGeneration (chain: Chain, gen: number | string | undefined, source: string): number {
   const g = gen === undefined ? chain.redoCount : resolveGeneration(chain, gen, source)
-  const j = chain.mergingInto(g)
-  if (j !== undefined) throw new RedoError('EBUSY', `${source}: generation ${g} is being merged with the one above by an interrupted commit (${journalPath(j.parent)}); open the disk writable (mount it, or run an offline addredo, commit or discard) to finish it`, journalPath(j.parent))
+  refuseInFlux(chain, g, source)
   return g
+}
+
+/** Refuse generation g when a commit got part of the way merging into it (Chain.inFlux). */
+export function refuseInFlux (chain: Chain, g: number, source: string): void {
+  const f = chain.inFlux(g)
+  if (f === undefined) return
+  const remedy = f.kind === 'interrupted' ? 'open the disk writable (mount it, or run an offline addredo, commit or discard) to finish it' : f.remedy
+  throw new RedoError('EBUSY', `${source}: ${f.text}; ${remedy}`, f.file)
+}
+
+/** Fail a read of generation g that a commit or write changed under it (Chain.changedSince). */
+export async function refuseChanged (chain: Chain, g: number, source: string): Promise<void> {
+  const why = await chain.changedSince(g)
+  if (why !== undefined) throw new RedoError('EBUSY', `${source}: generation ${g} changed while it was read (${why}); nothing was kept, run the command again`, chain.layers[g].path)
 }
 
 /** Run a command body: errors become one line on stderr and exit status 1. */

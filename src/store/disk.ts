@@ -135,10 +135,10 @@ export class Disk {
   /** Why `gen` cannot be opened now (a running job is changing it), or undefined. */
   openRefusal (gen: Generation | 'live'): RedoError | undefined {
     if (gen === 'live') return undefined
-    // (a read-only mount leaves a commit a crash interrupted as it is: the generation it merges
-    // into holds part of the one above until a writable open finishes it)
-    const j = this.chain.mergingInto(this.indexOf(gen))
-    if (j !== undefined) return new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is being merged with the one above by an interrupted commit (${j.child}); a writable mount finishes it`)
+    // (a read-only mount leaves a commit a crash interrupted as it is, and a commit that failed
+    // or was cancelled leaves part of the one above in the generation it merged into)
+    const f = this.chain.inFlux(this.indexOf(gen))
+    if (f !== undefined) return new RedoError('EBUSY', `${this.vm}/${this.name}: ${f.text}; ${f.kind === 'interrupted' ? 'a writable mount finishes it' : f.remedy}`)
     if (!this.changing.has(gen)) return undefined
     return new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is being changed by a running ${this.job?.kind ?? 'job'}; open it when that has ended`)
   }
@@ -531,6 +531,8 @@ export class Disk {
           if (k >= 0) { this.frozen[k] = new Generation(merged.frozenAt); this.shape++ }
           const u = this.chain.unfinished
           if (u !== undefined) this.notice(`commit of ${u.child} failed and is not undone: the chain keeps its shape until it is committed again or the store is remounted`)
+          const f = this.chain.inFlux(i - 1)
+          if (f?.kind === 'partial') this.notice(`${f.text}; it does not open until that redo log is committed again`)
           throw e
         }
         if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: commit merged generation ${i - 1} away`)
@@ -561,6 +563,7 @@ export class Disk {
       this.frozen = this.frozen.slice(0, to)
       this.shape++
       if (r.droppedLabel !== undefined) this.notice(`label "${r.droppedLabel}" dropped: discard made generation ${to} live again`)
+      if (r.mixedLive !== undefined) this.notice(r.mixedLive)
     }))
     // deleting the discarded files can take a while: not while I/O is held off (and in the
     // background, unless the disk is powering off: the store is released right after)
@@ -602,7 +605,8 @@ export class Disk {
         allocated: l.allocatedBytes(),
         live: g === c.redoCount,
         label: generationLabel(c, g) ?? null,
-        frozenAt: g < c.redoCount ? this.frozen[g]?.frozenAt.toISOString() ?? null : null
+        frozenAt: g < c.redoCount ? this.frozen[g]?.frozenAt.toISOString() ?? null : null,
+        inFlux: c.inFlux(g)?.text ?? null
       })),
       job: this.job,
       lastJob: this.lastJob,

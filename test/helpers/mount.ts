@@ -300,6 +300,8 @@ export interface GenerationStatus {
   live: boolean
   frozenAt: string | null
   label: string | null
+  /** Why the generation does not open (a commit into it got part of the way). */
+  inFlux: string | null
 }
 
 export interface JobStatus {

@@ -28,6 +28,8 @@ export interface InfoLayer {
   parentCID: string | number
   /** Frozen generations only. */
   label: string | null
+  /** Why the generation cannot be read as it was (a commit into it got part of the way). */
+  inFlux: string | null
 }
 
 export interface InfoJson {

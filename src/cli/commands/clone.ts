@@ -7,7 +7,7 @@ import { diskNameOf } from '../../chain/names'
 import { RedoError } from '../../errors'
 import { createSparseLayer } from '../../formats/create'
 import { parentHintFor } from '../../formats/layer'
-import { action, refuseRenumbered, splitGeneration, storeRoot, withWritableDisk, type GlobalArgs } from '../common'
+import { action, refuseInFlux, refuseRenumbered, splitGeneration, storeRoot, withWritableDisk, type GlobalArgs } from '../common'
 
 export const command = 'clone <source> <vm>'
 export const describe = 'linked clone: a new redo log in <store>/<vm>/ on top of a frozen generation of <store>/<vm0>/<disk>[@G]'
@@ -23,6 +23,7 @@ export const handler = action(async (a: GlobalArgs & { source: string, vm: strin
     // every refusal before the source changes (without @G the live generation is frozen first)
     const g = gen === undefined ? chain.redoCount : resolveGeneration(chain, gen, a.source)
     if (gen !== undefined && g >= chain.redoCount) throw new RedoError('EINVAL', `${a.source}: generation ${g} is live; clone a frozen generation (or omit @G)`)
+    refuseInFlux(chain, g, a.source)
     const from = chain.layers[g]
     if (!from.hasCids) throw new RedoError('EINVAL', `${from.path}: has no descriptor (ESX 2.x), so a clone could not name it as its parent`, from.path)
     const disk = diskNameOf(chain.top.path)

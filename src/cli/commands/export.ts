@@ -1,5 +1,6 @@
 import type { Argv } from 'yargs'
-import { action, openDisk, progressBar, readableGeneration, splitGeneration, type GlobalArgs } from '../common'
+import { delayPoint } from '../../fault'
+import { action, openDisk, progressBar, readableGeneration, refuseChanged, splitGeneration, type GlobalArgs } from '../common'
 import { RawOutput } from '../rawout'
 
 export const command = 'export <source> <raw>'
@@ -25,6 +26,7 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
       const total = entries.reduce((s, e) => s + e.length, 0)
       let done = 0
       const buf = Buffer.alloc(CHUNK)
+      await delayPoint('reader')
       for (const e of entries) {
         for (let p = e.start; p < e.start + e.length; p += CHUNK) {
           const n = Math.min(CHUNK, e.start + e.length - p)
@@ -37,6 +39,8 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
           bar.update(done, total)
         }
       }
+      // nothing locks the chain against a commit meanwhile: a changed generation is not exported
+      await refuseChanged(chain, g, a.source)
       await out.finish(view.size)
     } catch (e) {
       await out.abort()

@@ -32,7 +32,8 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
       live: g === chain.redoCount,
       label: generationLabel(chain, g) ?? null,
       frozenAt: g < chain.redoCount ? frozenAtOf(l)?.toISOString() ?? null : null,
-      descriptorPending: l.descriptorPending
+      descriptorPending: l.descriptorPending,
+      inFlux: chain.inFlux(g)?.text ?? null
     }))
     // linked clones: other files in the store that name a layer of this chain as their parent
     const root = storeRoot(chain.top.path, a)
@@ -47,7 +48,7 @@ export const handler = action(async (a: GlobalArgs & { disk: string, json: boole
     }
     for (const l of layers) {
       const link = l.generation === 0 ? 'base' : `parent ${l.parentCID ?? '-'}${chain.layers[l.generation - 1].hasCids && l.parentCID !== null && l.parentCID !== layers[l.generation - 1].cid ? ' (MISMATCH)' : ''}`
-      process.stdout.write(`${l.live ? '*' : ' '}${String(l.generation).padStart(3)}  ${shortPath(l.file)}  ${l.format}  ${formatSize(l.capacity)}  allocated ${formatSize(l.allocated)}  CID ${l.cid ?? '-'}  ${link}${l.label !== null ? `  @${l.label}` : ''}${l.descriptorPending ? '  (descriptor rewrite pending: the next writable open finishes it)' : ''}\n`)
+      process.stdout.write(`${l.live ? '*' : ' '}${String(l.generation).padStart(3)}  ${shortPath(l.file)}  ${l.format}  ${formatSize(l.capacity)}  allocated ${formatSize(l.allocated)}  CID ${l.cid ?? '-'}  ${link}${l.label !== null ? `  @${l.label}` : ''}${l.descriptorPending ? '  (descriptor rewrite pending: the next writable open finishes it)' : ''}${l.inFlux !== null ? `  (${l.inFlux.replace(/^generation \d+ /, '')})` : ''}\n`)
       for (const c of others[l.generation]) process.stdout.write(`        \`- also parent of ${shortPath(c)}\n`)
     }
   } finally {

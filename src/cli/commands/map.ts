@@ -1,5 +1,6 @@
 import type { Argv } from 'yargs'
-import { action, openDisk, readableGeneration, splitGeneration, type GlobalArgs } from '../common'
+import { delayPoint } from '../../fault'
+import { action, openDisk, readableGeneration, refuseChanged, splitGeneration, type GlobalArgs } from '../common'
 
 export const command = 'map <source>'
 export const describe = 'allocation map of a generation as JSON (like qemu-img map), with the generation providing each extent'
@@ -10,7 +11,10 @@ export const handler = action(async (a: GlobalArgs & { source: string }) => {
   const chain = await openDisk(file, a)
   try {
     const g = readableGeneration(chain, gen, a.source)
-    process.stdout.write(JSON.stringify(chain.map(g), null, 2) + '\n')
+    await delayPoint('reader')
+    const map = chain.map(g)
+    await refuseChanged(chain, g, a.source)
+    process.stdout.write(JSON.stringify(map, null, 2) + '\n')
   } finally {
     await chain.close()
   }
