@@ -48,9 +48,9 @@ const delays = new Map((process.env.REDOFS_DELAY ?? '').split(',').filter(s => s
   return [name, Number(ms)] as const
 }))
 
-export async function delayPoint (name: string): Promise<void> {
+export async function delayPoint (name: string, what = ''): Promise<void> {
   const ms = delays.get(name)
   if (ms === undefined || ms <= 0) return
-  log.fault('%s: waiting %d ms', name, ms)
+  log.fault('%s: waiting %d ms %s', name, ms, what)
   await new Promise(resolve => setTimeout(resolve, ms))
 }

@@ -5,7 +5,7 @@
  */
 import test, { type ExecutionContext } from 'ava'
 import { spawn } from 'node:child_process'
-import { mkdir, readdir, readFile } from 'node:fs/promises'
+import { mkdir, open, readdir, readFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN, requireEnv } from './helpers/env'
 import { convertToRaw, createChild, describe, qemuCheck, run, sameContent, snapshotTree, type BaseFormat, type RunResult } from './helpers/qemu'
@@ -230,6 +230,40 @@ for (const cmd of ['export', 'map'] as const) {
     }
   })
 }
+
+test('a reader whose open reads a layer while a commit writes it opens once more, and reads the generation whole', async t => {
+  const { c, refs } = await fourLevels('monolithicSparse')
+  const out = path.join(c.root, 'g1.raw')
+  // the export stops after it sized disk-000002.vmdk and before it reads its tables; the commit
+  // of level 0 meanwhile grows that file, re-stamps its CID and drops disk-000003.vmdk
+  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_DELAY: 'extent.open:1000', DEBUG: 'redofs:fault' }
+  const reader = spawn(process.execPath, [REDOFS_BIN, 'export', `${c.disk}@1`, out], { env, stdio: ['ignore', 'ignore', 'pipe'] })
+  let stderr = ''
+  reader.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
+  const exited = new Promise<number | null>(resolve => reader.on('exit', code => resolve(code)))
+  let done = false
+  void exited.then(() => { done = true })
+  while (!done && !stderr.includes(`extent.open: waiting 1000 ms ${c.files[2]}`)) await new Promise(resolve => setTimeout(resolve, 10))
+  t.false(done, stderr)
+  reader.kill('SIGSTOP')
+  await redofsOk(['commit', c.disk, 'level=0'])
+  reader.kill('SIGCONT')
+  t.is(await exited, 0, stderr)
+  t.true((await sameContent(out, refs[1])).same)
+})
+
+test('a reader that fails to open twice beside a commit journal says a commit is at work', async t => {
+  const { c } = await fourLevels('monolithicSparse')
+  // a commit of level 0 killed in its copy leaves disk-000002.vmdk's journal; then disk-000001's
+  // header is damaged for good
+  const k = await run(process.execPath, [REDOFS_BIN, 'commit', c.disk, 'level=0'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.copy' } })
+  t.not(k.code, 0, describe(k))
+  const fh = await open(c.files[1], 'r+')
+  await fh.write(Buffer.alloc(4), 0, 4, 0)
+  await fh.close()
+  const r = await exportGen(c.files[3], 1, path.join(c.root, 'g1.raw'))
+  assertOneLineError(t, r, { mustName: ['disk-000001.vmdk', 'disk-000002.vmdk.redofs-commit'], keyword: /a commit is at work in .*: run the command again once it has ended/ })
+})
 
 test('commit into a parent that another chain shares is refused without force=1 and changes nothing', async t => {
   const root = await tmp()

@@ -1,5 +1,6 @@
 /** Shared bits of the CLI commands: option shapes, the store root, error output, progress. */
 import { existsSync } from 'node:fs'
+import { readdir } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
 import { resolveGeneration } from '../chain/labels'
@@ -21,9 +22,29 @@ export function storeRoot (top: string, args: GlobalArgs): string {
   return resolve(args.store ?? dirname(dirname(resolve(top))))
 }
 
+/** Open a disk to be read (no lock: a mount, or another command, may be changing it). */
 export async function openDisk (arg: string, args: GlobalArgs, extra: ChainOptions = {}): Promise<Chain> {
-  const top = await resolveDiskTop(arg)
-  return await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), ...extra })
+  let top = arg
+  const open = async (): Promise<Chain> => {
+    top = await resolveDiskTop(arg) // a commit may have merged the top away meanwhile
+    return await Chain.open(top, { ignoreCid: args.ignoreCid === true, root: storeRoot(top, args), ...extra })
+  }
+  try {
+    return await open()
+  } catch {
+    // Tables read while a commit wrote them (a grain past the end of the file as it was when
+    // the open started, a layer just dropped) can look damaged. Opened once more: a file that
+    // is damaged fails the same way again, and then a commit still at work is said to be.
+    try {
+      return await open()
+    } catch (e) {
+      const err = toRedoError(e)
+      const dir = dirname(err.file ?? top)
+      const journal = (await readdir(dir).catch(() => [] as string[])).find(f => f.endsWith('.redofs-commit'))
+      if (journal === undefined) throw e
+      throw new RedoError(err.code, `${err.message} (a commit is at work in ${dir}, ${journal}: run the command again once it has ended)`, err.file)
+    }
+  }
 }
 
 /**

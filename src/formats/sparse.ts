@@ -8,7 +8,7 @@ import { open, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname } from 'node:path'
 import { inflateSync } from 'node:zlib'
 import { RedoError } from '../errors'
-import { faultPoint } from '../fault'
+import { delayPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
 import { DataSync, Mutex, PlannedWrites, newGrain, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
@@ -282,6 +282,7 @@ export class SparseExtent implements Extent {
     const handle = fh ?? await open(path, writable ? 'r+' : 'r')
     try {
       const st = await handle.stat()
+      await delayPoint('extent.open', path)
       const hbuf = Buffer.alloc(512)
       const { bytesRead } = await handle.read(hbuf, 0, 512, 0)
       let h = parseSparseHeader(hbuf.subarray(0, bytesRead), path)
