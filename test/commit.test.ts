@@ -5,12 +5,13 @@
  */
 import test, { type ExecutionContext } from 'ava'
 import { spawn } from 'node:child_process'
-import { mkdir, open, readdir, readFile } from 'node:fs/promises'
+import { mkdir, open, readdir, readFile, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN, requireEnv } from './helpers/env'
 import { convertToRaw, createChild, describe, qemuCheck, run, sameContent, snapshotTree, type BaseFormat, type RunResult } from './helpers/qemu'
 import { assertOneLineError, exportGen, infoJson, redofs, redofsOk } from './helpers/redofs'
 import { convertAll, FOUR_LEVELS, storeChain, type StoreChain } from './helpers/store'
+import { makeCowd } from './helpers/cowd'
 import { tmpDirs } from './helpers/tmp'
 import { chainFiles, cidLinkProblems, findTops, layerInfo } from './helpers/vmdk'
 
@@ -197,31 +198,43 @@ test('committing a layer that holds part of the redo log above it passes that ma
   t.true((await sameContent(path.join(c.root, 'live.raw'), refs[3])).same)
 })
 
+/**
+ * Run `redofs <args>` with REDOFS_DELAY at `point`; once it waits there (at `match` in its
+ * debug line), stop it, run `meanwhile`, and let it go on. Its exit code and output.
+ */
+async function stoppedReader (t: ExecutionContext, args: string[], point: string, match: string, meanwhile: () => Promise<void>): Promise<{ code: number | null, stdout: string, stderr: string }> {
+  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_DELAY: `${point}:1000`, DEBUG: 'redofs:fault' }
+  const reader = spawn(process.execPath, [REDOFS_BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  reader.stdout.on('data', (b: Buffer) => { stdout += b.toString() })
+  reader.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
+  const exited = new Promise<number | null>(resolve => reader.on('exit', code => resolve(code)))
+  let done = false
+  void exited.then(() => { done = true })
+  const waiting = `${point}: waiting 1000 ms ${match}`
+  while (!done && !stderr.includes(waiting)) await new Promise(resolve => setTimeout(resolve, 10))
+  t.false(done, `${args[0]} ended before its delay point: ${stderr}`)
+  reader.kill('SIGSTOP')
+  try {
+    await meanwhile()
+  } finally {
+    reader.kill('SIGCONT')
+  }
+  return { code: await exited, stdout, stderr }
+}
+
 for (const cmd of ['export', 'map'] as const) {
   test(`${cmd === 'export' ? 'an export' : 'a map'} of a generation that a commit changes while it is read fails${cmd === 'export' ? ' and keeps no output; the same export afterwards is whole' : ''}`, async t => {
     const { c, refs } = await fourLevels('monolithicSparse')
     const out = path.join(c.root, 'g2.raw')
-    // the reader says when it waits at its delay point: the chain is open then
-    const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_DELAY: 'reader:1000', DEBUG: 'redofs:fault' }
-    // read generation 2 (disk-000002.vmdk); once the reader has the chain open, it is stopped
-    // while `commit level=0` merges disk-000003.vmdk into that file, then goes on
+    // generation 2 (disk-000002.vmdk) is read; `commit level=0` merges disk-000003.vmdk into
+    // that file while the reader, its chain open, is stopped
     const args = cmd === 'export' ? ['export', `${c.disk}@2`, out] : ['map', `${c.disk}@2`]
-    const reader = spawn(process.execPath, [REDOFS_BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] })
-    let stdout = ''
-    let stderr = ''
-    reader.stdout.on('data', (b: Buffer) => { stdout += b.toString() })
-    reader.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
-    const exited = new Promise<number | null>(resolve => reader.on('exit', code => resolve(code)))
-    let done = false
-    void exited.then(() => { done = true })
-    while (!done && !stderr.includes('reader: waiting')) await new Promise(resolve => setTimeout(resolve, 10))
-    t.false(done, `the ${cmd} ended before its delay point: ${stderr}`)
-    reader.kill('SIGSTOP')
-    await redofsOk(['commit', c.disk, 'level=0'])
-    reader.kill('SIGCONT')
-    t.is(await exited, 1, stderr)
-    t.regex(stderr, /^redofs: .*@2: generation 2 changed while it was read \(.*disk-000002\.vmdk: written \(CID/m, stderr)
-    t.is(stdout, '')
+    const r = await stoppedReader(t, args, 'reader', '', async () => { await redofsOk(['commit', c.disk, 'level=0']) })
+    t.is(r.code, 1, r.stderr)
+    t.regex(r.stderr, /^redofs: .*@2: generation 2 changed while it was read \(.*disk-000002\.vmdk: written/m, r.stderr)
+    t.is(r.stdout, '')
     t.deepEqual((await readdir(c.root)).filter(f => f === 'g2.raw' || f.startsWith('.g2.raw.')), [], 'the export left a file')
     if (cmd === 'export') {
       // the generation 2 it meant is gone: the same command now exports the merged one, whole
@@ -231,24 +244,41 @@ for (const cmd of ['export', 'map'] as const) {
   })
 }
 
+test('an export of a raw ESX 2.x base that a commit of its .REDO file changes meanwhile fails (no CID to tell)', async t => {
+  const dir = await tmp()
+  const vm = path.join(dir, 'store', 'vm')
+  await mkdir(vm, { recursive: true })
+  await writeFile(path.join(vm, 'disk.vmdk'), Buffer.alloc(4096 * 512, 0x61))
+  const redo = path.join(vm, 'disk.vmdk.REDO')
+  await makeCowd(redo, 4096, [{ sector: 8, data: Buffer.alloc(4096, 0x62) }])
+  const fh = await open(redo, 'r+')
+  await fh.write(Buffer.from('disk.vmdk\0'), 0, 10, 32) // the parent, named in the COWD header
+  await fh.close()
+  const r = await stoppedReader(t, ['export', `${redo}@0`, path.join(dir, 'g0.raw')], 'reader', '', async () => { await redofsOk(['commit', redo, 'level=0']) })
+  t.is(r.code, 1, r.stderr)
+  t.regex(r.stderr, /^redofs: .*@0: generation 0 changed while it was read \(.*disk\.vmdk: written, renamed or removed\)/m, r.stderr)
+})
+
+test('a journal an interrupted commit left is no change: the generations above the one it merges into still export', async t => {
+  const { c, refs } = await fourLevels('monolithicSparse')
+  // killed while merging disk-000002.vmdk into disk-000001.vmdk: generation 1 is in flux
+  const k = await run(process.execPath, [REDOFS_BIN, 'commit', c.files[3], 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.copy' } })
+  t.not(k.code, 0, describe(k))
+  for (const g of [2, 3]) {
+    const out = path.join(c.root, `after-crash-g${g}.raw`)
+    await redofsOk(['export', `${c.files[3]}@${g}`, out])
+    t.true((await sameContent(out, refs[g])).same, `generation ${g}`)
+  }
+  t.is((await redofs(['export', `${c.files[3]}@1`, path.join(c.root, 'g1.raw')])).code, 1)
+})
+
 test('a reader whose open reads a layer while a commit writes it opens once more, and reads the generation whole', async t => {
   const { c, refs } = await fourLevels('monolithicSparse')
   const out = path.join(c.root, 'g1.raw')
   // the export stops after it sized disk-000002.vmdk and before it reads its tables; the commit
   // of level 0 meanwhile grows that file, re-stamps its CID and drops disk-000003.vmdk
-  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_DELAY: 'extent.open:1000', DEBUG: 'redofs:fault' }
-  const reader = spawn(process.execPath, [REDOFS_BIN, 'export', `${c.disk}@1`, out], { env, stdio: ['ignore', 'ignore', 'pipe'] })
-  let stderr = ''
-  reader.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
-  const exited = new Promise<number | null>(resolve => reader.on('exit', code => resolve(code)))
-  let done = false
-  void exited.then(() => { done = true })
-  while (!done && !stderr.includes(`extent.open: waiting 1000 ms ${c.files[2]}`)) await new Promise(resolve => setTimeout(resolve, 10))
-  t.false(done, stderr)
-  reader.kill('SIGSTOP')
-  await redofsOk(['commit', c.disk, 'level=0'])
-  reader.kill('SIGCONT')
-  t.is(await exited, 0, stderr)
+  const r = await stoppedReader(t, ['export', `${c.disk}@1`, out], 'extent.open', c.files[2], async () => { await redofsOk(['commit', c.disk, 'level=0']) })
+  t.is(r.code, 0, r.stderr)
   t.true((await sameContent(out, refs[1])).same)
 })
 

@@ -7,7 +7,7 @@ import test, { type ExecutionContext } from 'ava'
 import { randomBytes } from 'node:crypto'
 import { open, readFile, readdir } from 'node:fs/promises'
 import path from 'node:path'
-import { e2e, requireFuse, writeVmx, type Server } from './helpers/mount'
+import { e2e, requireFuse, sh, writeVmx, type Server } from './helpers/mount'
 import { convertToRaw, describe, qemuCheck } from './helpers/qemu'
 import { storeChain } from './helpers/store'
 import { firstDifference } from './helpers/model'
@@ -223,6 +223,36 @@ test('a nonpersistent session whose first redo log the user commits into the bas
   await srv.stopClean(t)
   t.deepEqual(await redoFiles(np), [], 'the session\'s remaining redo log survived a nonpersistent power off')
   await fileEquals(t, np, 'disk.vmdk', kept, 'the base holds what was committed, and only that')
+})
+
+test('nonpersistent: a session commit that stopped midway keeps the session at power off (the base holds part of it): the server says so and exits 1, and the next power on leaves the disk out with the reason', async t => {
+  const np = await makeVm('nonpersistent')
+  np.cycle++
+  // the commit's second 4 MiB chunk fails: the first is in the base by then
+  const srv = await ctx.mount(np.store, path.join(np.root, `mnt${np.cycle}`), [], { REDOFS_FAIL_ONCE: 'commit.copy#2' })
+  await writeLive(srv, Buffer.from(np.orig), 0, 12 * M)
+  await srv.commandOk('vm1', 'disk', 'addredo')
+  const r = await srv.command('vm1', 'disk', 'commit', 'level=1') // the session's first redo log into the base
+  t.not(r.code, 0, 'the commit did not fail')
+  const st = await srv.status('vm1', 'disk')
+  t.regex(st.generations[0].inFlux ?? '', /generation 0 holds part of generation 1's changes/)
+  // the generation's image and its map stay closed
+  for (const f of [srv.img('vm1', 'disk', 0), srv.ctl('vm1', 'disk', 'map@0')]) {
+    const busy = await sh('head -c 1 "$1"', [f])
+    t.not(busy.code, 0, `${f} opened`)
+    t.regex(busy.stderr, /busy/i)
+  }
+  const e = await srv.stop()
+  t.is(e.code, 1, srv.stderr)
+  t.regex(srv.stderr, /power off failed: .*generation 0 holds part of generation 1's changes/)
+  t.deepEqual(await redoFiles(np), ['disk-000001.vmdk', 'disk-000002.vmdk'], 'the session was discarded onto a base holding part of it')
+  // the next power on would discard that session onto the mixed base: the disk is left out
+  const again = await powerOn(np)
+  const vm = JSON.parse(await readFile(again.ctl('vm1', undefined, 'status'), 'utf8')) as { disks: unknown[], errors: Array<{ message: string }> }
+  t.deepEqual(vm.disks, [])
+  t.true(vm.errors.some(x => /power on of disk \(nonpersistent\): discard: generation 0 holds part of generation 1's changes/.test(x.message)), JSON.stringify(vm.errors))
+  await again.stopClean(t)
+  t.deepEqual(await redoFiles(np), ['disk-000001.vmdk', 'disk-000002.vmdk'])
 })
 
 test('append: the redo log is added once, kept at unmount and appended to at the next mount', async t => {

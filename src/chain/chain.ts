@@ -46,6 +46,14 @@ export interface View {
   map: () => MapEntry[]
 }
 
+const GONE = 'gone'
+
+/** A file's identity, size and times (what any write, rename or deletion changes), or GONE. */
+async function fileState (path: string): Promise<string> {
+  const st = await stat(path, { bigint: true }).catch(() => undefined)
+  return st === undefined ? GONE : `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`
+}
+
 /** See Chain.inFlux. */
 export interface Flux {
   kind: 'interrupted' | 'unfinished' | 'partial'
@@ -88,26 +96,39 @@ export class Chain {
     if (j !== undefined) return { kind: 'interrupted', child: c.path, file: journalPath(j.parent), text: `generation ${g} is being merged with the one above by an interrupted commit (${journalPath(j.parent)})`, remedy: 'a writable open finishes it' }
     const u = this.unfinished
     if (u !== undefined && resolve(u.child) === resolve(c.path)) return { kind: 'unfinished', child: c.path, file: u.journal, text: `generation ${g} is being merged with the one above by a commit that failed and is not undone (${u.journal})`, remedy: 'commit that redo log again, or reopen the disk, which finishes it' }
-    if (partOfOf(p) === basename(c.path)) return { kind: 'partial', child: c.path, file: p.path, text: `generation ${g} holds part of generation ${g + 1}'s changes: a commit of ${c.path} into ${p.path} failed or was cancelled midway`, remedy: 'commit that redo log again to complete it' }
+    const mark = partOfOf(p)
+    if (mark !== undefined && resolve(dirname(p.path), mark) === resolve(c.path)) return { kind: 'partial', child: c.path, file: p.path, text: `generation ${g} holds part of generation ${g + 1}'s changes: a commit of ${c.path} into ${p.path} failed or was cancelled midway`, remedy: 'commit that redo log again to complete it' }
     return undefined
   }
 
   /**
-   * For a reader that holds no lock (export, map): what changed the layers of generation g since
-   * this chain was opened, or undefined when nothing did, so what it read is the generation as
-   * it was. A commit writing into one of them shows by its journal, or by the new CID it gives
-   * the layer before its first write; a merged or discarded layer by its name being gone; a
-   * write session of the layer's own by its new CID (a session already open at the start does
-   * not show: the live generation of a disk in use changes under any reader).
+   * What a reader that holds no lock (export, map) sees of every layer's files and of the commit
+   * journals beside them, taken right after the open: changedSince compares with it.
    */
-  async changedSince (g: number): Promise<string | undefined> {
+  async baseline (): Promise<Map<string, string>> {
+    const seen = new Map<string, string>()
+    for (const l of this.layers) {
+      for (const f of [...l.files, journalPath(l.path)]) seen.set(f, await fileState(f))
+    }
+    return seen
+  }
+
+  /**
+   * What changed the layers of generation g since `before` (baseline), or undefined when
+   * nothing did, so what was read is the generation as it was. A commit into one of them shows
+   * by its journal coming or going, by the new CID it stamps on the layer before its first
+   * write (which also covers the moment between the open and the baseline), and like any
+   * write, rename or deletion by the file's identity, size and times.
+   */
+  async changedSince (g: number, before: Map<string, string>): Promise<string | undefined> {
     for (const l of this.layers.slice(0, g + 1)) {
       const j = journalPath(l.path)
-      if (await stat(j).then(() => true, () => false)) return `${l.path}: a commit into it started (${j})`
+      const js = await fileState(j)
+      if (js !== before.get(j)) return `${l.path}: a commit into it ${js === GONE ? 'ended' : 'started'} (${j})`
+      for (const f of l.files) if (await fileState(f) !== before.get(f)) return `${f}: written, renamed or removed`
       if (!l.hasCids) continue
       const d = (await peek(l.path))?.descriptor
-      if (d === undefined) return `${l.path}: gone (merged or discarded)`
-      if (d.cid !== l.cid) return `${l.path}: written (CID ${cidHex(d.cid)}, was ${cidHex(l.cid)})`
+      if (d !== undefined && d.cid !== l.cid) return `${l.path}: written (CID ${cidHex(d.cid)}, was ${cidHex(l.cid)})`
     }
     return undefined
   }
@@ -173,9 +194,9 @@ export class Chain {
   private async unfreezeTop (): Promise<void> {
     const top = this.top
     if (!top.writable || !top.hasCids || this.topChildren.length > 0) return
-    if (labelOf(top) !== undefined || top.descriptor.get(FROZEN_KEY) !== undefined) {
-      log.chain('%s: clearing the label and frozen time a crash left on the live layer', top.path)
-      await setMeta(top, { label: null, frozen: null })
+    if (labelOf(top) !== undefined || top.descriptor.get(FROZEN_KEY) !== undefined || partOfOf(top) !== undefined) {
+      log.chain('%s: clearing the label, frozen time or partial-merge mark a crash left on the live layer', top.path)
+      await setMeta(top, { label: null, frozen: null, partOf: null })
     }
     if (await dropDigest(top.path)) await syncDir(dirname(top.path))
   }

@@ -3,7 +3,7 @@
  * that a crash at any step is finished at the next open (finishCommit), never left half done.
  */
 import { realpath, statfs, stat } from 'node:fs/promises'
-import { basename, dirname, resolve } from 'node:path'
+import { basename, dirname, relative, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { createCowdLayer, createSparseLayer } from '../formats/create'
 import { newCid } from '../formats/descriptor'
@@ -200,7 +200,9 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   const stopped = (undone: boolean): string => !undone
     ? 'it is not undone: the next writable open finishes it (until then the chain keeps its shape)'
     : !copy.wrote
-        ? 'nothing was copied, every generation is unchanged'
+        ? chain.inFlux(i - 1)?.kind === 'partial'
+          ? `nothing more was copied; generation ${i - 1} still holds part of generation ${i}'s changes from an earlier attempt`
+          : 'nothing was copied, every generation is unchanged'
         : `generations ${i} and up are unchanged; generation ${i - 1} holds part of generation ${i}'s changes and is not served or exported until this commit is run again`
   const belowIndex = i >= 2 ? chain.index(i - 2) : undefined
   const parentProblems = parent.problems.length
@@ -255,7 +257,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
 async function abandonCommit (child: Layer, parent: Layer, wrote: boolean): Promise<void> {
   if (child.hasCids) await child.setParent(child.parentHint as string, parent.cid)
   // the mark goes first: once the journal is gone, only it says the parent's generation is mixed
-  if (parent.hasCids) await setMeta(parent, { label: null, partOf: wrote ? basename(child.path) : undefined })
+  if (parent.hasCids) await setMeta(parent, { label: null, partOf: wrote ? relative(dirname(resolve(parent.path)), resolve(child.path)) : undefined })
   await dropDigest(parent.path)
   await removeJournal(parent.path)
 }
@@ -363,7 +365,9 @@ async function relinkAndDrop (j: CommitJournal, parent: Layer, child: Layer | un
   if (c !== undefined) {
     const frozen = c.descriptor.get('ddb.redofs.frozen')
     // and the child's partial-merge mark: it names the layer above, now the parent's
-    await setMeta(parent, { label: labelOf(c) ?? null, frozen: frozen !== undefined ? new Date(frozen) : null, partOf: partOfOf(c) ?? null })
+    const mark = partOfOf(c)
+    const partOf = mark === undefined ? null : relative(dirname(resolve(parent.path)), resolve(dirname(c.path), mark))
+    await setMeta(parent, { label: labelOf(c) ?? null, frozen: frozen !== undefined ? new Date(frozen) : null, partOf })
     if (child === undefined) await c.close()
   }
   await moveDigest(j.child, parent.path)
@@ -456,11 +460,18 @@ export interface DiscardResult {
   mixedLive?: string
 }
 
+export interface DiscardOptions {
+  /** Make live a layer other chains share, or another disk's live file. */
+  force?: boolean
+  /** Make live a generation a stopped commit left holding part of the one above (Chain.inFlux). */
+  mixed?: boolean
+}
+
 /**
  * Every refusal of a discard to `to`, checked without changing anything (a VM-wide discard checks
  * every disk before it starts). Returns the generation kept and the other chains built on it.
  */
-export async function checkDiscard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<{ g: number, others: string[] }> {
+export async function checkDiscard (chain: Chain, to?: number, opts: DiscardOptions = {}): Promise<{ g: number, others: string[] }> {
   const N = chain.redoCount
   if (N === 0) throw new RedoError('EINVAL', `${chain.top.path}: the disk has no redo log to discard`)
   const g = to ?? N - 1
@@ -468,7 +479,7 @@ export async function checkDiscard (chain: Chain, to?: number, opts: { force?: b
   const pending = chain.unfinishedRefusal('discard')
   if (pending !== undefined) throw pending
   const flux = chain.inFlux(g)
-  if (flux !== undefined && opts.force !== true) throw new RedoError('EBUSY', `discard: ${flux.text}; discarding down to it would make that mix live (use force=1)`, flux.file)
+  if (flux !== undefined && opts.mixed !== true) throw new RedoError('EBUSY', `discard: ${flux.text}; discarding down to it would make that mix live (use force=1)`, flux.file)
   // the layer that becomes live will be written: it must not be another chain's parent
   const next = chain.layers[g + 1].path
   const kids = await childrenOfEach(chain.layers.slice(g).map(l => l.path), chain.opts.root)
@@ -496,7 +507,7 @@ export async function checkDiscard (chain: Chain, to?: number, opts: { force?: b
  * Remove the top redo log, or every redo log above generation `to`. The files are only dropped
  * (renamed), so a caller holding I/O off can reap them after resuming it.
  */
-export async function discard (chain: Chain, to?: number, opts: { force?: boolean } = {}): Promise<DiscardResult> {
+export async function discard (chain: Chain, to?: number, opts: DiscardOptions = {}): Promise<DiscardResult> {
   const { g, others } = await checkDiscard(chain, to, opts)
   const flux = chain.inFlux(g)
   const mixedLive = flux === undefined ? undefined : `generation ${g} is live now, holding part of the discarded ${flux.child}'s changes (a commit into it had failed or was cancelled midway)`

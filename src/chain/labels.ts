@@ -12,13 +12,14 @@ export const FROZEN_KEY = 'ddb.redofs.frozen'
 /** On the first redo log of a nonpersistent or undoable disk's session (see the store's modes). */
 export const SESSION_KEY = 'ddb.redofs.session'
 /**
- * On a layer a failed or cancelled commit had written part of its child into: the child's file
- * name. While that child is the layer right above, the layer's generation is neither what it
- * was nor the child's (Chain.inFlux); committing the child again completes it.
+ * On a layer a failed or cancelled commit had written part of its child into: the child's path,
+ * relative to the layer's directory. While that child is the layer right above, the layer's
+ * generation is neither what it was nor the child's (Chain.inFlux); committing the child again
+ * completes it.
  */
 export const PART_OF_KEY = 'ddb.redofs.partOf'
 
-/** The file name of the redo log this layer holds part of (PART_OF_KEY), if any. */
+/** The path (relative to the layer's directory) of the redo log this layer holds part of (PART_OF_KEY), if any. */
 export function partOfOf (layer: Layer): string | undefined {
   const v = layer.descriptor.get(PART_OF_KEY)
   return v === undefined || v === '' ? undefined : v

@@ -80,7 +80,14 @@ function resolveCtl (store: Store, parts: string[]): Node | undefined {
   if (mm !== null) {
     const g = Number(mm[1])
     if (g >= disk.chain.redoCount) return undefined
-    return { kind: 'info', text: () => json(disk.chain.map(g)) }
+    return {
+      kind: 'info',
+      text: () => {
+        const busy = disk.fluxRefusal(g)
+        if (busy !== undefined) throw busy
+        return json(disk.chain.map(g))
+      }
+    }
   }
   return undefined
 }

@@ -135,12 +135,23 @@ export class Disk {
   /** Why `gen` cannot be opened now (a running job is changing it), or undefined. */
   openRefusal (gen: Generation | 'live'): RedoError | undefined {
     if (gen === 'live') return undefined
-    // (a read-only mount leaves a commit a crash interrupted as it is, and a commit that failed
-    // or was cancelled leaves part of the one above in the generation it merged into)
-    const f = this.chain.inFlux(this.indexOf(gen))
-    if (f !== undefined) return new RedoError('EBUSY', `${this.vm}/${this.name}: ${f.text}; ${f.kind === 'interrupted' ? 'a writable mount finishes it' : f.remedy}`)
+    const flux = this.fluxRefusal(this.indexOf(gen))
+    if (flux !== undefined) return flux
     if (!this.changing.has(gen)) return undefined
     return new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is being changed by a running ${this.job?.kind ?? 'job'}; open it when that has ended`)
+  }
+
+  /**
+   * Why frozen generation g, or its map, is not served: a commit got part of the way merging
+   * into it (a read-only mount leaves one a crash interrupted as it is, and a commit that failed
+   * or was cancelled leaves part of the generation above in it). Also set as the disk's error.
+   */
+  fluxRefusal (g: number): RedoError | undefined {
+    const f = this.chain.inFlux(g)
+    if (f === undefined) return undefined
+    const e = new RedoError('EBUSY', `${this.vm}/${this.name}: ${f.text}; ${f.kind === 'interrupted' ? 'a writable mount finishes it' : f.remedy}`)
+    this.lastError = e.message
+    return e
   }
 
   private refuseIfOpen (gens: Generation[], what: string): void {
@@ -549,7 +560,8 @@ export class Disk {
     if (this.notices.length > 20) this.notices.shift()
   }
 
-  async doDiscard (to: number, force = false): Promise<void> {
+  /** `mixed`: see DiscardOptions (a user's force=1 means both; a power-off's force does not). */
+  async doDiscard (to: number, force = false, mixed = force): Promise<void> {
     await this.stopRecords()
     await this.reaped()
     // the live file then reads as generation `to`: pages cached from the discarded top must go
@@ -558,7 +570,7 @@ export class Disk {
       // checked again: a generation may have been opened while the barrier waited (at power
       // off the gate is closed: a descriptor still open reads nothing more)
       if (!this.closing) this.refuseIfOpen(this.frozen.slice(to), 'discard')
-      const r = await discard(this.chain, to, { force })
+      const r = await discard(this.chain, to, { force, mixed })
       files = r.files
       this.frozen = this.frozen.slice(0, to)
       this.shape++

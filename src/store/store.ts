@@ -160,7 +160,7 @@ export class Store {
         const k = this.sessionStart(disk)
         if (k !== undefined) {
           log.store('%s/%s: discarding a stale session', disk.vm, disk.name)
-          await disk.doDiscard(k - 1, true) // force: as at power off (powerOffDisk)
+          await disk.doDiscard(k - 1, true, false) // force: as at power off (powerOffDisk)
         }
         await disk.doAddRedo()
         await this.markSession(disk, 'nonpersistent')
@@ -188,9 +188,10 @@ export class Store {
     }
     // force: the generation a session started from may be shared (a linked clone built on it);
     // it becomes the top again, but this mode never writes it (the next power on adds a session
-    // redo log), so the session's end is not refused for that
+    // redo log), so the session's end is not refused for that. A generation a stopped commit
+    // left holding part of the session is refused: the session stays, and the power off fails
     if (disk.mode === 'nonpersistent' || (disk.mode === 'undoable' && disk.poweroff === 'discard')) {
-      await disk.doDiscard(k - 1, true)
+      await disk.doDiscard(k - 1, true, false)
     } else if (disk.mode === 'undoable' && disk.poweroff === 'commit') {
       // every redo log of the session, bottom first, into the generation it started from
       while (disk.chain.redoCount >= k) await commit(disk.chain, disk.chain.redoCount - k, {})

@@ -15,7 +15,7 @@ export const handler = action(async (a: GlobalArgs & { disk: string, args?: stri
     if (typeof args.to === 'number') refuseRenumbered(chain, a.disk, `to=${args.to}`)
     // the top itself moved when the finished commit merged the top away: the one meant is gone
     if (args.to === undefined && chain.recovered.some(j => j.above === null)) refuseRenumbered(chain, a.disk, 'the top')
-    const r = await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined, { force: args.force === true })
+    const r = await discard(chain, args.to !== undefined ? resolveGeneration(chain, args.to as number | string, 'discard') : undefined, { force: args.force === true, mixed: args.force === true })
     if (r.mixedLive !== undefined) process.stderr.write(`redofs: warning: ${r.mixedLive}\n`)
     await reapDroppedFreeingLater(r.files)
   })

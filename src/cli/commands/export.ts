@@ -15,6 +15,7 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
   const { file, gen } = splitGeneration(a.source)
   const chain = await openDisk(file, a)
   try {
+    const before = await chain.baseline()
     const g = readableGeneration(chain, gen, a.source)
     const view = chain.view(g)
     const out = await RawOutput.open(a.raw, chain.layers.flatMap(l => l.files))
@@ -40,7 +41,7 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
         }
       }
       // nothing locks the chain against a commit meanwhile: a changed generation is not exported
-      await refuseChanged(chain, g, a.source)
+      await refuseChanged(chain, g, before, a.source)
       await out.finish(view.size)
     } catch (e) {
       await out.abort()

@@ -10,10 +10,11 @@ export const handler = action(async (a: GlobalArgs & { source: string }) => {
   const { file, gen } = splitGeneration(a.source)
   const chain = await openDisk(file, a)
   try {
+    const before = await chain.baseline()
     const g = readableGeneration(chain, gen, a.source)
     await delayPoint('reader')
     const map = chain.map(g)
-    await refuseChanged(chain, g, a.source)
+    await refuseChanged(chain, g, before, a.source)
     process.stdout.write(JSON.stringify(map, null, 2) + '\n')
   } finally {
     await chain.close()
