@@ -1,5 +1,6 @@
 /**
- * The narrow interface every on-disk extent kind implements (flat, hosted sparse, COWD, zero).
+ * The narrow interface every on-disk extent kind implements (flat, hosted sparse, COWD, SEsparse,
+ * zero).
  * All positions and lengths are bytes relative to the start of the extent.
  */
 import { open, readFile, realpath, rename, unlink, type FileHandle } from 'node:fs/promises'
@@ -20,7 +21,7 @@ export interface Run {
 export type ReadBelow = (buf: Buffer, off: number, pos: number, len: number) => Promise<void>
 
 export interface Extent {
-  readonly kind: 'flat' | 'sparse' | 'cowd' | 'zero' | 'stream'
+  readonly kind: 'flat' | 'sparse' | 'cowd' | 'zero' | 'stream' | 'sesparse'
   /** Backing file, undefined for ZERO extents. */
   readonly path?: string
   readonly size: number

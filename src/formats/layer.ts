@@ -10,6 +10,7 @@ import { delayPoint, failPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
+import { SeSparseExtent } from './sesparse'
 import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
 import { ZeroExtent, plannedIoDone, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { FlatExtent } from './flat'
@@ -441,13 +442,16 @@ async function openExtents (path: string, desc: Descriptor, writable: boolean, r
           if (magic === KDMV_MAGIC) out.push(await SparseExtent.open(file, w))
           else if (magic === COWD_MAGIC) out.push(await CowdExtent.open(file, w))
           else throw new RedoError('EINVAL', `${file}: bad magic ${m.toString('hex')} for a ${line.type} extent of ${path}`, file)
-          const e = out[out.length - 1]
-          if (e.size !== size) throw new RedoError('EINVAL', `${file}: extent holds ${e.size / SECTOR} sectors, but ${path} says ${line.sectors}`, file)
           break
         }
+        case 'SESPARSE':
+          out.push(await SeSparseExtent.open(file))
+          break
         default:
           throw new RedoError('ENOTSUP', `${path}: ${line.type} extents are not supported`, path)
       }
+      const e = out[out.length - 1]
+      if (e.size !== size) throw new RedoError('EINVAL', `${file}: extent holds ${e.size / SECTOR} sectors, but ${path} says ${line.sectors}`, file)
     }
     return out
   } catch (e) {

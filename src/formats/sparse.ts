@@ -41,7 +41,7 @@ export interface SparseHeader {
   compressAlgorithm: number
 }
 
-function u64 (buf: Buffer, off: number, what: string, path: string): number {
+export function u64 (buf: Buffer, off: number, what: string, path: string): number {
   const v = buf.readBigUInt64LE(off)
   if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new RedoError('EINVAL', `${path}: header field ${what} is out of range (${v})`, path)
   return Number(v)

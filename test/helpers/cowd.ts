@@ -148,23 +148,28 @@ export async function writeVmfsSparseChild (dir: string, name: string, sectors: 
   const delta = path.join(dir, `${name}-delta.vmdk`)
   await makeCowd(delta, sectors, writes)
   const descriptor = path.join(dir, `${name}.vmdk`)
-  await writeFile(descriptor, [
+  await writeDeltaDescriptor(descriptor, { cid, parentCID, parentHint, createType: 'vmfsSparse', sectors, extentType: 'VMFSSPARSE', extent: `${name}-delta.vmdk` })
+  return { descriptor, delta, cid }
+}
+
+/** The stand-alone descriptor ESXi writes for a snapshot (delta) disk over one extent file. */
+export async function writeDeltaDescriptor (file: string, d: { cid: number, parentCID: number, parentHint: string, createType: string, sectors: number, extentType: string, extent: string }): Promise<void> {
+  await writeFile(file, [
     '# Disk DescriptorFile',
     'version=1',
     'encoding="UTF-8"',
-    `CID=${hex8(cid)}`,
-    `parentCID=${hex8(parentCID)}`,
+    `CID=${hex8(d.cid)}`,
+    `parentCID=${hex8(d.parentCID)}`,
     'isNativeSnapshot="no"',
-    'createType="vmfsSparse"',
-    `parentFileNameHint="${parentHint}"`,
+    `createType="${d.createType}"`,
+    `parentFileNameHint="${d.parentHint}"`,
     '# Extent description',
-    `RW ${sectors} VMFSSPARSE "${name}-delta.vmdk"`,
+    `RW ${d.sectors} ${d.extentType} "${d.extent}"`,
     '',
     '# The Disk Data Base',
     '#DDB',
     '',
-    `ddb.longContentID = "89abcdef0123456789abcdef${hex8(cid)}"`,
+    `ddb.longContentID = "89abcdef0123456789abcdef${hex8(d.cid)}"`,
     ''
   ].join('\n'))
-  return { descriptor, delta, cid }
 }
