@@ -11,6 +11,7 @@ import { REDOFS_BIN } from './helpers/env'
 import { createDisk, e2e, requireFuse, sh, shOk, waitFor, type Server } from './helpers/mount'
 import { makeCowd, writeVmfsBase } from './helpers/cowd'
 import { describe, mustRun, run, sha256File, snapshotTree } from './helpers/qemu'
+import { stoppedReader } from './helpers/redofs'
 
 const ok = requireFuse(test, ['qemu-img', 'qemu-io', 'vmdkinfo'])
 const env = e2e(test)
@@ -337,6 +338,25 @@ print(h.hexdigest())`, path.join(store, 'vm', 'disk.vmdk'), top])
       t.deepEqual(await readdir(v), ['disk.vmdk'], `${crash ?? 'plain'}: the REDO file and the journal are gone`)
       t.is(await sha256File(path.join(v, 'disk.vmdk')), await sha256File(path.join(dir, 'expected.raw')), `${crash ?? 'plain'}: the base holds the content`)
     }
+  })
+
+  test.serial('an export of the live generation, started while a mount writes in an open session, fails if a write lands while its open reads the tables', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'disk', '16M')
+    const vm = path.join(store, 'vm')
+    await redofsOk('addredo', path.join(vm, 'disk'))
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    // the session is open (its CID stamped) before the export starts: no CID tells what follows
+    await shOk('dd if=/dev/urandom of="$1" bs=64k count=4 conv=notrunc,fsync status=none', [s.img('vm', 'disk')])
+    // the export stops once the top's tables are read, while it opens the base; meanwhile an
+    // allocated grain is overwritten and a new one written through the mount
+    const r = await stoppedReader(t, ['export', path.join(vm, 'disk-000001.vmdk'), path.join(dir, 'out.raw')], 'extent.open', path.join(vm, 'disk.vmdk'), async () => {
+      await shOk('dd if=/dev/zero of="$1" bs=64k count=1 conv=notrunc,fsync status=none && dd if=/dev/zero of="$1" bs=64k seek=100 count=1 conv=notrunc,fsync status=none', [s.img('vm', 'disk')])
+    })
+    t.is(r.code, 1, r.stderr)
+    t.regex(r.stderr, /^redofs: .*generation 1 changed while it was read \(.*disk-000001\.vmdk: written since it was opened\)/m, r.stderr)
+    await s.stopClean(t)
   })
 
   test.serial('safe relink: re-stamps parentCID when the parent is unchanged where the child does not cover it, refuses otherwise', async t => {

@@ -90,6 +90,21 @@ test('export of every generation of an SEsparse chain equals what was written an
   t.is((await redofs(['check', c.files[2]])).code, 0)
 })
 
+test('grains more than 2 TiB into an SEsparse file (a sparse file here) read as qemu reads them', async t => {
+  const root = await ctx.tmp()
+  const vm = path.join(root, 'store', 'vm')
+  await mkdirp(vm)
+  const b = await writeVmfsBase(vm, 'disk', 2048, Buffer.alloc(M, 0x41))
+  // grain slots 2^29 - 1 and 2^29: bytes 2 TiB - 4 KiB and 2 TiB into the grain area
+  const grains: SeGrain[] = [{ grain: 3, data: grain(0x51) }, { grain: 200, data: grain(0x52) }]
+  const s1 = await makeSeSparse(vm, 'disk-000001', { hint: 'disk.vmdk', cid: b.cid }, 2048, grains, { firstSlot: 2 ** 29 - 1 })
+  const want = apply(Buffer.alloc(M, 0x41), grains)
+  t.is(firstDifference(await rawOf(s1.descriptor, path.join(root, 'q.raw')), want), -1, 'qemu-img reads the test file differently from what it holds')
+  await redofsOk(['export', s1.descriptor, path.join(root, 'e.raw')])
+  t.is(firstDifference(await readFile(path.join(root, 'e.raw')), want), -1)
+  t.is((await redofs(['check', s1.descriptor])).code, 0)
+})
+
 test('a mounted SEsparse chain: every generation reads as written; the live file is read-only until a redo log goes above it, and qemu reads that redo log too', async t => {
   const c = await esxiChain()
   const s = await ctx.mount(c.store, path.join(c.root, 'mnt'))
@@ -101,6 +116,7 @@ test('a mounted SEsparse chain: every generation reads as written; the live file
   t.false((st as unknown as { writable: boolean }).writable, 'an SEsparse top was served writable')
   const w = await sh('printf x | dd of="$1" bs=1 seek=10 conv=notrunc status=none', [s.img('vm', 'disk')])
   t.not(w.code, 0, 'a write to the SEsparse top succeeded')
+  t.regex(await readFile(s.ctl('vm', 'disk', 'error'), 'utf8'), /disk-000002\.vmdk is an SEsparse redo log, which redofs reads but never writes; addredo first/)
   await s.commandOk('vm', 'disk', 'addredo')
   const model = Buffer.from(c.images[2])
   const fh = await open(s.img('vm', 'disk'), 'r+')
@@ -143,6 +159,13 @@ test('damaged SEsparse files: a journal that needs replaying, an unknown version
   await fh.write(Buffer.from([2]), 0, 1, 8) // version 2.2
   await fh.close()
   assertOneLineError(t, await redofs(['info', v.descriptor]), { mustName: ['version-sesparse.vmdk'], keyword: /SEsparse version 0x200000002 is not supported/ })
+  // qemu refuses a volatile header whose padding is not zero, and so does redofs
+  const pad = await makeSeSparse(vm, 'pad', { hint: 'disk.vmdk', cid: b.cid }, SECTORS, [])
+  const ph = await open(pad.extent, 'r+')
+  await ph.write(Buffer.from([1]), 0, 1, 512 + 100)
+  await ph.close()
+  t.not((await run('qemu-img', ['info', pad.descriptor])).code, 0, 'qemu-img opened it: the test file is not what it claims')
+  assertOneLineError(t, await redofs(['info', pad.descriptor]), { mustName: ['pad-sesparse.vmdk'], keyword: /volatile header padding is not zero/ })
   // grain 5 names grain slot 1 000 000, far past the end of the file; grain 0 is fine
   const far = await makeSeSparse(vm, 'far', { hint: 'disk.vmdk', cid: b.cid }, SECTORS, [{ grain: 0, data: grain(9) }], { rawEntries: new Map([[5, 0x3000000000000000n | (1000000n >> 12n) | ((1000000n & 0xfffn) << 48n)]]) })
   const chk = await redofs(['check', far.descriptor])

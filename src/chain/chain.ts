@@ -6,7 +6,7 @@ import { realpath, rename, stat } from 'node:fs/promises'
 import { basename, dirname, resolve } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
-import { syncDir, type ReadPlan } from '../formats/extent'
+import { fileStateOf, syncDir, type ReadPlan } from '../formats/extent'
 import { DROPPED, Layer, reapDroppedIn, resolveContained } from '../formats/layer'
 import { log } from '../log'
 import { Index, mapOf, overlay, type MapEntry } from './view'
@@ -47,12 +47,8 @@ export interface View {
 }
 
 const GONE = 'gone'
-
-/** A file's identity, size and times (what any write, rename or deletion changes), or GONE. */
-async function fileState (path: string): Promise<string> {
-  const st = await stat(path, { bigint: true }).catch(() => undefined)
-  return st === undefined ? GONE : `${st.dev}:${st.ino}:${st.size}:${st.mtimeNs}:${st.ctimeNs}`
-}
+/** dev:ino of a fileStateOf string. */
+const identity = (state: string): string => state.split(':', 2).join(':')
 
 /** See Chain.inFlux. */
 export interface Flux {
@@ -102,30 +98,35 @@ export class Chain {
   }
 
   /**
-   * What a reader that holds no lock (export, map) sees of every layer's files and of the commit
-   * journals beside them, taken right after the open: changedSince compares with it.
+   * For a reader that holds no lock (export, map): what changed the layers of generation g
+   * since they were opened (`opened`: recordOpens, noted at each file's first stat), or
+   * undefined when nothing did, so what was read is the generation as it was. A commit into a
+   * layer shows by its journal coming or going (pending: the journals the open found), by the
+   * new CID it stamps before its first write, and by a file gone or replaced. Beyond that, a
+   * file's size and times count only where content can change without a commit: the chain's
+   * live top (a mount's writes) and layers without CIDs; a frozen layer's descriptor is
+   * rewritten for labels and freeze times, which change nothing read (an embedded one in
+   * place: same file, new times; a stand-alone one replaced: not compared). Times are as fine as the
+   * file system keeps them: an overwrite of the live top within one timestamp tick of the open
+   * can go unseen, so this is best effort there (frozen generations are what to read from a
+   * disk in use).
    */
-  async baseline (): Promise<Map<string, string>> {
-    const seen = new Map<string, string>()
-    for (const l of this.layers) {
-      for (const f of [...l.files, journalPath(l.path)]) seen.set(f, await fileState(f))
-    }
-    return seen
-  }
-
-  /**
-   * What changed the layers of generation g since `before` (baseline), or undefined when
-   * nothing did, so what was read is the generation as it was. A commit into one of them shows
-   * by its journal coming or going, by the new CID it stamps on the layer before its first
-   * write (which also covers the moment between the open and the baseline), and like any
-   * write, rename or deletion by the file's identity, size and times.
-   */
-  async changedSince (g: number, before: Map<string, string>): Promise<string | undefined> {
-    for (const l of this.layers.slice(0, g + 1)) {
+  async changedSince (g: number, opened: Map<string, string>): Promise<string | undefined> {
+    for (const [k, l] of this.layers.slice(0, g + 1).entries()) {
       const j = journalPath(l.path)
-      const js = await fileState(j)
-      if (js !== before.get(j)) return `${l.path}: a commit into it ${js === GONE ? 'ended' : 'started'} (${j})`
-      for (const f of l.files) if (await fileState(f) !== before.get(f)) return `${f}: written, renamed or removed`
+      const was = this.pending.some(p => resolve(journalPath(p.parent)) === resolve(j))
+      const is = await stat(j).then(() => true, () => false)
+      if (is !== was) return `${l.path}: a commit into it ${is ? 'started' : 'ended'} (${j})`
+      const whole = !l.hasCids || k === this.redoCount
+      for (const f of l.files) {
+        const before = opened.get(resolve(f))
+        if (before === undefined) continue
+        // a frozen layer's stand-alone descriptor is replaced (written anew and renamed) for a
+        // label or freeze time: its CID says what matters
+        if (!whole && !l.extents.some(e => e.path !== undefined && resolve(e.path) === resolve(f))) continue
+        const now = await stat(f).then(fileStateOf, () => GONE)
+        if (whole ? now !== before : identity(now) !== identity(before)) return `${f}: ${now === GONE ? 'removed' : whole ? 'written' : 'replaced'} since it was opened`
+      }
       if (!l.hasCids) continue
       const d = (await peek(l.path))?.descriptor
       if (d !== undefined && d.cid !== l.cid) return `${l.path}: written (CID ${cidHex(d.cid)}, was ${cidHex(l.cid)})`

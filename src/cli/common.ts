@@ -134,8 +134,8 @@ export function refuseInFlux (chain: Chain, g: number, source: string): void {
 }
 
 /** Fail a read of generation g that a commit or write changed under it (Chain.changedSince). */
-export async function refuseChanged (chain: Chain, g: number, before: Map<string, string>, source: string): Promise<void> {
-  const why = await chain.changedSince(g, before)
+export async function refuseChanged (chain: Chain, g: number, opened: Map<string, string>, source: string): Promise<void> {
+  const why = await chain.changedSince(g, opened)
   if (why !== undefined) throw new RedoError('EBUSY', `${source}: generation ${g} changed while it was read (${why}); nothing was kept, run the command again`, chain.layers[g].path)
 }
 

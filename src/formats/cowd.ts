@@ -6,8 +6,8 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { DataSync, Mutex, PlannedWrites, newGrain, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
-import { BAD, entryOf, lookupGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { DataSync, Mutex, PlannedWrites, newGrain, noteOpened, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { BAD, SECTOR_ENTRIES, entryOf, lookupGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
 export const COWD_HEADER_BYTES = 2048
@@ -113,13 +113,14 @@ export class CowdExtent implements Extent {
     this.gts = new Array(header.numGDEntries)
     this.gd = new Uint32Array(header.numGDEntries)
     this.unclean = header.uncleanShutdown
-    this.tables = { path, size: this.size, grainBytes: this.grainBytes, perTable: COWD_GT_ENTRIES, tables: this.gts }
+    this.tables = { path, size: this.size, grainBytes: this.grainBytes, perTable: COWD_GT_ENTRIES, tables: this.gts, ...SECTOR_ENTRIES }
   }
 
   static async open (path: string, writable = false): Promise<CowdExtent> {
     const fh = await open(path, writable ? 'r+' : 'r')
     try {
       const st = await fh.stat()
+      noteOpened(path, st)
       const hb = Buffer.alloc(COWD_HEADER_BYTES)
       const { bytesRead } = await fh.read(hb, 0, hb.length, 0)
       const h = parseCowdHeader(hb.subarray(0, bytesRead), path)

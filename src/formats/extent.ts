@@ -3,10 +3,28 @@
  * zero).
  * All positions and lengths are bytes relative to the start of the extent.
  */
+import type { Stats } from 'node:fs'
 import { open, readFile, realpath, rename, unlink, type FileHandle } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { RedoError } from '../errors'
 import { failPoint } from '../fault'
+
+/**
+ * The state of files as they were opened (identity, size, times), noted when a reader asked
+ * for it (recordOpens): a reader that holds no lock compares it with the files once it has
+ * read (Chain.changedSince). Taken at each open's first stat, before any metadata is read.
+ */
+let opened: Map<string, string> | undefined
+
+/** Start noting the state of every file opened from here on (keyed by resolved path). */
+export function recordOpens (): Map<string, string> {
+  opened = new Map()
+  return opened
+}
+
+export function noteOpened (path: string, st: Stats): void { opened?.set(resolve(path), fileStateOf(st)) }
+
+export function fileStateOf (st: Stats): string { return `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}` }
 
 /** What an extent holds at a position: its own data, zeros that mask the parent, or nothing. */
 export type State = 'data' | 'zero' | 'none' | 'bad'

@@ -2,7 +2,7 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { DataSync, Mutex, PlannedWrites, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, noteOpened, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
 
 export class FlatExtent implements Extent {
   readonly kind = 'flat' as const
@@ -34,6 +34,7 @@ export class FlatExtent implements Extent {
     const fh = await open(path, writable ? 'r+' : 'r')
     try {
       const st = await fh.stat()
+      noteOpened(path, st)
       return new FlatExtent(path, fh, sectors * SECTOR, offsetSectors * SECTOR, writable, st.size, st.blocks * 512)
     } catch (e) {
       await fh.close()

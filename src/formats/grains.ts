@@ -23,7 +23,18 @@ export interface GrainTables {
   readonly perTable: number
   /** Tables that hold something; undefined elsewhere. */
   readonly tables: ReadonlyArray<Uint32Array | undefined>
+  /**
+   * Where a data entry's grain lies in the file: base + (entry - bias) * unit bytes. Hosted
+   * sparse and COWD entries are sectors (0, 0, 512); SEsparse ones are grain numbers in its
+   * grain area, so that 32 bits reach 16 TiB into the file.
+   */
+  readonly base: number
+  readonly bias: number
+  readonly unit: number
 }
+
+/** The entry layout of hosted sparse and COWD tables: a data entry is the grain's file sector. */
+export const SECTOR_ENTRIES = { base: 0, bias: 0, unit: SECTOR } as const
 
 export function entryOf (g: GrainTables, grain: number): number {
   const t = g.tables[Math.floor(grain / g.perTable)]
@@ -97,7 +108,7 @@ function walkGrains (g: GrainTables, pos: number, len: number, data: (filePos: n
     } else if (e === BAD) {
       return flush() ? grain : -1
     } else {
-      const fo = e * SECTOR + inGrain
+      const fo = g.base + (e - g.bias) * g.unit + inGrain
       if (runLen > 0 && runFile + runLen === fo) runLen += n
       else {
         if (!flush()) return -1

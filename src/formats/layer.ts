@@ -12,7 +12,7 @@ import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
 import { SeSparseExtent } from './sesparse'
 import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
-import { ZeroExtent, plannedIoDone, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { ZeroExtent, noteOpened, plannedIoDone, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { FlatExtent } from './flat'
 import { KDMV_MAGIC, SparseExtent, descriptorIntentPath } from './sparse'
 
@@ -76,6 +76,7 @@ export class Layer {
     let keep = false
     try {
       const st = await fh.stat()
+      noteOpened(path, st)
       if (!st.isFile()) throw new RedoError('EINVAL', `${path}: not a regular file`, path)
       const head = Buffer.alloc(Math.min(st.size, 2048))
       await fh.read(head, 0, head.length, 0)

@@ -4,13 +4,14 @@
  * only, with qemu's checks: a constant header (u64 fields, sizes and offsets in sectors), a
  * volatile header whose journal must not need replaying, a grain directory of u64 entries
  * naming grain tables by index, and tables of 4096 u64 entries for 4 KiB grains. Entries become
- * the u32 form the other grain-table extents share (src/formats/grains.ts): an allocated grain's
- * file sector, 1 for zeroed (and SCSI-unmapped) grains, BAD for damage.
+ * the u32 form the other grain-table extents share (src/formats/grains.ts): 2 + an allocated
+ * grain's number in the grain area (up to 16 TiB into the file), 1 for zeroed (and
+ * SCSI-unmapped) grains, BAD for damage.
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
-import { readExact, type Extent, type ReadPlan, type Run, type State } from './extent'
+import { noteOpened, readExact, type Extent, type ReadPlan, type Run, type State } from './extent'
 import { BAD, lookupGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 import { u64 } from './sparse'
 
@@ -20,6 +21,8 @@ const VERSION_2_1 = 0x0000000200000001n
 const GRAIN_SECTORS = 8
 const GT_SECTORS = 64
 const PER_TABLE = GT_SECTORS * SECTOR / 8
+/** Table entries hold 2 + the grain's number in the grain area (0 and 1 mean none and zero). */
+const BIAS = 2
 /** Grain directory entries name an allocated table with these top 32 bits. */
 const GD_ALLOCATED = 0x10000000
 
@@ -67,27 +70,30 @@ export class SeSparseExtent implements Extent {
   private readonly tables: GrainTables
   private allocated = 0
 
-  private constructor (readonly path: string, private readonly fh: FileHandle, readonly size: number, tables: Array<Uint32Array | undefined>) {
-    this.tables = { path, size, grainBytes: this.grainBytes, perTable: PER_TABLE, tables }
+  private constructor (readonly path: string, private readonly fh: FileHandle, readonly size: number, grainsOffset: number, tables: Array<Uint32Array | undefined>) {
+    this.tables = { path, size, grainBytes: this.grainBytes, perTable: PER_TABLE, tables, base: grainsOffset * SECTOR, bias: BIAS, unit: GRAIN_SECTORS * SECTOR }
   }
 
   static async open (path: string): Promise<SeSparseExtent> {
     const fh = await open(path, 'r')
     try {
-      const fileSize = (await fh.stat()).size
+      const st = await fh.stat()
+      noteOpened(path, st)
+      const fileSize = st.size
       const hb = Buffer.alloc(SECTOR)
       await readExact(fh, path, hb, 0, SECTOR, 0)
       const h = parseConstHeader(hb, path)
       const vb = Buffer.alloc(SECTOR)
       await readExact(fh, path, vb, 0, SECTOR, h.volatileOffset * SECTOR)
       if (vb.readBigUInt64LE(0) !== BigInt(VOLATILE_MAGIC)) throw new RedoError('EINVAL', `${path}: SEsparse volatile header has a bad magic`, path)
+      if (!vb.subarray(32).every(x => x === 0)) throw new RedoError('ENOTSUP', `${path}: SEsparse volatile header padding is not zero`, path)
       if (vb.readBigUInt64LE(24) !== 0n) throw new RedoError('EINVAL', `${path}: SEsparse journal needs replaying (the snapshot was not closed cleanly): open the disk in ESXi once, which replays it`, path)
       const numGTs = ceilDiv(h.capacity, PER_TABLE * GRAIN_SECTORS)
       if (h.gdSize * SECTOR / 8 < numGTs) throw new RedoError('EINVAL', `${path}: SEsparse grain directory of ${h.gdSize} sectors is too small for ${h.capacity} sectors`, path)
       if ((h.gdOffset + h.gdSize) * SECTOR > fileSize) throw new RedoError('EINVAL', `${path}: SEsparse grain directory lies outside the file (${fileSize} bytes)`, path)
       const gd = Buffer.alloc(numGTs * 8)
       await readExact(fh, path, gd, 0, gd.length, h.gdOffset * SECTOR)
-      const ext = new SeSparseExtent(path, fh, h.capacity * SECTOR, new Array<Uint32Array | undefined>(numGTs))
+      const ext = new SeSparseExtent(path, fh, h.capacity * SECTOR, h.grainsOffset, new Array<Uint32Array | undefined>(numGTs))
       await ext.load(h, gd, fileSize)
       return ext
     } catch (e) {
@@ -132,11 +138,11 @@ export class SeSparseExtent implements Extent {
           if (index * GRAIN_SECTORS >= h.grainsSize || sector < 2 || (sector + GRAIN_SECTORS) * SECTOR > fileSize) {
             problem(`grain ${i * PER_TABLE + k} lies outside the file's grain area`)
             t[k] = BAD
-          } else if (sector >= BAD) {
-            problem(`grain ${i * PER_TABLE + k} lies past 2 TiB into the file, which redofs does not read`)
+          } else if (index + BIAS >= BAD) {
+            problem(`grain ${i * PER_TABLE + k} lies past 16 TiB into the grain area, which redofs does not read`)
             t[k] = BAD
           } else {
-            t[k] = sector
+            t[k] = index + BIAS
             this.allocated += this.grainBytes
           }
         } else {
@@ -167,7 +173,7 @@ export class SeSparseExtent implements Extent {
       if (e <= 1 || e === BAD) return
       const g = i * PER_TABLE + k
       const other = seen.get(e)
-      if (other !== undefined && out.length < 32) out.push(`${this.path}: grains ${other} and ${g} share file sector ${e}`)
+      if (other !== undefined && out.length < 32) out.push(`${this.path}: grains ${other} and ${g} share grain ${e - BIAS} of the grain area`)
       seen.set(e, g)
     }))
     return out

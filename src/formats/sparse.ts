@@ -11,9 +11,9 @@ import { RedoError } from '../errors'
 import { delayPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { DataSync, Mutex, PlannedWrites, newGrain, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, newGrain, noteOpened, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
-import { BAD, entryOf, lookupGrains, overwriteGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
+import { BAD, SECTOR_ENTRIES, entryOf, lookupGrains, overwriteGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const KDMV_MAGIC = 0x564d444b
 const GD_AT_END = 0xffffffffffffffffn
@@ -273,7 +273,7 @@ export class SparseExtent implements Extent {
     this.gtBytes = header.numGTEsPerGT * 4
     this.fileSize = fileSize
     this.nextAlloc = roundUp(Math.max(fileSize, header.overHead * SECTOR), this.grainBytes)
-    this.tables = { path, size: this.size, grainBytes: this.grainBytes, perTable: header.numGTEsPerGT, tables: this.gts }
+    this.tables = { path, size: this.size, grainBytes: this.grainBytes, perTable: header.numGTEsPerGT, tables: this.gts, ...SECTOR_ENTRIES }
   }
 
   /** Open the extent file `path`, or reuse `fh` when the descriptor already opened it. */
@@ -282,6 +282,7 @@ export class SparseExtent implements Extent {
     const handle = fh ?? await open(path, writable ? 'r+' : 'r')
     try {
       const st = await handle.stat()
+      noteOpened(path, st)
       await delayPoint('extent.open', path)
       const hbuf = Buffer.alloc(512)
       const { bytesRead } = await handle.read(hbuf, 0, 512, 0)

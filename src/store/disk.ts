@@ -99,6 +99,7 @@ export class Disk {
   get readOnlyBecause (): string | undefined {
     if (this.opts.readOnly === true) return 'store mounted --read-only'
     if (this.chain.topChildren.length > 0) return 'its top is another chain\'s parent; addredo first'
+    if (this.chain.top.extents.some(e => e.kind === 'sesparse')) return `${this.chain.top.path} is an SEsparse redo log, which redofs reads but never writes; addredo first`
     if (!this.chain.top.writable) return `${this.chain.top.path} cannot be written; see the disk's problems in status`
     return undefined
   }

@@ -1,5 +1,6 @@
 /** Driving the redofs CLI as a child process, and checking its error contract. */
 import type { ExecutionContext } from 'ava'
+import { spawn } from 'node:child_process'
 import { REDOFS_BIN } from './env'
 import { describe, run, type RunResult } from './qemu'
 
@@ -78,4 +79,30 @@ export function assertOneLineError (t: ExecutionContext, r: RunResult, exp: Erro
     t.true(exp.mustNameOneOf.some(n => err.includes(n)), `message should name one of ${exp.mustNameOneOf.join(', ')}\n${ctx}`)
   }
   t.regex(err, exp.keyword, `message should say what is wrong (${String(exp.keyword)})\n${ctx}`)
+}
+
+/**
+ * Run `redofs <args>` with REDOFS_DELAY at `point`; once it waits there (at `match` in its
+ * debug line), stop it, run `meanwhile`, and let it go on. Its exit code and output.
+ */
+export async function stoppedReader (t: ExecutionContext, args: string[], point: string, match: string, meanwhile: () => Promise<void>): Promise<{ code: number | null, stdout: string, stderr: string }> {
+  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_DELAY: `${point}:1000`, DEBUG: 'redofs:fault' }
+  const reader = spawn(process.execPath, [REDOFS_BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] })
+  let stdout = ''
+  let stderr = ''
+  reader.stdout.on('data', (b: Buffer) => { stdout += b.toString() })
+  reader.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
+  const exited = new Promise<number | null>(resolve => reader.on('exit', code => resolve(code)))
+  let done = false
+  void exited.then(() => { done = true })
+  const waiting = `${point}: waiting 1000 ms ${match}`
+  while (!done && !stderr.includes(waiting)) await new Promise(resolve => setTimeout(resolve, 10))
+  t.false(done, `${args[0]} ended before its delay point: ${stderr}`)
+  reader.kill('SIGSTOP')
+  try {
+    await meanwhile()
+  } finally {
+    reader.kill('SIGCONT')
+  }
+  return { code: await exited, stdout, stderr }
 }

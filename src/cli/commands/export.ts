@@ -1,5 +1,6 @@
 import type { Argv } from 'yargs'
 import { delayPoint } from '../../fault'
+import { recordOpens } from '../../formats/extent'
 import { action, openDisk, progressBar, readableGeneration, refuseChanged, splitGeneration, type GlobalArgs } from '../common'
 import { RawOutput } from '../rawout'
 
@@ -13,9 +14,9 @@ const CHUNK = 1 << 20
 
 export const handler = action(async (a: GlobalArgs & { source: string, raw: string }) => {
   const { file, gen } = splitGeneration(a.source)
+  const opened = recordOpens() // the state of every file as the open finds it
   const chain = await openDisk(file, a)
   try {
-    const before = await chain.baseline()
     const g = readableGeneration(chain, gen, a.source)
     const view = chain.view(g)
     const out = await RawOutput.open(a.raw, chain.layers.flatMap(l => l.files))
@@ -41,7 +42,7 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
         }
       }
       // nothing locks the chain against a commit meanwhile: a changed generation is not exported
-      await refuseChanged(chain, g, before, a.source)
+      await refuseChanged(chain, g, opened, a.source)
       await out.finish(view.size)
     } catch (e) {
       await out.abort()
