@@ -4,6 +4,7 @@
  * check, qemu reads through every parent, and every parentCID equals its parent's CID.
  */
 import test, { type ExecutionContext } from 'ava'
+import { spawn } from 'node:child_process'
 import { mkdir, open, readdir, readFile, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN, requireEnv } from './helpers/env'
@@ -217,12 +218,41 @@ for (const cmd of ['export', 'map'] as const) {
   })
 }
 
-test('labelling the generation an export reads, meanwhile, changes nothing it reads: the export succeeds', async t => {
+test('labelling the generation an export reads, meanwhile, changes nothing it reads: the export succeeds (named by number and by its file)', async t => {
   const { c, refs } = await fourLevels('monolithicSparse')
-  const out = path.join(c.root, 'g1.raw')
-  const r = await stoppedReader(t, ['export', `${c.disk}@1`, out], 'reader', '', async () => { await redofsOk(['label', c.disk, 'gen=1', 'name=nightly']) })
-  t.is(r.code, 0, r.stderr)
-  t.true((await sameContent(out, refs[1])).same)
+  for (const [source, name] of [[`${c.disk}@1`, 'nightly'], [c.files[1], 'weekly']]) {
+    const out = path.join(c.root, `g1-${name}.raw`)
+    const r = await stoppedReader(t, ['export', source, out], 'reader', '', async () => { await redofsOk(['label', c.disk, 'gen=1', `name=${name}`]) })
+    t.is(r.code, 0, `${source}: ${r.stderr}`)
+    t.true((await sameContent(out, refs[1])).same)
+  }
+})
+
+test('a commit into a layer of several extents that runs while a reader opens that layer, and ends before the reader looks for its journal, is seen', async t => {
+  const G = 1024 * M
+  const c = await storeChain(await tmp(), 3 * G, [
+    { format: 'twoGbMaxExtentSparse', writes: [{ pattern: 0x11, offset: 0, length: M }] },
+    { writes: [{ pattern: 0x22, offset: 0, length: M }, { pattern: 0x23, offset: 4 * M, length: 8 * M }] }, // all in the first extent
+    { writes: [{ pattern: 0x33, offset: 5 * M, length: 4096 }] }
+  ])
+  // the commit of level 1 (disk-000001 into the base) stops at its first chunk: its journal is
+  // written and the base's new CID stamped
+  const commit = spawn(process.execPath, [REDOFS_BIN, 'commit', c.disk, 'level=1'], { env: { ...process.env, REDOFS_DELAY: 'commit.chunk:300', DEBUG: 'redofs:fault' }, stdio: ['ignore', 'ignore', 'pipe'] })
+  let cerr = ''
+  commit.stderr.on('data', (b: Buffer) => { cerr += b.toString() })
+  const committed = new Promise<number | null>(resolve => commit.on('exit', code => resolve(code)))
+  while (!cerr.includes('commit.chunk: waiting')) await new Promise(resolve => setTimeout(resolve, 10))
+  commit.kill('SIGSTOP')
+  // the export of generation 0 reads the base's descriptor and first extent, then stops before
+  // its second: the commit runs to its end meanwhile (--ignore-cid: the stamped CID no longer
+  // matches what disk-000001 names)
+  const out = path.join(c.root, 'g0.raw')
+  const r = await stoppedReader(t, ['export', '--ignore-cid', `${c.disk}@0`, out], 'extent.open', path.join(c.vmDir, 'disk-s002.vmdk'), async () => {
+    commit.kill('SIGCONT')
+    t.is(await committed, 0, cerr)
+  })
+  t.is(r.code, 1, r.stderr)
+  t.regex(r.stderr, /^redofs: .*@0: generation 0 changed while it was read \(.*disk-000001\.vmdk: merged or removed since it was opened\)/m, r.stderr)
 })
 
 test('an export of a raw ESX 2.x base that a commit of its .REDO file changes meanwhile fails (no CID to tell)', async t => {

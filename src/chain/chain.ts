@@ -111,13 +111,13 @@ export class Chain {
    * can go unseen, so this is best effort there (frozen generations are what to read from a
    * disk in use).
    */
-  async changedSince (g: number, opened: Map<string, string>): Promise<string | undefined> {
+  async changedSince (g: number, opened: Map<string, string>, liveTop: boolean): Promise<string | undefined> {
     for (const [k, l] of this.layers.slice(0, g + 1).entries()) {
       const j = journalPath(l.path)
       const was = this.pending.some(p => resolve(journalPath(p.parent)) === resolve(j))
       const is = await stat(j).then(() => true, () => false)
       if (is !== was) return `${l.path}: a commit into it ${is ? 'started' : 'ended'} (${j})`
-      const whole = !l.hasCids || k === this.redoCount
+      const whole = !l.hasCids || (k === this.redoCount && liveTop)
       for (const f of l.files) {
         const before = opened.get(resolve(f))
         if (before === undefined) continue
@@ -130,6 +130,15 @@ export class Chain {
       if (!l.hasCids) continue
       const d = (await peek(l.path))?.descriptor
       if (d !== undefined && d.cid !== l.cid) return `${l.path}: written (CID ${cidHex(d.cid)}, was ${cidHex(l.cid)})`
+    }
+    // A commit into g that began and ended between the open's reading of a layer and of its
+    // journal (a layer of several extents takes a while) shows above it: the layer it merged is
+    // gone, or was re-linked to the parent's new CID when the commit stopped
+    const above = this.layers[g + 1]
+    if (above !== undefined) {
+      for (const f of above.files) if (opened.has(resolve(f)) && await stat(f).then(() => false, () => true)) return `${f}: merged or removed since it was opened`
+      const d = above.hasCids ? (await peek(above.path))?.descriptor : undefined
+      if (d !== undefined && above.hasParent && d.parentCID !== above.parentCID) return `${above.path}: re-linked (parent CID ${cidHex(d.parentCID)}, was ${cidHex(above.parentCID)})`
     }
     return undefined
   }

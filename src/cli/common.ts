@@ -4,6 +4,8 @@ import { readdir } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
 import { resolveGeneration } from '../chain/labels'
+import { childrenOf } from '../chain/peek'
+import { recordOpens } from '../formats/extent'
 import { diskNameOf } from '../chain/names'
 import { isRedoError, RedoError, toRedoError } from '../errors'
 import { log } from '../log'
@@ -31,7 +33,8 @@ export async function openDisk (arg: string, args: GlobalArgs, extra: ChainOptio
   }
   try {
     return await open()
-  } catch {
+  } catch (first) {
+    log.cli('%s: the open failed (%s); once more', arg, (first as Error).message)
     // Tables read while a commit wrote them (a grain past the end of the file as it was when
     // the open started, a layer just dropped) can look damaged. Opened once more: a file that
     // is damaged fails the same way again, and then a commit still at work is said to be.
@@ -133,10 +136,26 @@ export function refuseInFlux (chain: Chain, g: number, source: string): void {
   throw new RedoError('EBUSY', `${source}: ${f.text}; ${remedy}`, f.file)
 }
 
-/** Fail a read of generation g that a commit or write changed under it (Chain.changedSince). */
-export async function refuseChanged (chain: Chain, g: number, opened: Map<string, string>, source: string): Promise<void> {
-  const why = await chain.changedSince(g, opened)
-  if (why !== undefined) throw new RedoError('EBUSY', `${source}: generation ${g} changed while it was read (${why}); nothing was kept, run the command again`, chain.layers[g].path)
+/**
+ * A disk opened by a reader that takes no lock (export, map), with `unchanged`, which fails
+ * once generation g was read if a commit or write changed it meanwhile (Chain.changedSince).
+ */
+export async function openForReading (file: string, args: GlobalArgs): Promise<{ chain: Chain, unchanged: (g: number, source: string) => Promise<void> }> {
+  const opened = recordOpens() // the state of every file as the open finds it
+  const chain = await openDisk(file, args)
+  try {
+    // the top is the disk's live layer unless a redo log beside it names it as its parent (a
+    // frozen layer named by its path)
+    const liveTop = (await childrenOf(chain.top.path, undefined)).length === 0
+    const unchanged = async (g: number, source: string): Promise<void> => {
+      const why = await chain.changedSince(g, opened, liveTop)
+      if (why !== undefined) throw new RedoError('EBUSY', `${source}: generation ${g} changed while it was read (${why}); nothing was kept, run the command again`, chain.layers[g].path)
+    }
+    return { chain, unchanged }
+  } catch (e) {
+    await chain.close()
+    throw e
+  }
 }
 
 /** Run a command body: errors become one line on stderr and exit status 1. */

@@ -1,7 +1,6 @@
 import type { Argv } from 'yargs'
 import { delayPoint } from '../../fault'
-import { recordOpens } from '../../formats/extent'
-import { action, openDisk, progressBar, readableGeneration, refuseChanged, splitGeneration, type GlobalArgs } from '../common'
+import { action, openForReading, progressBar, readableGeneration, splitGeneration, type GlobalArgs } from '../common'
 import { RawOutput } from '../rawout'
 
 export const command = 'export <source> <raw>'
@@ -14,8 +13,7 @@ const CHUNK = 1 << 20
 
 export const handler = action(async (a: GlobalArgs & { source: string, raw: string }) => {
   const { file, gen } = splitGeneration(a.source)
-  const opened = recordOpens() // the state of every file as the open finds it
-  const chain = await openDisk(file, a)
+  const { chain, unchanged } = await openForReading(file, a)
   try {
     const g = readableGeneration(chain, gen, a.source)
     const view = chain.view(g)
@@ -42,7 +40,7 @@ export const handler = action(async (a: GlobalArgs & { source: string, raw: stri
         }
       }
       // nothing locks the chain against a commit meanwhile: a changed generation is not exported
-      await refuseChanged(chain, g, opened, a.source)
+      await unchanged(g, a.source)
       await out.finish(view.size)
     } catch (e) {
       await out.abort()

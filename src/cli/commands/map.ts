@@ -1,7 +1,6 @@
 import type { Argv } from 'yargs'
 import { delayPoint } from '../../fault'
-import { recordOpens } from '../../formats/extent'
-import { action, openDisk, readableGeneration, refuseChanged, splitGeneration, type GlobalArgs } from '../common'
+import { action, openForReading, readableGeneration, splitGeneration, type GlobalArgs } from '../common'
 
 export const command = 'map <source>'
 export const describe = 'allocation map of a generation as JSON (like qemu-img map), with the generation providing each extent'
@@ -9,13 +8,12 @@ export const builder = (y: Argv): Argv => y.positional('source', { type: 'string
 
 export const handler = action(async (a: GlobalArgs & { source: string }) => {
   const { file, gen } = splitGeneration(a.source)
-  const opened = recordOpens() // the state of every file as the open finds it
-  const chain = await openDisk(file, a)
+  const { chain, unchanged } = await openForReading(file, a)
   try {
     const g = readableGeneration(chain, gen, a.source)
     await delayPoint('reader')
     const map = chain.map(g)
-    await refuseChanged(chain, g, opened, a.source)
+    await unchanged(g, a.source)
     process.stdout.write(JSON.stringify(map, null, 2) + '\n')
   } finally {
     await chain.close()
