@@ -237,7 +237,7 @@ test('a commit into a layer of several extents that runs while a reader opens th
   ])
   // the commit of level 1 (disk-000001 into the base) stops at its first chunk: its journal is
   // written and the base's new CID stamped
-  const commit = spawn(process.execPath, [REDOFS_BIN, 'commit', c.disk, 'level=1'], { env: { ...process.env, REDOFS_DELAY: 'commit.chunk:300', DEBUG: 'redofs:fault' }, stdio: ['ignore', 'ignore', 'pipe'] })
+  const commit = spawn(process.execPath, [REDOFS_BIN, 'commit', c.disk, 'level=1'], { env: { ...process.env, REDOFS_DELAY: 'commit.chunk:3000', DEBUG: 'redofs:fault' }, stdio: ['ignore', 'ignore', 'pipe'] })
   let cerr = ''
   commit.stderr.on('data', (b: Buffer) => { cerr += b.toString() })
   const committed = new Promise<number | null>(resolve => commit.on('exit', code => resolve(code)))

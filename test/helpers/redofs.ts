@@ -86,7 +86,7 @@ export function assertOneLineError (t: ExecutionContext, r: RunResult, exp: Erro
  * debug line), stop it, run `meanwhile`, and let it go on. Its exit code and output.
  */
 export async function stoppedReader (t: ExecutionContext, args: string[], point: string, match: string, meanwhile: () => Promise<void>): Promise<{ code: number | null, stdout: string, stderr: string }> {
-  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_DELAY: `${point}:1000`, DEBUG: 'redofs:fault' }
+  const env: NodeJS.ProcessEnv = { ...process.env, REDOFS_DELAY: `${point}:2000`, DEBUG: 'redofs:fault' }
   const reader = spawn(process.execPath, [REDOFS_BIN, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] })
   let stdout = ''
   let stderr = ''
@@ -95,7 +95,7 @@ export async function stoppedReader (t: ExecutionContext, args: string[], point:
   const exited = new Promise<number | null>(resolve => reader.on('exit', code => resolve(code)))
   let done = false
   void exited.then(() => { done = true })
-  const waiting = `${point}: waiting 1000 ms ${match}`
+  const waiting = `${point}: waiting 2000 ms ${match}`
   while (!done && !stderr.includes(waiting)) await new Promise(resolve => setTimeout(resolve, 10))
   t.false(done, `${args[0]} ended before its delay point: ${stderr}`)
   reader.kill('SIGSTOP')
