@@ -102,14 +102,14 @@ export class Chain {
    * since they were opened (`opened`: recordOpens, noted at each file's first stat), or
    * undefined when nothing did, so what was read is the generation as it was. A commit into a
    * layer shows by its journal coming or going (pending: the journals the open found), by the
-   * new CID it stamps before its first write, and by a file gone or replaced. Beyond that, a
-   * file's size and times count only where content can change without a commit: the chain's
-   * live top (a mount's writes) and layers without CIDs; a frozen layer's descriptor is
-   * rewritten for labels and freeze times, which change nothing read (an embedded one in
-   * place: same file, new times; a stand-alone one replaced: not compared). Times are as fine as the
-   * file system keeps them: an overwrite of the live top within one timestamp tick of the open
-   * can go unseen, so this is best effort there (frozen generations are what to read from a
-   * disk in use).
+   * new CID it stamps before its first write, by a file gone or replaced, and by the layer
+   * above (merged away, or re-linked). Beyond that, a file's size and times count only where
+   * content changes without a commit: the disk's live top (`liveTop`: a mount's writes) and
+   * layers without CIDs. A frozen layer's descriptor is rewritten for labels and freeze times,
+   * which change nothing read (an embedded one in place: same file, new times; a stand-alone
+   * one replaced: not compared). Times are as fine as the file system keeps them: an overwrite
+   * of the live top within one timestamp tick of the open can go unseen, so this is best
+   * effort there (frozen generations are what to read from a disk in use).
    */
   async changedSince (g: number, opened: Map<string, string>, liveTop: boolean): Promise<string | undefined> {
     for (const [k, l] of this.layers.slice(0, g + 1).entries()) {
