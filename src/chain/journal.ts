@@ -36,7 +36,9 @@ export interface CommitJournal {
   started: string
 }
 
-export const journalPath = (parent: string): string => `${parent}.redofs-commit`
+/** A commit journal is its parent's path with this suffix. */
+export const JOURNAL_SUFFIX = '.redofs-commit'
+export const journalPath = (parent: string): string => `${parent}${JOURNAL_SUFFIX}`
 
 export async function writeJournal (j: CommitJournal): Promise<void> {
   const dir = dirname(j.parent)

@@ -3,6 +3,7 @@ import { existsSync } from 'node:fs'
 import { readdir } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { Chain, type ChainOptions } from '../chain/chain'
+import { JOURNAL_SUFFIX } from '../chain/journal'
 import { resolveGeneration } from '../chain/labels'
 import { childrenOf } from '../chain/peek'
 import { recordOpens } from '../formats/extent'
@@ -43,7 +44,7 @@ export async function openDisk (arg: string, args: GlobalArgs, extra: ChainOptio
     } catch (e) {
       const err = toRedoError(e)
       const dir = dirname(err.file ?? top)
-      const journal = (await readdir(dir).catch(() => [] as string[])).find(f => f.endsWith('.redofs-commit'))
+      const journal = (await readdir(dir).catch(() => [] as string[])).find(f => f.endsWith(JOURNAL_SUFFIX))
       if (journal === undefined) throw e
       throw new RedoError(err.code, `${err.message} (a commit is at work in ${dir}, ${journal}: run the command again once it has ended)`, err.file)
     }
