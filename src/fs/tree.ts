@@ -84,7 +84,10 @@ function resolveCtl (store: Store, parts: string[]): Node | undefined {
       kind: 'info',
       text: () => {
         const busy = disk.fluxRefusal(g)
-        if (busy !== undefined) throw busy
+        if (busy !== undefined) {
+          disk.lastError = busy.message // as a refused image open does (mount.ts)
+          throw busy
+        }
         return json(disk.chain.map(g))
       }
     }

@@ -145,14 +145,12 @@ export class Disk {
   /**
    * Why frozen generation g, or its map, is not served: a commit got part of the way merging
    * into it (a read-only mount leaves one a crash interrupted as it is, and a commit that failed
-   * or was cancelled leaves part of the generation above in it). Also set as the disk's error.
+   * or was cancelled leaves part of the generation above in it).
    */
   fluxRefusal (g: number): RedoError | undefined {
     const f = this.chain.inFlux(g)
     if (f === undefined) return undefined
-    const e = new RedoError('EBUSY', `${this.vm}/${this.name}: ${f.text}; ${f.kind === 'interrupted' ? 'a writable mount finishes it' : f.remedy}`)
-    this.lastError = e.message
-    return e
+    return new RedoError('EBUSY', `${this.vm}/${this.name}: ${f.text}; ${f.kind === 'interrupted' ? 'a writable mount finishes it' : f.remedy}`)
   }
 
   private refuseIfOpen (gens: Generation[], what: string): void {
