@@ -240,7 +240,7 @@ test('a commit into a layer of several extents that runs while a reader opens th
   const commit = spawn(process.execPath, [REDOFS_BIN, 'commit', c.disk, 'level=1'], { env: { ...process.env, REDOFS_DELAY: 'commit.chunk:3000', DEBUG: 'redofs:fault' }, stdio: ['ignore', 'ignore', 'pipe'] })
   let cerr = ''
   commit.stderr.on('data', (b: Buffer) => { cerr += b.toString() })
-  const committed = new Promise<number | null>(resolve => commit.on('exit', code => resolve(code)))
+  const committed = new Promise<number | null>(resolve => commit.on('close', code => resolve(code)))
   while (!cerr.includes('commit.chunk: waiting')) await new Promise(resolve => setTimeout(resolve, 10))
   commit.kill('SIGSTOP')
   // the export of generation 0 reads the base's descriptor and first extent, then stops before

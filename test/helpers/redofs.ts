@@ -92,7 +92,8 @@ export async function stoppedReader (t: ExecutionContext, args: string[], point:
   let stderr = ''
   reader.stdout.on('data', (b: Buffer) => { stdout += b.toString() })
   reader.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
-  const exited = new Promise<number | null>(resolve => reader.on('exit', code => resolve(code)))
+  // 'close', not 'exit': the exit can come before the last of stderr is read
+  const exited = new Promise<number | null>(resolve => reader.on('close', code => resolve(code)))
   let done = false
   void exited.then(() => { done = true })
   const waiting = `${point}: waiting 2000 ms ${match}`
