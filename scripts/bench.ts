@@ -29,7 +29,9 @@
  *           chain is already open; the server deletes the merged file after answering, so the
  *           same-end-state figure runs until the file is gone).
  *   open    2 TiB sparse chain with 1 GiB allocated: time until `redofs mount` announces
- *           "mounted", and the server's RSS.
+ *           "mounted", and the server's RSS. Then a store of 200 disks (100 VMs, 20 GiB bases
+ *           and two redo logs each): mount time against `qemu-img info --backing-chain` of
+ *           every top.
  *   soak    the handle-leak soak (scripts/bench-soak.ts), stock prebuild and patched build.
  *   --profile  extra passes with the redofs server under node --cpu-prof (read, then write
  *           workload); prints the top self-time functions. Not part of the timed figures.
@@ -434,9 +436,48 @@ async function benchOpen (dir: string): Promise<void> {
     'RSS MiB': cell(rss, 'MiB'),
     'RSS after reads MiB': cell(rssAfterRead, 'MiB'),
     'peak RSS MiB': cell(hwm, 'MiB'),
-    'bare node peak RSS MiB': cell([Number(base.stdout)], 'MiB')
+    'bare node peak RSS MiB': cell([Number(base.stdout)], 'MiB'),
+    ...await benchManyDisks(join(dir, 'open'))
   }
   rmSync(join(dir, 'open'), { recursive: true, force: true })
+}
+
+const MANY = { vms: 100, disks: 2, size: '20G' }
+
+/**
+ * A datastore of many disks: 100 VMs of two disks, each a 20 GiB base and two redo logs made by
+ * qemu-img (their grain tables preallocated, as VMware's are). The mount opens every chain;
+ * `qemu-img info --backing-chain` of every top (one process per disk, as a script would run
+ * it) is the reference for opening them all once.
+ */
+async function benchManyDisks (dir: string): Promise<Record<string, Cell>> {
+  const store = join(dir, 'many')
+  const first = join(store, 'vm1')
+  mkdirSync(first, { recursive: true })
+  for (let d = 0; d < MANY.disks; d++) {
+    await must('qemu-img', ['create', '-q', '-f', 'vmdk', join(first, `disk${d}.vmdk`), MANY.size])
+    await must('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', `disk${d}.vmdk`, '-F', 'vmdk', join(first, `disk${d}-000001.vmdk`)])
+    await must('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', `disk${d}-000001.vmdk`, '-F', 'vmdk', join(first, `disk${d}-000002.vmdk`)])
+  }
+  for (let v = 2; v <= MANY.vms; v++) await must('cp', ['-a', '--sparse=always', first, join(store, `vm${v}`)])
+  const tops = Array.from({ length: MANY.vms * MANY.disks }, (_, i) => join(store, `vm${Math.floor(i / MANY.disks) + 1}`, `disk${i % MANY.disks}-000002.vmdk`))
+  await must('sync', [])
+  const ms: number[] = []
+  const rss: number[] = []
+  const qemu: number[] = []
+  for (let r = 0; r < SIZES.openRuns; r++) {
+    dropCaches()
+    await withServer(async () => await mountRedofs(store, join(dir, 'many-mnt')), async s => {
+      ms.push((s as Server & { readyMs: number }).readyMs)
+      rss.push(rssOf(s.child.pid as number).rssMiB)
+    })
+    dropCaches()
+    const t0 = process.hrtime.bigint()
+    await must('sh', ['-c', 'for f in "$@"; do qemu-img info --backing-chain "$f" > /dev/null || exit 1; done', 'sh', ...tops])
+    qemu.push(Number(process.hrtime.bigint() - t0) / 1e6)
+    log(`  ${tops.length} disks, run ${r}: mounted in ${ms[r].toFixed(0)} ms, RSS ${rss[r].toFixed(0)} MiB; qemu-img info of every chain ${qemu[r].toFixed(0)} ms`)
+  }
+  return { 'many disks mount ms': cell(ms, 'ms'), 'many disks RSS MiB': cell(rss, 'MiB'), 'many disks qemu-img info ms': cell(qemu, 'ms') }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -590,7 +631,10 @@ function report (): string {
   const O = results.open
   if (O !== undefined) {
     out.push(`### 2 TiB chain with 1 GiB allocated (median of ${SIZES.openRuns})`, '', '| mount (until "mounted") | RSS after mount | RSS after 64 scattered 1 MiB reads | peak RSS | bare node |', '| ---: | ---: | ---: | ---: | ---: |',
-      `| ${fmt(O['mount ms'].median)} ms | ${fmt(O['RSS MiB'].median)} MiB | ${fmt(O['RSS after reads MiB'].median)} MiB | ${fmt(O['peak RSS MiB'].median)} MiB | ${fmt(O['bare node peak RSS MiB'].median)} MiB |`, '')
+      `| ${fmt(O['mount ms'].median)} ms | ${fmt(O['RSS MiB'].median)} MiB | ${fmt(O['RSS after reads MiB'].median)} MiB | ${fmt(O['peak RSS MiB'].median)} MiB | ${fmt(O['bare node peak RSS MiB'].median)} MiB |`, '',
+      `### A store of ${MANY.vms * MANY.disks} disks (${MANY.vms} VMs, ${MANY.size} bases + 2 redo logs each, qemu-img made; median of ${SIZES.openRuns}, cold cache)`, '',
+      '| mount (until "mounted") | RSS after mount | `qemu-img info --backing-chain` of every top | ratio |', '| ---: | ---: | ---: | ---: |',
+      `| ${fmt(O['many disks mount ms'].median)} ms | ${fmt(O['many disks RSS MiB'].median)} MiB | ${fmt(O['many disks qemu-img info ms'].median)} ms | ${fmt(O['many disks qemu-img info ms'].median / O['many disks mount ms'].median)} |`, '')
   }
   if (results.soak !== undefined) out.push('### Handle-leak soak (seq and rand: first vs last round, medians of three measurements each; bursts/s: churn rounds 1-2 vs the last two)', '', soakTable(results.soak), '')
   // targets of the issue

@@ -7,6 +7,8 @@ import test, { type ExecutionContext } from 'ava'
 import { spawn } from 'node:child_process'
 import { mkdir, open, readdir, readFile, writeFile } from 'node:fs/promises'
 import path from 'node:path'
+import { Chain } from '../src/chain/chain'
+import { ParentIndex, peekDirs } from '../src/chain/peek'
 import { REDOFS_BIN, requireEnv } from './helpers/env'
 import { convertToRaw, createChild, describe, qemuCheck, run, sameContent, snapshotTree, type BaseFormat, type RunResult } from './helpers/qemu'
 import { assertOneLineError, exportGen, infoJson, redofs, redofsOk, stoppedReader } from './helpers/redofs'
@@ -304,6 +306,28 @@ test('a reader that fails to open twice beside a commit journal says a commit is
   await fh.close()
   const r = await exportGen(c.files[3], 1, path.join(c.root, 'g1.raw'))
   assertOneLineError(t, r, { mustName: ['disk-000001.vmdk', 'disk-000002.vmdk.redofs-commit'], keyword: /a commit is at work in .*: run the command again once it has ended/ })
+})
+
+test('a mount\'s scan answers the top\'s children from its index; an open that finishes a crashed commit reads the store again', async t => {
+  const { c } = await fourLevels('monolithicSparse')
+  // the index is what the open uses: a child only it knows of is the top's
+  const fake = path.join(c.vmDir, 'only-in-the-index.vmdk')
+  const told = await ParentIndex.of([{ path: fake, parent: c.files[3], extentOnly: false }])
+  const a = await Chain.open(c.files[3], { writable: true, root: c.store, parents: told })
+  t.deepEqual(a.topChildren, [fake])
+  await a.close()
+  // a commit of level 0 killed in its copy: the open finishes it, dropping disk-000003.vmdk, so
+  // an index read before names a child of the new top that is gone
+  const k = await run(process.execPath, [REDOFS_BIN, 'commit', c.disk, 'level=0'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.copy' } })
+  t.not(k.code, 0, describe(k))
+  const before = await ParentIndex.of(await peekDirs([c.vmDir]))
+  t.deepEqual(await before.childrenOf(c.files[2]), [c.files[3]])
+  const b = await Chain.open(c.files[3], { writable: true, root: c.store, parents: before })
+  t.is(b.recovered.length, 1)
+  t.is(b.top.path, c.files[2])
+  t.deepEqual(b.topChildren, [], 'the stale index made the new top another chain\'s parent')
+  t.is(await before.childrenOf(c.files[2]), undefined)
+  await b.close()
 })
 
 test('commit into a parent that another chain shares is refused without force=1 and changes nothing', async t => {

@@ -13,7 +13,7 @@ import { Index, mapOf, overlay, type MapEntry } from './view'
 import { dropDigest } from './digest'
 import { journalPath, readJournal, type CommitJournal } from './journal'
 import { FROZEN_KEY, labelOf, partOfOf, setMeta } from './labels'
-import { childrenOf, parentCandidates, peek, unfinishedDrops } from './peek'
+import { childrenOf, parentCandidates, peek, unfinishedDrops, type ParentIndex } from './peek'
 
 export interface ChainOptions {
   writable?: boolean
@@ -31,6 +31,12 @@ export interface ChainOptions {
    * top. The mount answers from what it serves, the command line from the store's .vmx files.
    */
   otherDisk?: (path: string) => Promise<string | undefined>
+  /**
+   * Parent links of the store read by the caller just before (a mount's scan): the top's
+   * children are looked up there instead of reading the store again. An open that finishes an
+   * interrupted commit invalidates it (the commit relinks files).
+   */
+  parents?: ParentIndex
 }
 
 const MAX_DEPTH = 255
@@ -167,7 +173,7 @@ export class Chain {
         if (attempt === 0) chain.pending = journals
         if (opts.writable === true) {
           try {
-            chain.topChildren = await childrenOf(chain.top.path, opts.root)
+            chain.topChildren = await opts.parents?.childrenOf(chain.top.path) ?? await childrenOf(chain.top.path, opts.root)
             if (opts.noRecovery !== true) {
               for (const dir of new Set(layers.map(l => dirname(l.path)))) {
                 for (const f of await unfinishedDrops(dir)) await rename(f, f + DROPPED).catch(() => {})
@@ -184,6 +190,7 @@ export class Chain {
       }
       for (const l of layers) await l.close()
       const { finishCommit } = await import('./jobs')
+      opts.parents?.invalidate() // finishing a commit relinks files
       for (const j of journals) {
         log.chain('finishing interrupted commit of %s into %s', j.child, j.parent)
         await finishCommit(j, opts)

@@ -116,14 +116,41 @@ export async function childrenOf (parent: string, root: string | undefined): Pro
 /** childrenOf for several layers of one store (or of one directory, without a root), in one scan. */
 export async function childrenOfEach (parents: string[], root: string | undefined): Promise<string[][]> {
   const dirs = root !== undefined ? await storeDirs(root) : [...new Set(parents.map(p => dirname(p)))]
-  const targets = await Promise.all(parents.map(async p => await realpath(p).catch(() => resolve(p))))
-  const out: string[][] = parents.map(() => [])
-  for (const p of await peekDirs(dirs)) {
-    if (p.parent === undefined) continue
-    const r = await realpath(p.parent).catch(() => p.parent as string)
-    targets.forEach((t, i) => { if (r === t) out[i].push(p.path) })
+  const index = await ParentIndex.of(await peekDirs(dirs))
+  return await Promise.all(parents.map(async p => await index.childrenOf(p) ?? []))
+}
+
+/**
+ * Who names whom as parent, from descriptors already read: a mount's scan of the store answers
+ * every disk's childrenOf from it instead of reading the whole store again per disk (with
+ * hundreds of disks that was minutes).
+ */
+export class ParentIndex {
+  private valid = true
+  private constructor (private readonly byParent: Map<string, string[]>) {}
+
+  static async of (peeks: Peek[]): Promise<ParentIndex> {
+    const byParent = new Map<string, string[]>()
+    for (const p of peeks) {
+      if (p.parent === undefined) continue
+      const r = await realpath(p.parent).catch(() => p.parent as string)
+      const list = byParent.get(r)
+      if (list === undefined) byParent.set(r, [p.path])
+      else list.push(p.path)
+    }
+    return new ParentIndex(byParent)
   }
-  return out
+
+  /** The files that name `parent`; undefined once the store changed under the index. */
+  async childrenOf (parent: string): Promise<string[] | undefined> {
+    if (!this.valid) return undefined
+    const r = await realpath(parent).catch(() => resolve(parent))
+    return [...this.byParent.get(r) ?? []]
+  }
+
+  invalidate (): void {
+    this.valid = false
+  }
 }
 
 /**

@@ -6,6 +6,7 @@
 import { stat } from 'node:fs/promises'
 import { dirname, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
+import { ParentIndex } from '../chain/peek'
 import { checkCommit, checkDiscard, commit, type RedoFormat } from '../chain/jobs'
 import { SESSION_KEY } from '../chain/labels'
 import { RedoError, toRedoError } from '../errors'
@@ -78,6 +79,8 @@ export class Store {
     this.errors.push(...plan.errors)
     this.owned = plan.owned
     for (const v of plan.vms) this.vms.set(v.name, Object.assign(new Vm(v.name, v.dir, v.vmx), { errors: v.errors }))
+    // the plan's parent links, for every open (until one finishes an interrupted commit)
+    const parents = await ParentIndex.of(plan.peeks)
     for (const d of plan.disks) {
       const vm = this.vms.get(d.vm) as Vm
       if (d.leftOut !== undefined) { vm.errors.push(d.leftOut); continue }
@@ -88,7 +91,7 @@ export class Store {
           const o = this.served.get(r) ?? this.owned.get(r)
           return o !== d.id ? o : undefined
         }
-        const chain = await Chain.open(d.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true, otherDisk })
+        const chain = await Chain.open(d.top, { writable: this.opts.readOnly !== true, ignoreCid: this.opts.ignoreCid, root: this.root, lenient: true, otherDisk, parents })
         const disk = await Disk.create(d.vm, d.name, chain, d.mode, this.diskOpts, vm.vmx !== undefined && d.device !== undefined ? { file: vm.vmx, device: d.device } : undefined)
         disk.onTopChanged = async () => {
           // the served map follows the disk's live file (replaced with no await in between)

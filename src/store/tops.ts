@@ -162,6 +162,8 @@ export interface StorePlan {
   disks: PlannedDisk[]
   /** Real path of every top a VM names in its own directory → "vm/disk", served or left out. */
   owned: Map<string, string>
+  /** Every descriptor the plan read (for the parent links the disks' opens look up). */
+  peeks: Peek[]
 }
 
 /**
@@ -181,7 +183,7 @@ export async function planStore (root: string): Promise<StorePlan> {
   const dirs = (await vmDirs(root)).sort((a, b) => basename(a).localeCompare(basename(b)))
   // every descriptor of the store, read once: chains may cross VM directories (linked clones)
   const all = await peekDirs([root, ...dirs])
-  const plan: StorePlan = { errors: [], vms: [], disks: [], owned: new Map() }
+  const plan: StorePlan = { errors: [], vms: [], disks: [], owned: new Map(), peeks: all }
   const claimed = new Map<string, string>() // diskKey → "vm/disk"
   const taken = new Map<string, string>() // real path of a planned top → "vm/disk"
   const later: Array<() => Promise<void>> = []
