@@ -17,7 +17,7 @@ import { findLabel, labelOf, partOfOf, SESSION_KEY, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
-import { childrenOfEach, parentCandidates } from './peek'
+import { childrenAmong, childrenOfEach, otherUsers, parentCandidates, peekStore } from './peek'
 
 export interface Progress {
   done: number
@@ -127,7 +127,13 @@ export async function checkCommit (chain: Chain, level: number, opts: { force?: 
   if (!parent.hasCids && above !== undefined) {
     throw new RedoError('EINVAL', `${parent.path}: has no descriptor (ESX 2.x), so ${above.path} could not be re-linked to it; commit from the top down instead`, parent.path)
   }
-  const [ofParent, ofChild] = await childrenOfEach([parent.path, child.path], chain.opts.root)
+  const peeks = await peekStore([parent.path, child.path], chain.opts.root)
+  const [ofParent, ofChild] = await childrenAmong(peeks, [parent.path, child.path])
+  // a file of the parent that another descriptor uses as its own (no force: that is no chain)
+  const alias = (await otherUsers(parent.path, [parent.path, ...parent.extents.flatMap(e => e.path ?? [])], peeks))[0]
+  if (alias !== undefined) {
+    throw new RedoError('EBUSY', `${parent.path}: its file ${alias.file} is also used by ${alias.user}; committing into it would change that disk too`, parent.path)
+  }
   const others = ofParent.filter(p => resolve(p) !== resolve(child.path))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)

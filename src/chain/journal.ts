@@ -7,10 +7,10 @@
  * store moved or copied after the crash finishes its own commit, never one at the old path.
  * Journals that named absolute paths are read relative to where their parent was then.
  */
-import { readFile, unlink } from 'node:fs/promises'
+import { unlink } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, relative } from 'node:path'
 import { RedoError } from '../errors'
-import { syncDir, writeFileDurable } from '../formats/extent'
+import { readStoreFile, syncDir, writeFileDurable } from '../formats/extent'
 import { resolveContained } from '../formats/layer'
 
 export interface CommitJournal {
@@ -54,7 +54,7 @@ export async function readJournal (parent: string, root?: string): Promise<Commi
   let text: string
   let j: CommitJournal
   try {
-    text = await readFile(journalPath(parent), 'utf8')
+    text = (await readStoreFile(journalPath(parent))).toString('utf8')
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
     throw e

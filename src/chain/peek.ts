@@ -2,10 +2,11 @@
  * Cheap look at a VMDK file's descriptor without opening its extents: used to find the other
  * children of a layer (linked clones) and the chain tops of a directory.
  */
-import { open, readdir, realpath } from 'node:fs/promises'
+import { readdir, realpath, stat } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
 import { COWD_MAGIC } from '../formats/cowd'
 import { Descriptor } from '../formats/descriptor'
+import { openStoreFile } from '../formats/extent'
 import { DROPPED } from '../formats/layer'
 import { KDMV_MAGIC, descriptorIntent, descriptorIntentPath, parseSparseHeader } from '../formats/sparse'
 import { SECTOR } from '../units'
@@ -42,10 +43,10 @@ export function parentCandidates (childPath: string, hint: string): string[] {
 
 export async function peek (path: string): Promise<Peek | undefined> {
   let fh
-  try { fh = await open(path, 'r') } catch { return undefined }
+  try { fh = await openStoreFile(path) } catch { return undefined }
   try {
     const st = await fh.stat()
-    if (!st.isFile()) return undefined
+    if (!st.isFile()) return EXTENT_NAME.test(path) ? { path, extentOnly: true } : { path, extentOnly: false, error: `${path}: not a regular file` }
     if (st.size < 4) return EXTENT_NAME.test(path) ? { path, extentOnly: true } : { path, extentOnly: false, error: `${path}: file too short to be a VMDK (${st.size} bytes)` }
     const head = Buffer.alloc(Math.min(st.size, 4096))
     await fh.read(head, 0, head.length, 0)
@@ -115,9 +116,41 @@ export async function childrenOf (parent: string, root: string | undefined): Pro
 
 /** childrenOf for several layers of one store (or of one directory, without a root), in one scan. */
 export async function childrenOfEach (parents: string[], root: string | undefined): Promise<string[][]> {
-  const dirs = root !== undefined ? await storeDirs(root) : [...new Set(parents.map(p => dirname(p)))]
-  const index = await ParentIndex.of(await peekDirs(dirs))
+  return await childrenAmong(await peekStore(parents, root), parents)
+}
+
+/** The descriptors of the store `root` (or, without one, of the directories `layers` lie in). */
+export async function peekStore (layers: string[], root: string | undefined): Promise<Peek[]> {
+  return await peekDirs(root !== undefined ? await storeDirs(root) : [...new Set(layers.map(p => dirname(p)))])
+}
+
+/** childrenOf each of `parents` among descriptors already read. */
+export async function childrenAmong (peeks: Peek[], parents: string[]): Promise<string[][]> {
+  const index = await ParentIndex.of(peeks)
   return await Promise.all(parents.map(async p => await index.childrenOf(p) ?? []))
+}
+
+/**
+ * Descriptors among `peeks`, other than `layer` itself, that use one of `files` (the layer's
+ * descriptor and extent files) as their own file or extent, each with the file: writing the
+ * layer would change them (a descriptor naming another disk's flat file as its extent).
+ */
+export async function otherUsers (layer: string, files: string[], peeks: Peek[]): Promise<Array<{ user: string, file: string }>> {
+  const id = async (f: string): Promise<string | undefined> => await stat(f).then(s => `${s.dev}:${s.ino}`, () => undefined)
+  const mine = new Map<string, string>()
+  for (const f of files) { const i = await id(f); if (i !== undefined) mine.set(i, f) }
+  const self = await realpath(layer).catch(() => resolve(layer))
+  const out: Array<{ user: string, file: string }> = []
+  for (const p of peeks) {
+    if (await realpath(p.path).catch(() => resolve(p.path)) === self) continue
+    const theirs = [p.path, ...p.embedded === true ? [] : (p.descriptor?.extents ?? []).flatMap(e => e.file !== undefined ? [resolve(dirname(p.path), e.file)] : [])]
+    for (const f of theirs) {
+      const i = await id(f)
+      const hit = i !== undefined ? mine.get(i) : undefined
+      if (hit !== undefined) { out.push({ user: p.path, file: hit }); break }
+    }
+  }
+  return out
 }
 
 /**
@@ -197,14 +230,46 @@ export async function brokenIn (dir: string): Promise<Peek[]> {
   let names: string[]
   try { names = await readdir(dir) } catch { return [] }
   const out: Peek[] = []
+  const good: Peek[] = []
   let used: Set<string> | undefined
   for (const n of names.sort()) {
     if (!/\.vmdk$/i.test(n) || n.startsWith('.') || EXTENT_NAME.test(n)) continue
     const p = await peek(join(dir, n))
+    if (p?.descriptor !== undefined) good.push(p)
     if (p?.error !== undefined) out.push(p)
     // (an ESX 2.x raw base has no header either: its `<name>.REDO` files use it)
     else if (p?.unless !== undefined && !names.some(m => m.startsWith(`${n}.REDO`)) && !(used ??= await extentsUsedIn(dir)).has(join(dir, n))) {
       out.push({ ...p, extentOnly: false, error: `${p.unless}, and no descriptor beside it uses it as an extent (a raw disk image? redofs import makes it a disk)` })
+    }
+  }
+  return [...out, ...await inLoops(good)]
+}
+
+/**
+ * Descriptors among `peeks` whose parent links lead back to themselves. Nothing names such a
+ * file's chain as a top (each file of the loop is another's parent), so without this its disk
+ * would silently be served as whatever is left: the base alone, its redo logs hidden.
+ */
+async function inLoops (peeks: Peek[]): Promise<Peek[]> {
+  const known = new Map<string, Peek | undefined>()
+  for (const p of peeks) known.set(await realpath(p.path).catch(() => resolve(p.path)), p)
+  const out: Peek[] = []
+  const ends = new Set<string>() // files whose chain ends (at a base or a missing parent)
+  for (const p of peeks) {
+    const start = await realpath(p.path).catch(() => resolve(p.path))
+    const seen = new Set([start])
+    const names = [basename(p.path)]
+    let cur: Peek | undefined = p
+    for (;;) {
+      if (cur?.parent === undefined) { for (const s of seen) ends.add(s); break }
+      const r = await realpath(cur.parent).catch(() => resolve(cur?.parent as string))
+      if (r === start) { out.push({ ...p, error: `${p.path}: parent loop: ${[...names, basename(p.path)].join(' -> ')}` }); break }
+      if (ends.has(r)) { for (const s of seen) ends.add(s); break }
+      if (seen.has(r) || seen.size > 256) break // a loop further down, which its own files report
+      seen.add(r)
+      if (!known.has(r)) known.set(r, await peek(r))
+      cur = known.get(r)
+      if (cur !== undefined) names.push(basename(cur.path))
     }
   }
   return out

@@ -6,7 +6,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
 import { faultPoint } from '../fault'
-import { DataSync, Mutex, PlannedWrites, newGrain, noteOpened, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, newGrain, noteOpened, openStoreFile, readExact, settleAll, writeExact, writeExactv, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { BAD, SECTOR_ENTRIES, entryOf, lookupGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
 export const COWD_MAGIC = 0x44574f43
@@ -117,7 +117,7 @@ export class CowdExtent implements Extent {
   }
 
   static async open (path: string, writable = false): Promise<CowdExtent> {
-    const fh = await open(path, writable ? 'r+' : 'r')
+    const fh = await openStoreFile(path, writable)
     try {
       const st = await fh.stat()
       noteOpened(path, st)

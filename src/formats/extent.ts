@@ -4,7 +4,8 @@
  * All positions and lengths are bytes relative to the start of the extent.
  */
 import type { Stats } from 'node:fs'
-import { open, readFile, realpath, rename, unlink, type FileHandle } from 'node:fs/promises'
+import { constants } from 'node:fs'
+import { open, realpath, rename, unlink, type FileHandle } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { RedoError } from '../errors'
 import { failPoint } from '../fault'
@@ -288,10 +289,30 @@ export async function realOrResolved (p: string): Promise<string> {
   return await realpath(p).catch(() => resolve(p))
 }
 
+/**
+ * Open a file of the store. Without O_NONBLOCK, opening a FIFO someone named like a VMDK (or a
+ * .vmx, a journal...) would wait for a writer forever, and the mount with it; regular files
+ * ignore the flag. Callers check that what they opened is a regular file.
+ */
+export async function openStoreFile (path: string, writable = false): Promise<FileHandle> {
+  return await open(path, (writable ? constants.O_RDWR : constants.O_RDONLY) | constants.O_NONBLOCK)
+}
+
+/** A whole small file of the store (ENOENT as readFile throws it; anything but a regular file is refused). */
+export async function readStoreFile (path: string): Promise<Buffer> {
+  const fh = await openStoreFile(path)
+  try {
+    if (!(await fh.stat()).isFile()) throw new RedoError('EINVAL', `${path}: not a regular file`, path)
+    return await fh.readFile()
+  } finally {
+    await fh.close()
+  }
+}
+
 /** A whole small file, or undefined when it does not exist (other errors are thrown). */
 export async function readIfExists (path: string): Promise<Buffer | undefined> {
   try {
-    return await readFile(path)
+    return await readStoreFile(path)
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined
     throw e

@@ -1,8 +1,8 @@
 /** Flat extents (FLAT, VMFS, raw images): the extent is a byte range of a file. */
-import { open, type FileHandle } from 'node:fs/promises'
+import type { FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR } from '../units'
-import { DataSync, Mutex, PlannedWrites, noteOpened, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, noteOpened, openStoreFile, readExact, writeExact, type Extent, type ReadPlan, type Run, type State } from './extent'
 
 export class FlatExtent implements Extent {
   readonly kind = 'flat' as const
@@ -11,6 +11,8 @@ export class FlatExtent implements Extent {
   private readonly durable: DataSync
   readonly grainBytes: number
   private dirty = false
+  /** Written since `blocks` was read: the next allocatedBytes() reads it again, in the background. */
+  private blocksStale = false
   private readonly planned = new PlannedWrites()
   private readonly flushMutex = new Mutex()
 
@@ -26,16 +28,18 @@ export class FlatExtent implements Extent {
     this.durable = new DataSync(fh, path, this.problems)
     this.grainBytes = size
     if (fileSize < base + size) {
-      this.problems.push(`${path}: flat extent is ${fileSize} bytes, shorter than the ${base + size} its descriptor line says`)
+      this.problems.push(`${path}: flat extent is ${fileSize} bytes, shorter than the ${base + size} its descriptor line says (truncated?); served read-only`)
     }
   }
 
   static async open (path: string, sectors: number, offsetSectors: number, writable: boolean): Promise<FlatExtent> {
-    const fh = await open(path, writable ? 'r+' : 'r')
+    const fh = await openStoreFile(path, writable)
     try {
       const st = await fh.stat()
       noteOpened(path, st)
-      return new FlatExtent(path, fh, sectors * SECTOR, offsetSectors * SECTOR, writable, st.size, st.blocks * 512)
+      // a short file is damaged: writes past its end would grow it and hide what is missing
+      const whole = st.size >= (offsetSectors + sectors) * SECTOR || st.isBlockDevice()
+      return new FlatExtent(path, fh, sectors * SECTOR, offsetSectors * SECTOR, writable && whole, st.size, st.blocks * 512)
     } catch (e) {
       await fh.close()
       throw e
@@ -71,6 +75,7 @@ export class FlatExtent implements Extent {
   planWrite (p: ReadPlan, pos: number, len: number): boolean {
     if (!this.writable || this.base + pos + len > this.fileSize || !p.data(this.fh.fd, this.base + pos, len)) return false
     this.dirty = true
+    this.blocksStale = true
     this.planned.mark()
     return true
   }
@@ -79,6 +84,7 @@ export class FlatExtent implements Extent {
     if (!this.writable) throw new RedoError('EROFS', `${this.path}: opened read-only`, this.path)
     await writeExact(this.fh, buf, off, len, this.base + pos)
     this.dirty = true
+    this.blocksStale = true
     if (this.base + pos + len > this.fileSize) this.fileSize = this.base + pos + len
   }
 
@@ -102,7 +108,15 @@ export class FlatExtent implements Extent {
   async endWrite (): Promise<void> { await this.flush() }
   async close (): Promise<void> { await this.fh.close() }
 
+  /**
+   * What the file system allocated (st_blocks, for du and cp --sparse): writes into holes grow
+   * it, so after writes the next call starts an fstat and a later one sees its answer.
+   */
   allocatedBytes (): number {
+    if (this.blocksStale) {
+      this.blocksStale = false
+      this.fh.stat().then(st => { this.blocks = st.blocks * 512 }, () => { this.blocksStale = true })
+    }
     return Math.min(this.blocks, this.size)
   }
 

@@ -2,7 +2,7 @@
  * A layer: one descriptor (stand-alone or embedded in a KDMV file) and its extents, seen as one
  * byte range. This is what chain/ stacks; it knows nothing about parents beyond their names.
  */
-import { constants } from 'node:fs'
+import { constants, type Stats } from 'node:fs'
 import { open, readdir, rename, realpath, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
 import { RedoError, toRedoError } from '../errors'
@@ -12,7 +12,7 @@ import { SECTOR } from '../units'
 import { COWD_HEADER_BYTES, COWD_MAGIC, CowdExtent, parseCowdHeader } from './cowd'
 import { SeSparseExtent } from './sesparse'
 import { Descriptor, NO_PARENT_CID, newCid } from './descriptor'
-import { ZeroExtent, noteOpened, plannedIoDone, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { ZeroExtent, noteOpened, openStoreFile, plannedIoDone, settleAll, syncDir, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { FlatExtent } from './flat'
 import { KDMV_MAGIC, SparseExtent, descriptorIntentPath } from './sparse'
 
@@ -67,7 +67,7 @@ export class Layer {
     const writable = opts.writable === true
     let fh: FileHandle
     try {
-      fh = await open(path, writable ? 'r+' : 'r')
+      fh = await openStoreFile(path, writable)
     } catch (e) {
       const err = toRedoError(e, path)
       if (err.code === 'ENOENT') throw new RedoError('ENOENT', `${path}: no such file`, path)
@@ -114,7 +114,7 @@ export class Layer {
       const desc = Descriptor.parse(text.toString('utf8'), path)
       await fh.close()
       keep = true
-      const extents = await openExtents(path, desc, writable, opts.root)
+      const extents = await openExtents(path, desc, writable, opts.root, st)
       return new Layer(path, desc, { kind: 'file' }, extents, writable && extents.every(e => e.writable || e.kind === 'zero'))
     } finally {
       if (!keep) await fh.close().catch(() => {})
@@ -123,7 +123,7 @@ export class Layer {
 
   /** A bare COWD file (ESX 2.x `disk.vmdk.REDO`): its parent is named in the COWD header. */
   private static async openLegacyRedo (path: string, _opts: LayerOptions): Promise<Layer> {
-    const fh = await open(path, 'r')
+    const fh = await openStoreFile(path)
     let h
     try {
       const b = Buffer.alloc(COWD_HEADER_BYTES)
@@ -412,9 +412,18 @@ function looksLikeDescriptor (head: Buffer): boolean {
   return /^\s*(#|version\s*=)/i.test(text)
 }
 
-async function openExtents (path: string, desc: Descriptor, writable: boolean, root?: string): Promise<Extent[]> {
+/**
+ * Open the extents a descriptor file (`path`, whose stat is `self`) lists. A sparse extent must
+ * be a file of its own (two lines naming one file would allocate in it independently), FLAT
+ * lines may share a file (a partitioned device's descriptor) only in ranges that do not
+ * overlap, and a FLAT line naming the descriptor itself or a sparse/COWD file would write raw
+ * data over VMDK metadata (another disk's, or a frozen generation's).
+ */
+async function openExtents (path: string, desc: Descriptor, writable: boolean, root: string | undefined, self: Stats): Promise<Extent[]> {
   const dir = dirname(path)
   const out: Extent[] = []
+  // file identity → who uses it: the descriptor, or the byte ranges FLAT lines use
+  const used = new Map<string, { file: string, flat?: Array<[number, number]> }>([[`${self.dev}:${self.ino}`, { file: path }]])
   try {
     for (const line of desc.extents) {
       const size = line.sectors * SECTOR
@@ -422,27 +431,35 @@ async function openExtents (path: string, desc: Descriptor, writable: boolean, r
       if (line.file === undefined) throw new RedoError('EINVAL', `${path}: ${line.type} extent line names no file`, path)
       const file = await resolveContained(dir, line.file, root, 'extent', path)
       const w = writable && line.access === 'RW'
-      try {
-        const st = await stat(file)
-        if (!st.isFile() && !st.isBlockDevice()) throw new RedoError('EINVAL', `${path}: extent ${file} is not a regular file`, path)
-      } catch (e) {
+      const st = await stat(file).catch(e => {
         if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new RedoError('ENOENT', `${path}: extent file ${file} is missing`, path)
         throw e
-      }
+      })
+      if (!st.isFile() && !st.isBlockDevice()) throw new RedoError('EINVAL', `${path}: extent ${file} is not a regular file`, path)
+      const id = `${st.dev}:${st.ino}`
+      const flat = line.type === 'FLAT' || line.type === 'VMFS' ? [(line.offset ?? 0) * SECTOR, (line.offset ?? 0) * SECTOR + size] as [number, number] : undefined
+      const before = used.get(id)
+      if (before !== undefined) {
+        if (before.file === path) throw new RedoError('EINVAL', `${path}: names itself as an extent (${file})`, path)
+        if (flat === undefined || before.flat === undefined || before.flat.some(([s, e]) => flat[0] < e && s < flat[1])) {
+          throw new RedoError('EINVAL', `${path}: extent file ${file} is listed twice${flat !== undefined && before.flat !== undefined ? ' with overlapping ranges' : ''} (also as ${before.file})`, path)
+        }
+        before.flat.push(flat)
+      } else used.set(id, { file, flat: flat !== undefined ? [flat] : undefined })
       switch (line.type) {
         case 'FLAT':
-        case 'VMFS':
+        case 'VMFS': {
+          const magic = await headMagic(file)
+          if (magic === KDMV_MAGIC || magic === COWD_MAGIC) throw new RedoError('EINVAL', `${path}: its ${line.type} extent ${file} is a ${magic === KDMV_MAGIC ? 'sparse' : 'COWD'} VMDK file, not raw data`, path)
           out.push(await FlatExtent.open(file, line.sectors, line.offset ?? 0, w))
           break
+        }
         case 'SPARSE':
         case 'VMFSSPARSE': {
-          const fh = await open(file, 'r')
-          const m = Buffer.alloc(4)
-          try { await fh.read(m, 0, 4, 0) } finally { await fh.close() }
-          const magic = m.readUInt32LE(0)
+          const magic = await headMagic(file)
           if (magic === KDMV_MAGIC) out.push(await SparseExtent.open(file, w))
           else if (magic === COWD_MAGIC) out.push(await CowdExtent.open(file, w))
-          else throw new RedoError('EINVAL', `${file}: bad magic ${m.toString('hex')} for a ${line.type} extent of ${path}`, file)
+          else throw new RedoError('EINVAL', `${file}: bad magic ${(magic ?? 0).toString(16).padStart(8, '0')} for a ${line.type} extent of ${path}`, file)
           break
         }
         case 'SESPARSE':
@@ -461,6 +478,18 @@ async function openExtents (path: string, desc: Descriptor, writable: boolean, r
   }
 }
 
+
+/** The first four bytes of `file` as a little-endian number (undefined when it is shorter). */
+async function headMagic (file: string): Promise<number | undefined> {
+  const fh = await openStoreFile(file)
+  const m = Buffer.alloc(4)
+  try {
+    const { bytesRead } = await fh.read(m, 0, 4, 0)
+    return bytesRead === 4 ? m.readUInt32LE(0) : undefined
+  } finally {
+    await fh.close()
+  }
+}
 
 /** Suffix of files a chain no longer uses, awaiting deletion (Layer.drop). */
 export const DROPPED = '.redofs-dropped'

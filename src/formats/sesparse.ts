@@ -8,10 +8,10 @@
  * grain's number in the grain area (up to 16 TiB into the file), 1 for zeroed (and
  * SCSI-unmapped) grains, BAD for damage.
  */
-import { open, type FileHandle } from 'node:fs/promises'
+import type { FileHandle } from 'node:fs/promises'
 import { RedoError } from '../errors'
 import { SECTOR, ceilDiv } from '../units'
-import { noteOpened, readExact, type Extent, type ReadPlan, type Run, type State } from './extent'
+import { noteOpened, openStoreFile, readExact, type Extent, type ReadPlan, type Run, type State } from './extent'
 import { BAD, lookupGrains, planGrains, readGrains, runsOfGrains, type GrainTables } from './grains'
 import { u64 } from './sparse'
 
@@ -75,7 +75,7 @@ export class SeSparseExtent implements Extent {
   }
 
   static async open (path: string): Promise<SeSparseExtent> {
-    const fh = await open(path, 'r')
+    const fh = await openStoreFile(path)
     try {
       const st = await fh.stat()
       noteOpened(path, st)

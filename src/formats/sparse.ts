@@ -11,7 +11,7 @@ import { RedoError } from '../errors'
 import { delayPoint, faultPoint } from '../fault'
 import { log } from '../log'
 import { SECTOR, ceilDiv, roundUp } from '../units'
-import { DataSync, Mutex, PlannedWrites, newGrain, noteOpened, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
+import { DataSync, Mutex, PlannedWrites, newGrain, noteOpened, openStoreFile, readExact, readIfExists, settleAll, syncDir, writeExact, writeExactv, writeFileDurable, type Extent, type ReadBelow, type ReadPlan, type Run, type State } from './extent'
 import { DirectWriter } from './direct'
 import { BAD, SECTOR_ENTRIES, entryOf, lookupGrains, overwriteGrains, planGrains, planOverwrite, readGrains, runsOfGrains, type GrainTables } from './grains'
 
@@ -279,7 +279,7 @@ export class SparseExtent implements Extent {
   /** Open the extent file `path`, or reuse `fh` when the descriptor already opened it. */
   static async open (path: string, writable: boolean, fh?: FileHandle): Promise<SparseExtent> {
     const own = fh === undefined
-    const handle = fh ?? await open(path, writable ? 'r+' : 'r')
+    const handle = fh ?? await openStoreFile(path, writable)
     try {
       const st = await handle.stat()
       noteOpened(path, st)

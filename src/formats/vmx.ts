@@ -2,9 +2,9 @@
  * The VMware .vmx file: which disks a VM has and in which mode. redofs rewrites only the
  * `fileName` value of a disk whose chain top changed and keeps every other byte as it found it.
  */
-import { readdir, readFile } from 'node:fs/promises'
+import { readdir } from 'node:fs/promises'
 import { dirname, join, relative, resolve } from 'node:path'
-import { Mutex, realOrResolved, writeFileDurable } from './extent'
+import { Mutex, readStoreFile, realOrResolved, writeFileDurable } from './extent'
 
 export type DiskMode = 'persistent' | 'nonpersistent' | 'undoable' | 'append'
 
@@ -38,7 +38,7 @@ export class Vmx {
   constructor (readonly path: string, private lines: string[]) {}
 
   static async read (path: string): Promise<Vmx> {
-    const text = await readFile(path, 'utf8')
+    const text = (await readStoreFile(path)).toString('utf8')
     return new Vmx(path, text.split('\n'))
   }
 

@@ -11,6 +11,7 @@ import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { RedoError } from '../errors'
 import { delayPoint, faultPoint } from '../fault'
+import { readStoreFile } from '../formats/extent'
 import { log } from '../log'
 
 export interface LockInfo {
@@ -35,7 +36,7 @@ export function alive (pid: number): boolean {
 
 export async function readLock (root: string): Promise<LockInfo | undefined> {
   try {
-    return JSON.parse(await readFile(lockPath(root), 'utf8')) as LockInfo
+    return JSON.parse((await readStoreFile(lockPath(root))).toString('utf8')) as LockInfo
   } catch {
     return undefined
   }

@@ -1,0 +1,165 @@
+/**
+ * Stores laid out wrongly (SPEC §6): files that two disks would both write, FIFOs where VMDK
+ * files should be, parent loops, short flat files. The disks concerned are left out (or served
+ * read-only) with their files named, the mount comes up, every other disk is served, and no
+ * file is written.
+ */
+import test from 'ava'
+import { readFile, writeFile } from 'node:fs/promises'
+import path from 'node:path'
+import { REDOFS_BIN } from './helpers/env'
+import { createDisk, e2e, requireFuse, sh, shOk } from './helpers/mount'
+import { describe, run, sha256File, snapshotTree } from './helpers/qemu'
+import { storeChain } from './helpers/store'
+import { cidText, layerInfo, patchDescriptor, setField } from './helpers/vmdk'
+
+const ok = requireFuse(test)
+const env = e2e(test)
+
+const M = 1024 * 1024
+
+interface VmStatus { name: string, errors: Array<{ file: string, message: string }>, disks: Array<{ disk: string, writable: boolean }> }
+const vmsOf = async (mnt: string): Promise<VmStatus[]> => (JSON.parse(await readFile(path.join(mnt, '.ctl', 'status'), 'utf8')) as { vms: VmStatus[] }).vms
+const vm = (vms: VmStatus[], name: string): VmStatus => vms.find(v => v.name === name) ?? { name, errors: [], disks: [] }
+
+if (ok) {
+  test.serial('a descriptor naming another disk\'s flat file, or a sparse VMDK as FLAT data: no disk using the file is served, nothing is written', async t => {
+    const dir = await env.tmp()
+    // vm1/disk: monolithicFlat base with data + a redo log; vm2/x.vmdk names vm1's flat file as
+    // its own extent; vm3/y.vmdk names vm4's sparse base as a FLAT extent; vm5 is unrelated
+    const c = await storeChain(dir, 16 * M, [{ format: 'monolithicFlat', writes: [{ pattern: 0x11, offset: 0, length: M }] }, {}], 'vm1')
+    const store = c.store
+    await createDisk(store, 'vm2', 'unused', '1M') // makes the directory
+    await writeFile(path.join(store, 'vm2', 'x.vmdk'), '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\nRW 32768 FLAT "../vm1/disk-flat.vmdk" 0\n')
+    await storeChain(dir, 16 * M, [{ writes: [{ pattern: 0x44, offset: 0, length: M }] }], 'vm4')
+    await createDisk(store, 'vm3', 'unused', '1M')
+    await writeFile(path.join(store, 'vm3', 'y.vmdk'), '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\nRW 32768 FLAT "../vm4/disk.vmdk" 0\n')
+    await storeChain(dir, 16 * M, [{ writes: [{ pattern: 0x55, offset: 0, length: M }] }], 'vm5')
+    const before = await snapshotTree(store)
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'vm1').disks, [], 'vm1/disk served although vm2/x.vmdk uses its flat file')
+    t.false(vm(vms, 'vm2').disks.some(d => d.disk === 'x'), 'vm2/x served')
+    t.regex(vm(vms, 'vm1').errors.map(e => e.message).join('\n'), /disk-flat\.vmdk: used by .*vm1\/disk\.vmdk and by .*vm2\/x\.vmdk/)
+    t.regex(vm(vms, 'vm2').errors.map(e => e.message).join('\n'), /disk-flat\.vmdk: used by/)
+    t.regex(vm(vms, 'vm3').errors.map(e => e.message).join('\n'), /y\.vmdk: its FLAT extent .*vm4\/disk\.vmdk is a sparse VMDK file, not raw data/)
+    t.deepEqual(vm(vms, 'vm4').disks.map(d => d.disk), ['disk'])
+    t.deepEqual(vm(vms, 'vm5').disks.map(d => d.disk), ['disk'])
+    t.is((await shOk('head -c 4 "$1" | od -An -tx1', [s.img('vm5', 'disk')])).stdout.trim(), '55 55 55 55')
+    await s.stopClean(t)
+    t.deepEqual(await snapshotTree(store), before, 'a file of the store changed')
+    // the same descriptors through the command line: refused, naming the file
+    const y = await run(process.execPath, [REDOFS_BIN, 'info', path.join(store, 'vm3', 'y.vmdk')])
+    t.is(y.code, 1, describe(y))
+    t.regex(y.stderr, /is a sparse VMDK file, not raw data/)
+    // an offline commit into x.vmdk would write vm1's flat file: refused, naming both
+    const a = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm2', 'x')])
+    t.is(a.code, 0, describe(a))
+    const q = await run('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x66 0 64k', path.join(store, 'vm2', 'x-000001.vmdk')])
+    t.is(q.code, 0, describe(q))
+    const vm1 = Object.fromEntries(Object.entries(await snapshotTree(store)).filter(([f]) => f.startsWith('vm1/')))
+    const cm = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vm2', 'x'), 'level=0'])
+    t.is(cm.code, 1, describe(cm))
+    t.regex(cm.stderr, /x\.vmdk: its file .*disk-flat\.vmdk is also used by .*vm1\/disk\.vmdk; committing into it would change that disk too/)
+    t.deepEqual(Object.fromEntries(Object.entries(await snapshotTree(store)).filter(([f]) => f.startsWith('vm1/'))), vm1, 'vm1 changed')
+  })
+
+  test.serial('an extent listed twice in one descriptor is refused, naming it: the disk is left out, nothing is written', async t => {
+    const dir = await env.tmp()
+    const c = await storeChain(dir, 16 * M, [{ format: 'twoGbMaxExtentSparse', writes: [{ pattern: 0x21, offset: 0, length: 64 * 1024 }] }], 'vm1')
+    const desc = await readFile(c.files[0], 'utf8')
+    const line = desc.split('\n').find(l => /^RW \d+ SPARSE /.test(l)) as string
+    await writeFile(c.files[0], desc.replace(line, `${line}\n${line}`))
+    const before = await snapshotTree(c.store)
+    const r = await run(process.execPath, [REDOFS_BIN, 'check', c.files[0]])
+    t.is(r.code, 1, describe(r))
+    t.regex(r.stdout + r.stderr, /disk\.vmdk: extent file .*disk-s001\.vmdk is listed twice/)
+    await createDisk(c.store, 'vm2', 'other', '4M')
+    const s = await env.mount(c.store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'vm1').disks, [])
+    t.regex(vm(vms, 'vm1').errors.map(e => e.message).join('\n'), /listed twice/)
+    t.deepEqual(vm(vms, 'vm2').disks.map(d => d.disk), ['other'])
+    await s.stopClean(t)
+    const after = await snapshotTree(c.store)
+    delete after['vm2/other.vmdk']
+    t.deepEqual(after, before)
+  })
+
+  test.serial('FIFOs named like a disk, an extent, a .vmx or a journal: the mount comes up and serves the other disks', async t => {
+    const dir = await env.tmp()
+    const c = await storeChain(dir, 16 * M, [{ writes: [{ pattern: 0x31, offset: 0, length: M }] }, {}], 'good')
+    const store = c.store
+    await shOk(`mkdir -p "$1/fifodisk" "$1/fifoext" "$1/fifovmx" "$1/fifojournal"
+      mkfifo "$1/fifodisk/d.vmdk"
+      printf '# Disk DescriptorFile\\nversion=1\\nCID=fffffffe\\nparentCID=ffffffff\\ncreateType="monolithicFlat"\\n\\nRW 2048 FLAT "d-flat.vmdk" 0\\n' > "$1/fifoext/d.vmdk"
+      mkfifo "$1/fifoext/d-flat.vmdk"
+      mkfifo "$1/fifovmx/fifovmx.vmx"`, [store])
+    await createDisk(store, 'fifojournal', 'j', '4M')
+    await shOk('mkfifo "$1"', [path.join(store, 'fifojournal', 'j.vmdk.redofs-commit')])
+    const s = await env.mount(store, path.join(dir, 'mnt'), [], {})
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'good').disks.map(d => d.disk), ['disk'])
+    t.regex(vm(vms, 'fifodisk').errors.map(e => `${e.file}: ${e.message}`).join('\n'), /d\.vmdk/)
+    t.regex(vm(vms, 'fifoext').errors.map(e => e.message).join('\n'), /d-flat\.vmdk is not a regular file/)
+    t.regex(vm(vms, 'fifovmx').errors.map(e => e.message).join('\n'), /fifovmx\.vmx: not a regular file/)
+    t.deepEqual(vm(vms, 'fifojournal').disks, [])
+    t.regex(vm(vms, 'fifojournal').errors.map(e => e.message).join('\n'), /j\.vmdk\.redofs-commit: not a regular file/)
+    await s.stopClean(t)
+    // the command line does not wait on them either
+    const i = await run(process.execPath, [REDOFS_BIN, 'info', path.join(store, 'fifoext', 'd.vmdk')], { timeoutMs: 20_000 })
+    t.is(i.code, 1, describe(i))
+  })
+
+  test.serial('a parent loop among redo logs keeps the disk out, also without a .vmx (its base is not served alone); commands given the disk name refuse it', async t => {
+    const dir = await env.tmp()
+    const c = await storeChain(dir, 16 * M, [
+      { writes: [{ pattern: 0x41, offset: 0, length: M }] },
+      { writes: [{ pattern: 0x42, offset: M, length: M }] },
+      { writes: [{ pattern: 0x43, offset: 2 * M, length: M }] }
+    ], 'loop')
+    // disk-000001 and disk-000002 name each other
+    const c2cid = (await layerInfo(c.files[2])).cid
+    await patchDescriptor(c.files[1], x => setField(setField(x, 'parentFileNameHint', 'disk-000002.vmdk', true), 'parentCID', cidText(c2cid), false))
+    // and in another VM, a redo log naming itself
+    const self = await storeChain(dir, 16 * M, [{}, { writes: [{ pattern: 0x51, offset: 0, length: 4096 }] }], 'self')
+    await patchDescriptor(self.files[1], x => setField(x, 'parentFileNameHint', 'disk-000001.vmdk', true))
+    await storeChain(dir, 16 * M, [{ writes: [{ pattern: 0x61, offset: 0, length: M }] }], 'fine')
+    const before = await snapshotTree(c.store)
+    const s = await env.mount(c.store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'loop').disks, [], 'the loop\'s base was served as the disk')
+    t.regex(vm(vms, 'loop').errors.map(e => e.message).join('\n'), /parent loop: disk-00000[12]\.vmdk -> disk-00000[12]\.vmdk -> disk-00000[12]\.vmdk/)
+    t.deepEqual(vm(vms, 'self').disks, [])
+    t.regex(vm(vms, 'self').errors.map(e => e.message).join('\n'), /disk-000001\.vmdk: parent loop: disk-000001\.vmdk -> disk-000001\.vmdk/)
+    t.deepEqual(vm(vms, 'fine').disks.map(d => d.disk), ['disk'])
+    await s.stopClean(t)
+    const a = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(c.store, 'loop', 'disk')])
+    t.is(a.code, 1, describe(a))
+    t.regex(a.stderr, /parent loop/)
+    t.deepEqual(await snapshotTree(c.store), before, 'a file of the store changed')
+  })
+
+  test.serial('a flat base shorter than its descriptor says is served read-only: writes fail, the file does not grow; a whole one shows its new blocks after writes', async t => {
+    const dir = await env.tmp()
+    const short = await storeChain(dir, 16 * M, [{ format: 'monolithicFlat', writes: [{ pattern: 0x71, offset: 0, length: M }] }], 'short')
+    await shOk('truncate -s 1M "$1"', [path.join(short.vmDir, 'disk-flat.vmdk')])
+    await createDisk(short.store, 'whole', 'disk', '64M', 'flat')
+    const flat = path.join(short.store, 'whole', 'disk-flat.vmdk')
+    const sum = await sha256File(path.join(short.vmDir, 'disk-flat.vmdk'))
+    const s = await env.mount(short.store, path.join(dir, 'mnt'))
+    const st = await s.status('short', 'disk') as unknown as { writable: boolean }
+    t.false(st.writable)
+    const w = await sh('printf abcd | dd of="$1" bs=1 seek=2097152 conv=notrunc status=none', [s.img('short', 'disk')])
+    t.not(w.code, 0, 'a write past the end of the short flat file succeeded')
+    t.is(await sha256File(path.join(short.vmDir, 'disk-flat.vmdk')), sum)
+    // du follows writes into a whole flat base
+    const blocks = async (): Promise<number> => Number((await shOk('stat -c %b "$1"', [s.img('whole', 'disk')])).stdout.trim())
+    const b0 = await blocks()
+    await shOk('dd if=/dev/urandom of="$1" bs=1M count=8 conv=notrunc,fsync status=none', [s.img('whole', 'disk')])
+    let b1 = b0
+    for (let i = 0; i < 50 && b1 < b0 + 8 * 2048; i++) { await new Promise(resolve => setTimeout(resolve, 200)); b1 = await blocks() }
+    t.true(b1 >= b0 + 8 * 2048, `st_blocks ${b0} -> ${b1} after 8 MiB written into holes of ${flat}`)
+    await s.stopClean(t)
+  })
+}
