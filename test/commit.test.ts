@@ -330,6 +330,24 @@ test('a mount\'s scan answers the top\'s children from its index; an open that f
   await b.close()
 })
 
+test('a commit that fails before it copies anything keeps the parent\'s label; one killed after its journal ends with the child\'s label on the parent', async t => {
+  // a redo log of one chunk under the top: its copy fails before it writes (see above)
+  const c = await storeChain(await tmp(), 16 * M, [{ writes: FOUR_LEVELS[0] }, { writes: [{ pattern: 0x55, offset: 0, length: 4096 }] }, {}])
+  for (const [g, name] of [[0, 'L0'], [1, 'L1']] as const) await redofsOk(['label', c.disk, `gen=${g}`, `name=${name}`])
+  const labels = async (): Promise<Array<string | null>> => (await infoJson(c.disk)).layers.map(x => x.label)
+  t.deepEqual(await labels(), ['L0', 'L1', null])
+  const r = await failingCommit(t, c.disk, 1, 1)
+  t.regex(r.stderr, /nothing was copied, every generation is unchanged/)
+  t.deepEqual(await labels(), ['L0', 'L1', null])
+  // killed right after its journal: the next writable open finishes it, and generation 0 (now
+  // the old generation 1) carries L1
+  const k = await run(process.execPath, [REDOFS_BIN, 'commit', c.disk, 'level=1'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.journal' } })
+  t.not(k.code, 0, describe(k))
+  const f = await redofs(['label', c.disk, 'gen=0', 'name=L1'])
+  t.regex(f.stderr, /finished the interrupted commit of .*disk-000001\.vmdk/, describe(f))
+  t.deepEqual(await labels(), ['L1', null])
+})
+
 test('commit into a parent that another chain shares is refused without force=1 and changes nothing', async t => {
   const root = await tmp()
   const c = await storeChain(root, 16 * M, [{ writes: FOUR_LEVELS[0] }, { writes: FOUR_LEVELS[1] }])

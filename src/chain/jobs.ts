@@ -170,7 +170,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
   await child.flush()
   // the parent's content record and label go first (durably): from here on they describe
   // nothing (its content changes), and a roll-forward must not mistake the record for the
-  // child's moved onto the parent
+  // child's moved onto the parent. A commit undone before it wrote anything puts the label back.
   if (await dropDigest(parent.path)) await syncDir(dirname(parent.path))
   const droppedLabel = labelOf(parent)
   if (droppedLabel !== undefined) await setMeta(parent, { label: null })
@@ -196,7 +196,7 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
    */
   const undo = async (): Promise<boolean> => {
     if (copy.wrote && !parent.hasCids) { unfinished(); chain.invalidate(); return false }
-    const undone = await abandonCommit(child, parent, copy.wrote).then(() => true, e => { log.chain('%s: undoing the commit failed: %s', child.path, (e as Error).message); return false })
+    const undone = await abandonCommit(child, parent, copy.wrote, droppedLabel).then(() => true, e => { log.chain('%s: undoing the commit failed: %s', child.path, (e as Error).message); return false })
     if (!undone) unfinished()
     else if (chain.unfinished?.child === child.path) chain.unfinished = undefined // the journal is gone
     chain.invalidate()
@@ -258,12 +258,12 @@ export async function commit (chain: Chain, level: number, opts: { force?: boole
  * Stop a commit whose copy did not finish: the parent holds part of the child's grains, all
  * still masked by the child, so every generation from the child up reads as before. The parent
  * got a new CID: re-link the child, drop what described the parent's old content, and remove
- * the journal.
+ * the journal. A parent that got nothing keeps its generation, and gets its `label` back.
  */
-async function abandonCommit (child: Layer, parent: Layer, wrote: boolean): Promise<void> {
+async function abandonCommit (child: Layer, parent: Layer, wrote: boolean, label: string | undefined): Promise<void> {
   if (child.hasCids) await child.setParent(child.parentHint as string, parent.cid)
   // the mark goes first: once the journal is gone, only it says the parent's generation is mixed
-  if (parent.hasCids) await setMeta(parent, { label: null, partOf: wrote ? relative(dirname(resolve(parent.path)), resolve(child.path)) : undefined })
+  if (parent.hasCids) await setMeta(parent, { label: wrote ? null : label ?? null, partOf: wrote ? relative(dirname(resolve(parent.path)), resolve(child.path)) : undefined })
   await dropDigest(parent.path)
   await removeJournal(parent.path)
 }
