@@ -280,6 +280,33 @@ if (ok) {
     await server.stopClean(t)
   })
 
+  test.serial('redofs umount returns once the server is gone, also when its caller started the server and has not reaped it yet', async t => {
+    const { dir, store } = await storeWithRedo(env.tmp, '8M')
+    const mnt = path.join(dir, 'mnt')
+    await mkdir(mnt)
+    // a script that starts the mount, then runs umount synchronously: the exited server stays a
+    // zombie until the script gets back to its event loop
+    const script = `
+      const { spawn, execFileSync } = require('child_process')
+      const [bin, store, mnt] = process.argv.slice(1)
+      const p = spawn(process.execPath, [bin, 'mount', store, mnt], { stdio: ['ignore', 'pipe', 'inherit'] })
+      let out = ''
+      p.stdout.on('data', d => {
+        out += d
+        if (!/mounted /.test(out)) return
+        p.stdout.removeAllListeners('data')
+        const t0 = Date.now()
+        try {
+          execFileSync(process.execPath, [bin, 'umount', '--timeout', '20', mnt], { stdio: 'inherit' })
+          console.log('umount ok after ' + (Date.now() - t0) + ' ms')
+        } catch (e) { console.log('umount failed: ' + e.message); process.exitCode = 1 }
+      })`
+    const r = await run(process.execPath, ['-e', script, REDOFS_BIN, store, mnt], { timeoutMs: 60_000 })
+    t.is(r.code, 0, describe(r))
+    t.regex(r.stdout, /umount ok/)
+    t.false(isMounted(mnt))
+  })
+
   test.serial('redofs umount ends the server that mounted, and never signals a process that took the pid of a killed one', async t => {
     const { dir, store } = await storeWithRedo(env.tmp, '8M')
     const mnt = path.join(dir, 'mnt')

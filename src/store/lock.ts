@@ -5,6 +5,7 @@
  * is replaced; takers of one host take turns through an abstract socket (claimHost), so only
  * one of them can replace it.
  */
+import { readFileSync } from 'node:fs'
 import { link, open, readdir, readFile, rename, stat, unlink } from 'node:fs/promises'
 import { createServer, type Server } from 'node:net'
 import { hostname } from 'node:os'
@@ -23,14 +24,24 @@ export interface LockInfo {
 
 export const lockPath = (root: string): string => join(root, '.redofs.lock')
 
-/** A process with this pid exists (perhaps another user's). */
+/**
+ * A process with this pid runs (perhaps another user's). A zombie does not: it has exited and
+ * waits for its parent to reap it, which may be the very caller waiting for it to go (a script
+ * that started `redofs mount` and runs `redofs umount`).
+ */
 export function alive (pid: number): boolean {
   if (!Number.isSafeInteger(pid) || pid <= 0) return false
   try {
     process.kill(pid, 0)
-    return true
   } catch (e) {
     return (e as NodeJS.ErrnoException).code === 'EPERM'
+  }
+  try {
+    // /proc/<pid>/stat: "pid (comm) S ...", comm may hold spaces and parentheses
+    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1')
+    return !/^[ZX]/.test(stat.slice(stat.lastIndexOf(')') + 2))
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code !== 'ENOENT' // gone meanwhile
   }
 }
 
