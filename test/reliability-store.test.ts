@@ -230,6 +230,9 @@ if (ok) {
     const over = await sh('dd if=/dev/urandom of="$1" bs=1M seek=8 count=4 conv=notrunc,fsync', [img])
     t.not(over.code, 0, 'writes past --redo-limit-hard succeeded')
     t.regex(over.stderr, /No space left/)
+    // the refusal is only an errno to the writer: status says why
+    const hs = JSON.parse(await readFile(hard.ctl('vm', 'disk', 'status'), 'utf8')) as { warnings: string[] }
+    t.true(hs.warnings.some(w => /reached --redo-limit 3145728 \(hard\): writes that need new grains fail with ENOSPC/.test(w)), JSON.stringify(hs.warnings))
     // rewriting what the redo log already holds is not growth
     const rewrite = await sh('dd if=/dev/zero of="$1" bs=1M count=1 conv=notrunc,fsync status=none', [img])
     t.is(rewrite.code, 0, describe(rewrite))

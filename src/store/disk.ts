@@ -53,6 +53,8 @@ export class Disk {
   job: JobState | null = null
   lastJob: JobState | null = null
   lastError = ''
+  /** The top a write was refused for at the hard --redo-limit (status warns while it is the top). */
+  private limitHit: string | undefined
   /** Things a command did that the user should know (a label dropped by a commit...). */
   notices: string[] = []
   poweroff: PowerOff = 'keep'
@@ -204,6 +206,7 @@ export class Disk {
     await this.gate.run(true, async () => {
       if (this.opts.redoLimit !== undefined && this.opts.redoLimitHard && this.chain.redoCount > 0 &&
           this.chain.top.allocatedBytes() + len > this.opts.redoLimit && !this.coveredByTop(pos, len)) {
+        this.limitHit = this.chain.top.path // for status: the refusal itself is only an errno
         throw new RedoError('ENOSPC', `${this.vm}/${this.name}: redo log ${basename(this.chain.top.path)} reached --redo-limit`)
       }
       await this.chain.write(buf, off, pos, len)
@@ -596,6 +599,8 @@ export class Disk {
     const warnings: string[] = []
     if (this.opts.redoLimit !== undefined && c.redoCount > 0 && c.top.allocatedBytes() > this.opts.redoLimit) {
       warnings.push(`redo log ${basename(c.top.path)} holds ${c.top.allocatedBytes()} bytes, past --redo-limit ${this.opts.redoLimit}`)
+    } else if (this.limitHit === c.top.path && c.redoCount > 0) {
+      warnings.push(`redo log ${basename(c.top.path)} holds ${c.top.allocatedBytes()} bytes and reached --redo-limit ${this.opts.redoLimit as number} (hard): writes that need new grains fail with ENOSPC; addredo, commit or discard to go on`)
     }
     return {
       vm: this.vm,
