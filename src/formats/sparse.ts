@@ -231,6 +231,8 @@ export class SparseExtent implements Extent {
   private dataDirty = false
   private readonly planned = new PlannedWrites()
   private allocated = 0
+  /** Entries of 1 (zeroed grain) in a file without the zeroed-grain flag: read as zeros, listed by check. */
+  private strayZeroEntries = 0
   private readonly mutex = new Mutex()
   private readonly flushMutex = new Mutex()
   /** Direct-I/O writer for new grains: undefined until the first allocation, null if refused. */
@@ -389,7 +391,7 @@ export class SparseExtent implements Extent {
           if (e === 0) continue
           const grain = gdi * this.header.numGTEsPerGT + t
           if (grain * gb >= this.size) { gt[t] = 0; continue } // entries past the capacity mean nothing
-          if (e === 1) { if (!zeroGteAllowed) log.formats('%s: GTE 1 without the zeroed-grain flag, read as zeros', this.path); continue }
+          if (e === 1) { if (!zeroGteAllowed) this.strayZeroEntries++; continue }
           const need = this.kind === 'stream' ? 1 : ceilDiv(Math.min(gb, this.size - grain * gb), SECTOR)
           const pastEnd = e === BAD || e + need > limitGte
           if (pastEnd || (metaEnd !== Infinity && e < h.overHead)) {
@@ -991,6 +993,10 @@ export class SparseExtent implements Extent {
       }
     }
     if (h.uncleanShutdown !== 0 && !this.writable) problems.push(`${this.path}: uncleanShutdown is set (the file was not closed cleanly)`)
+    if (this.strayZeroEntries > 0) {
+      // sector 1 is the header's: VMDK.md says zeros; qemu would read the descriptor's bytes there
+      problems.push(`${this.path}: ${this.strayZeroEntries} grain table entr${this.strayZeroEntries === 1 ? 'y is' : 'ies are'} 1 (a zeroed grain) but the zeroed-grain flag is not set; read as zeros`)
+    }
     if (this.pendingDescriptor !== undefined) {
       problems.push(`${this.path}: a rewrite of the embedded descriptor was interrupted; ${basename(descriptorIntentPath(this.path))} holds the new one and the next writable open finishes it`)
     }

@@ -285,5 +285,15 @@ export const checkOnlyCases: DamageCase[] = [
       const keyword = /redundant|backup|RGD|RGT|secondary|differ|mismatch|inconsisten/i
       return { top: child, root, error: { mustName: ['disk-000001.vmdk'], keyword }, checkProblem: { mustNameOneOf: ['disk-000001.vmdk'], keyword } }
     }
+  },
+  {
+    title: 'grain table entry of 1 (a zeroed grain) in a file without the zeroed-grain flag',
+    infoRefuses: false,
+    build: async root => {
+      const { child } = await twoLevels(root)
+      for (const redundant of [false, true]) await writeU32(child, await gtePosition(child, 64, redundant), 1)
+      const keyword = /1 grain table entry is 1 \(a zeroed grain\) but the zeroed-grain flag is not set; read as zeros/
+      return { top: child, root, error: { mustName: ['disk-000001.vmdk'], keyword }, checkProblem: { mustNameOneOf: ['disk-000001.vmdk'], keyword } }
+    }
   }
 ]
