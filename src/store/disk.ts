@@ -158,7 +158,7 @@ export class Disk {
   private refuseIfOpen (gens: Generation[], what: string): void {
     for (const gen of gens) {
       if ((this.opens.get(gen) ?? 0) > 0) {
-        throw new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is open; ${what} would remove it`)
+        throw new RedoError('EBUSY', `${this.vm}/${this.name}: generation ${this.indexOf(gen)} is open; ${what} would take its file ${this.name}@${this.indexOf(gen)}.img away`)
       }
     }
   }
