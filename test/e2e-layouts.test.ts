@@ -8,7 +8,7 @@ import test from 'ava'
 import { readFile, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { REDOFS_BIN } from './helpers/env'
-import { createDisk, e2e, requireFuse, sh, shOk } from './helpers/mount'
+import { createDisk, e2e, requireFuse, sh, shOk, writeVmx } from './helpers/mount'
 import { describe, run, sha256File, snapshotTree } from './helpers/qemu'
 import { storeChain } from './helpers/store'
 import { cidText, layerInfo, patchDescriptor, setField } from './helpers/vmdk'
@@ -97,6 +97,11 @@ if (ok) {
       mkfifo "$1/fifovmx/fifovmx.vmx"`, [store])
     await createDisk(store, 'fifojournal', 'j', '4M')
     await shOk('mkfifo "$1"', [path.join(store, 'fifojournal', 'j.vmdk.redofs-commit')])
+    // a .vmx the mount rewrites (it names the base of a disk with a redo log), with a FIFO where
+    // the rewrite puts its temporary file
+    await storeChain(dir, 16 * M, [{}, {}], 'fifotmp')
+    await writeVmx(path.join(store, 'fifotmp', 'fifotmp.vmx'), [{ fileName: 'disk.vmdk' }])
+    await shOk('mkfifo "$1"', [path.join(store, 'fifotmp', 'fifotmp.vmx.redofs-tmp')])
     const s = await env.mount(store, path.join(dir, 'mnt'), [], {})
     const vms = await vmsOf(s.mnt)
     t.deepEqual(vm(vms, 'good').disks.map(d => d.disk), ['disk'])
@@ -105,6 +110,8 @@ if (ok) {
     t.regex(vm(vms, 'fifovmx').errors.map(e => e.message).join('\n'), /fifovmx\.vmx: not a regular file/)
     t.deepEqual(vm(vms, 'fifojournal').disks, [])
     t.regex(vm(vms, 'fifojournal').errors.map(e => e.message).join('\n'), /j\.vmdk\.redofs-commit: not a regular file/)
+    t.deepEqual(vm(vms, 'fifotmp').disks.map(d => d.disk), ['disk'])
+    t.regex(await readFile(path.join(store, 'fifotmp', 'fifotmp.vmx'), 'utf8'), /fileName = "disk-000001\.vmdk"/)
     await s.stopClean(t)
     // the command line does not wait on them either
     const i = await run(process.execPath, [REDOFS_BIN, 'info', path.join(store, 'fifoext', 'd.vmdk')], { timeoutMs: 20_000 })

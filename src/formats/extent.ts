@@ -255,7 +255,9 @@ export async function writeExactv (fh: FileHandle, bufs: Buffer[], pos: number):
 /** Write a small file so that a crash leaves either the old or the new content. */
 export async function writeFileDurable (path: string, text: string | Buffer): Promise<void> {
   const tmp = `${path}.redofs-tmp`
-  const fh = await open(tmp, 'w')
+  // a fresh file: whatever has the name (a leftover, a FIFO, a symlink to elsewhere) goes first
+  await unlink(tmp).catch(() => {})
+  const fh = await open(tmp, 'wx')
   try {
     try {
       await fh.writeFile(text)
