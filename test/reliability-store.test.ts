@@ -239,6 +239,12 @@ if (ok) {
     const tail = await sh('dd if="$1" bs=1M skip=1 count=1 status=none | sha256sum', [img])
     t.is(tail.stdout.split(' ')[0], (await sh('dd if="$1" bs=1M skip=1 count=1 status=none | sha256sum', [img])).stdout.split(' ')[0])
     t.not(before.stdout, '')
+    // a new redo log (under the same name, after a discard) has room again: no warning
+    await hard.commandOk('vm', 'disk', 'discard')
+    await hard.commandOk('vm', 'disk', 'addredo')
+    const fresh = JSON.parse(await readFile(hard.ctl('vm', 'disk', 'status'), 'utf8')) as { warnings: string[], top: string }
+    t.is(fresh.top, 'disk-000001.vmdk')
+    t.deepEqual(fresh.warnings, [])
     await hard.stopClean(t)
     const c = await run(process.execPath, [REDOFS_BIN, 'check', path.join(store, 'vm', 'disk')])
     t.is(c.code, 0, describe(c))

@@ -11,7 +11,7 @@ import { frozenAtOf, generationLabel, labelGeneration, resolveGeneration } from 
 import { RedoError, toRedoError } from '../errors'
 import { cidHex } from '../formats/descriptor'
 import type { ReadPlan } from '../formats/extent'
-import { reapDropped } from '../formats/layer'
+import { reapDropped, type Layer } from '../formats/layer'
 import { log } from '../log'
 import { parseArgs, type ArgValue } from './args'
 import { IoGate } from './gate'
@@ -54,7 +54,7 @@ export class Disk {
   lastJob: JobState | null = null
   lastError = ''
   /** The top a write was refused for at the hard --redo-limit (status warns while it is the top). */
-  private limitHit: string | undefined
+  private limitHit: Layer | undefined
   /** Things a command did that the user should know (a label dropped by a commit...). */
   notices: string[] = []
   poweroff: PowerOff = 'keep'
@@ -206,7 +206,7 @@ export class Disk {
     await this.gate.run(true, async () => {
       if (this.opts.redoLimit !== undefined && this.opts.redoLimitHard && this.chain.redoCount > 0 &&
           this.chain.top.allocatedBytes() + len > this.opts.redoLimit && !this.coveredByTop(pos, len)) {
-        this.limitHit = this.chain.top.path // for status: the refusal itself is only an errno
+        this.limitHit = this.chain.top // for status: the refusal itself is only an errno
         throw new RedoError('ENOSPC', `${this.vm}/${this.name}: redo log ${basename(this.chain.top.path)} reached --redo-limit`)
       }
       await this.chain.write(buf, off, pos, len)
@@ -599,7 +599,7 @@ export class Disk {
     const warnings: string[] = []
     if (this.opts.redoLimit !== undefined && c.redoCount > 0 && c.top.allocatedBytes() > this.opts.redoLimit) {
       warnings.push(`redo log ${basename(c.top.path)} holds ${c.top.allocatedBytes()} bytes, past --redo-limit ${this.opts.redoLimit}`)
-    } else if (this.limitHit === c.top.path && c.redoCount > 0) {
+    } else if (this.limitHit === c.top && c.redoCount > 0) {
       warnings.push(`redo log ${basename(c.top.path)} holds ${c.top.allocatedBytes()} bytes and reached --redo-limit ${this.opts.redoLimit as number} (hard): writes that need new grains fail with ENOSPC; addredo, commit or discard to go on`)
     }
     return {
