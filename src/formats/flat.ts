@@ -23,11 +23,12 @@ export class FlatExtent implements Extent {
     private readonly base: number,
     readonly writable: boolean,
     private fileSize: number,
-    private blocks: number
+    private blocks: number,
+    device: boolean
   ) {
     this.durable = new DataSync(fh, path, this.problems)
     this.grainBytes = size
-    if (fileSize < base + size) {
+    if (fileSize < base + size && !device) {
       this.problems.push(`${path}: flat extent is ${fileSize} bytes, shorter than the ${base + size} its descriptor line says (truncated?); served read-only`)
     }
   }
@@ -38,8 +39,9 @@ export class FlatExtent implements Extent {
       const st = await fh.stat()
       noteOpened(path, st)
       // a short file is damaged: writes past its end would grow it and hide what is missing
-      const whole = st.size >= (offsetSectors + sectors) * SECTOR || st.isBlockDevice()
-      return new FlatExtent(path, fh, sectors * SECTOR, offsetSectors * SECTOR, writable && whole, st.size, st.blocks * 512)
+      const device = st.isBlockDevice() // (its size is not in st_size)
+      const whole = st.size >= (offsetSectors + sectors) * SECTOR || device
+      return new FlatExtent(path, fh, sectors * SECTOR, offsetSectors * SECTOR, writable && whole, st.size, st.blocks * 512, device)
     } catch (e) {
       await fh.close()
       throw e
