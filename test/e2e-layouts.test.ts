@@ -23,10 +23,10 @@ const vmsOf = async (mnt: string): Promise<VmStatus[]> => (JSON.parse(await read
 const vm = (vms: VmStatus[], name: string): VmStatus => vms.find(v => v.name === name) ?? { name, errors: [], disks: [] }
 
 if (ok) {
-  test.serial('a descriptor naming another disk\'s flat file, or a sparse VMDK as FLAT data: no disk using the file is served, nothing is written', async t => {
+  test.serial('a live file another descriptor uses too (another disk\'s flat file, a sparse file as FLAT data) is served by no disk; frozen, it is never written', async t => {
     const dir = await env.tmp()
     // vm1/disk: monolithicFlat base with data + a redo log; vm2/x.vmdk names vm1's flat file as
-    // its own extent; vm3/y.vmdk names vm4's sparse base as a FLAT extent; vm5 is unrelated
+    // its own extent; vm3/y.vmdk names vm4's sparse base (vm4's live file) as a FLAT extent
     const c = await storeChain(dir, 16 * M, [{ format: 'monolithicFlat', writes: [{ pattern: 0x11, offset: 0, length: M }] }, {}], 'vm1')
     const store = c.store
     await createDisk(store, 'vm2', 'unused', '1M') // makes the directory
@@ -34,25 +34,22 @@ if (ok) {
     await storeChain(dir, 16 * M, [{ writes: [{ pattern: 0x44, offset: 0, length: M }] }], 'vm4')
     await createDisk(store, 'vm3', 'unused', '1M')
     await writeFile(path.join(store, 'vm3', 'y.vmdk'), '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\nRW 32768 FLAT "../vm4/disk.vmdk" 0\n')
-    await storeChain(dir, 16 * M, [{ writes: [{ pattern: 0x55, offset: 0, length: M }] }], 'vm5')
     const before = await snapshotTree(store)
     const s = await env.mount(store, path.join(dir, 'mnt'))
     const vms = await vmsOf(s.mnt)
-    t.deepEqual(vm(vms, 'vm1').disks, [], 'vm1/disk served although vm2/x.vmdk uses its flat file')
-    t.false(vm(vms, 'vm2').disks.some(d => d.disk === 'x'), 'vm2/x served')
-    t.regex(vm(vms, 'vm1').errors.map(e => e.message).join('\n'), /disk-flat\.vmdk: used by .*vm1\/disk\.vmdk and by .*vm2\/x\.vmdk/)
-    t.regex(vm(vms, 'vm2').errors.map(e => e.message).join('\n'), /disk-flat\.vmdk: used by/)
-    t.regex(vm(vms, 'vm3').errors.map(e => e.message).join('\n'), /y\.vmdk: its FLAT extent .*vm4\/disk\.vmdk is a sparse VMDK file, not raw data/)
-    t.deepEqual(vm(vms, 'vm4').disks.map(d => d.disk), ['disk'])
-    t.deepEqual(vm(vms, 'vm5').disks.map(d => d.disk), ['disk'])
-    t.is((await shOk('head -c 4 "$1" | od -An -tx1', [s.img('vm5', 'disk')])).stdout.trim(), '55 55 55 55')
+    const errors = (name: string): string => vm(vms, name).errors.map(e => e.message).join('\n')
+    // vm1's flat file is frozen under its redo log: vm1 is served, x (whose live file it would be) is not
+    t.deepEqual(vm(vms, 'vm1').disks.map(d => d.disk), ['disk'])
+    t.deepEqual(vm(vms, 'vm2').disks.map(d => d.disk), ['unused'])
+    t.regex(errors('vm2'), /x\.vmdk: its file .*vm1\/disk-flat\.vmdk is also used by .*vm1\/disk\.vmdk; writing it would change that disk too, so disk "x" is left out \(redofs addredo puts a redo log above it\)/)
+    // vm4/disk.vmdk is both vm4's live file and y's data: neither is served
+    t.deepEqual(vm(vms, 'vm3').disks.map(d => d.disk), ['unused'])
+    t.deepEqual(vm(vms, 'vm4').disks, [])
+    t.regex(errors('vm4'), /vm4\/disk\.vmdk: its file .*vm4\/disk\.vmdk is also used by .*vm3\/y\.vmdk/)
+    t.is((await shOk('head -c 4 "$1" | od -An -tx1', [s.img('vm1', 'disk')])).stdout.trim(), '11 11 11 11')
     await s.stopClean(t)
     t.deepEqual(await snapshotTree(store), before, 'a file of the store changed')
-    // the same descriptors through the command line: refused, naming the file
-    const y = await run(process.execPath, [REDOFS_BIN, 'info', path.join(store, 'vm3', 'y.vmdk')])
-    t.is(y.code, 1, describe(y))
-    t.regex(y.stderr, /is a sparse VMDK file, not raw data/)
-    // an offline commit into x.vmdk would write vm1's flat file: refused, naming both
+    // offline: once a redo log is above x, neither a commit into x nor a discard down to it may write vm1's flat file
     const a = await run(process.execPath, [REDOFS_BIN, 'addredo', path.join(store, 'vm2', 'x')])
     t.is(a.code, 0, describe(a))
     const q = await run('qemu-io', ['-f', 'vmdk', '-c', 'write -P 0x66 0 64k', path.join(store, 'vm2', 'x-000001.vmdk')])
@@ -61,7 +58,61 @@ if (ok) {
     const cm = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vm2', 'x'), 'level=0'])
     t.is(cm.code, 1, describe(cm))
     t.regex(cm.stderr, /x\.vmdk: its file .*disk-flat\.vmdk is also used by .*vm1\/disk\.vmdk; committing into it would change that disk too/)
+    const dc = await run(process.execPath, [REDOFS_BIN, 'discard', path.join(store, 'vm2', 'x')])
+    t.is(dc.code, 1, describe(dc))
+    t.regex(dc.stderr, /x\.vmdk: its file .*disk-flat\.vmdk is also used by .*vm1\/disk\.vmdk; making it live would change that disk too/)
     t.deepEqual(Object.fromEntries(Object.entries(await snapshotTree(store)).filter(([f]) => f.startsWith('vm1/'))), vm1, 'vm1 changed')
+    // and mounted, x is served now, its writes landing in its redo log
+    const s2 = await env.mount(store, path.join(dir, 'mnt'))
+    t.deepEqual(vm(await vmsOf(s2.mnt), 'vm2').disks.map(d => d.disk).sort(), ['unused', 'x'])
+    await shOk('printf zz | dd of="$1" bs=1 seek=1000 conv=notrunc,fsync status=none', [s2.img('vm2', 'x')])
+    await s2.stopClean(t)
+    t.deepEqual(Object.fromEntries(Object.entries(await snapshotTree(store)).filter(([f]) => f.startsWith('vm1/'))), vm1, 'vm1 changed')
+  })
+
+  test.serial('one raw image imported into two VMs (hard links): both disks are served above their redo logs; without one they are not', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await shOk('mkdir -p "$1/vm1" "$1/vm2" && head -c 16777216 /dev/urandom > "$1/golden.img"', [store])
+    for (const v of ['vm1', 'vm2']) {
+      const r = await run(process.execPath, [REDOFS_BIN, 'import', path.join(store, 'golden.img'), path.join(store, v, 'disk')])
+      t.is(r.code, 0, describe(r))
+    }
+    let s = await env.mount(store, path.join(dir, 'mnt'))
+    let vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'vm1').disks, [])
+    t.regex(vm(vms, 'vm1').errors.map(e => e.message).join('\n'), /disk-flat\.vmdk is also used by .*vm2\/disk\.vmdk .*redofs addredo puts a redo log above it/)
+    await s.stopClean(t)
+    for (const v of ['vm1', 'vm2']) await shOk('"$1" "$2" addredo "$3"', [process.execPath, REDOFS_BIN, path.join(store, v, 'disk')])
+    const golden = await sha256File(path.join(store, 'golden.img'))
+    s = await env.mount(store, path.join(dir, 'mnt'))
+    vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'vm1').disks.map(d => d.disk), ['disk'])
+    t.deepEqual(vm(vms, 'vm2').disks.map(d => d.disk), ['disk'])
+    await shOk('head -c 65536 /dev/zero | dd of="$1" conv=notrunc,fsync status=none', [s.img('vm1', 'disk')])
+    const r = await s.command('vm1', 'disk', 'commit')
+    t.not(r.code, 0, 'a commit into the shared base succeeded')
+    t.regex(await s.errorText('vm1', 'disk'), /is also used by .*vm2\/disk\.vmdk; committing into it would change that disk too/)
+    await s.stopClean(t)
+    t.is(await sha256File(path.join(store, 'golden.img')), golden)
+  })
+
+  test.serial('a flat disk whose guest data starts like a VMDK file is still served; its -flat file is no disk', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'vm', 'disk', '16M', 'flat')
+    await shOk('qemu-img create -q -f vmdk "$1" 1M', [path.join(dir, 'inner.vmdk')])
+    let s = await env.mount(store, path.join(dir, 'mnt'))
+    await shOk('dd if="$1" of="$2" bs=64k conv=notrunc,fsync status=none', [path.join(dir, 'inner.vmdk'), s.img('vm', 'disk')])
+    await s.stopClean(t)
+    const flat = await sha256File(path.join(store, 'vm', 'disk-flat.vmdk'))
+    s = await env.mount(store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'vm').disks.map(d => d.disk), ['disk'])
+    t.deepEqual(vm(vms, 'vm').errors, [])
+    t.is((await shOk('head -c 4 "$1"', [s.img('vm', 'disk')])).stdout, 'KDMV')
+    await s.stopClean(t)
+    t.is(await sha256File(path.join(store, 'vm', 'disk-flat.vmdk')), flat)
   })
 
   test.serial('an extent listed twice in one descriptor is refused, naming it: the disk is left out, nothing is written', async t => {

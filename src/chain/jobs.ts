@@ -17,7 +17,7 @@ import { findLabel, labelOf, partOfOf, SESSION_KEY, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
-import { childrenAmong, childrenOfEach, otherUsers, parentCandidates, peekStore } from './peek'
+import { childrenAmong, otherUsers, parentCandidates, peekStore, type Peek } from './peek'
 
 export interface Progress {
   done: number
@@ -102,6 +102,16 @@ function commitSpace (runs: Run[], parent: Layer): number {
   return n
 }
 
+/**
+ * Refuse to write `layer` when another descriptor uses one of its files as its own (a second
+ * import of one raw image, a descriptor naming another disk's flat file): no force, that is no
+ * chain another disk is built on but the same bytes under two names.
+ */
+async function refuseOtherUsers (layer: Layer, peeks: Peek[], what: string): Promise<void> {
+  const alias = (await otherUsers(layer.path, [layer.path, ...layer.extents.flatMap(e => e.path ?? [])], peeks))[0]
+  if (alias !== undefined) throw new RedoError('EBUSY', `${layer.path}: its file ${alias.file} is also used by ${alias.user}; ${what}`, layer.path)
+}
+
 export interface CommitResult {
   /** Label of the generation the commit removed (its content is gone), if it had one. */
   droppedLabel?: string
@@ -129,11 +139,7 @@ export async function checkCommit (chain: Chain, level: number, opts: { force?: 
   }
   const peeks = await peekStore([parent.path, child.path], chain.opts.root)
   const [ofParent, ofChild] = await childrenAmong(peeks, [parent.path, child.path])
-  // a file of the parent that another descriptor uses as its own (no force: that is no chain)
-  const alias = (await otherUsers(parent.path, [parent.path, ...parent.extents.flatMap(e => e.path ?? [])], peeks))[0]
-  if (alias !== undefined) {
-    throw new RedoError('EBUSY', `${parent.path}: its file ${alias.file} is also used by ${alias.user}; committing into it would change that disk too`, parent.path)
-  }
+  await refuseOtherUsers(parent, peeks, 'committing into it would change that disk too')
   const others = ofParent.filter(p => resolve(p) !== resolve(child.path))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
@@ -488,7 +494,9 @@ export async function checkDiscard (chain: Chain, to?: number, opts: DiscardOpti
   if (flux !== undefined && opts.mixed !== true) throw new RedoError('EBUSY', `discard: ${flux.text}; discarding down to it would make that mix live (use force=1)`, flux.file)
   // the layer that becomes live will be written: it must not be another chain's parent
   const next = chain.layers[g + 1].path
-  const kids = await childrenOfEach(chain.layers.slice(g).map(l => l.path), chain.opts.root)
+  const peeks = await peekStore(chain.layers.slice(g).map(l => l.path), chain.opts.root)
+  const kids = await childrenAmong(peeks, chain.layers.slice(g).map(l => l.path))
+  await refuseOtherUsers(chain.layers[g], peeks, 'making it live would change that disk too')
   const others = kids[0].filter(p => resolve(p) !== resolve(next))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)

@@ -85,7 +85,11 @@ export async function peek (path: string): Promise<Peek | undefined> {
   }
 }
 
-/** Every descriptor-bearing .vmdk in `dirs`. */
+/**
+ * Every descriptor-bearing .vmdk in `dirs`. A file named like an extent (`-flat.vmdk`...) that
+ * a descriptor uses as its extent is not one, whatever it holds: a flat extent's bytes are the
+ * guest's, and may start like a monolithicSparse file.
+ */
 export async function peekDirs (dirs: string[]): Promise<Peek[]> {
   const out: Peek[] = []
   for (const d of dirs) {
@@ -97,7 +101,8 @@ export async function peekDirs (dirs: string[]): Promise<Peek[]> {
       if (p !== undefined && !p.extentOnly && p.error === undefined) out.push(p)
     }
   }
-  return out
+  const extents = new Set(out.flatMap(p => filesOf(p).slice(1)))
+  return out.filter(p => !(EXTENT_NAME.test(p.path) && extents.has(resolve(p.path))))
 }
 
 /** The VM directories of a store root (and the root itself). */
@@ -111,12 +116,7 @@ export async function storeDirs (root: string): Promise<string[]> {
 
 /** Files (descriptors) anywhere in the store that name `parent` as their parent. */
 export async function childrenOf (parent: string, root: string | undefined): Promise<string[]> {
-  return (await childrenOfEach([parent], root))[0]
-}
-
-/** childrenOf for several layers of one store (or of one directory, without a root), in one scan. */
-export async function childrenOfEach (parents: string[], root: string | undefined): Promise<string[][]> {
-  return await childrenAmong(await peekStore(parents, root), parents)
+  return (await childrenAmong(await peekStore([parent], root), [parent]))[0]
 }
 
 /** The descriptors of the store `root` (or, without one, of the directories `layers` lie in). */
@@ -136,21 +136,29 @@ export async function childrenAmong (peeks: Peek[], parents: string[]): Promise<
  * layer would change them (a descriptor naming another disk's flat file as its extent).
  */
 export async function otherUsers (layer: string, files: string[], peeks: Peek[]): Promise<Array<{ user: string, file: string }>> {
-  const id = async (f: string): Promise<string | undefined> => await stat(f).then(s => `${s.dev}:${s.ino}`, () => undefined)
   const mine = new Map<string, string>()
-  for (const f of files) { const i = await id(f); if (i !== undefined) mine.set(i, f) }
+  for (const f of files) { const i = await fileId(f); if (i !== undefined) mine.set(i, f) }
   const self = await realpath(layer).catch(() => resolve(layer))
   const out: Array<{ user: string, file: string }> = []
   for (const p of peeks) {
     if (await realpath(p.path).catch(() => resolve(p.path)) === self) continue
-    const theirs = [p.path, ...p.embedded === true ? [] : (p.descriptor?.extents ?? []).flatMap(e => e.file !== undefined ? [resolve(dirname(p.path), e.file)] : [])]
-    for (const f of theirs) {
-      const i = await id(f)
+    for (const f of filesOf(p)) {
+      const i = await fileId(f)
       const hit = i !== undefined ? mine.get(i) : undefined
       if (hit !== undefined) { out.push({ user: p.path, file: hit }); break }
     }
   }
   return out
+}
+
+/** A descriptor's files: itself, and the extents a stand-alone one lists. */
+export function filesOf (p: Peek): string[] {
+  return [p.path, ...p.embedded === true ? [] : (p.descriptor?.extents ?? []).flatMap(e => e.file !== undefined ? [resolve(dirname(p.path), e.file)] : [])]
+}
+
+/** A file's identity (device and inode: hard links are one file), or undefined when it cannot be read. */
+export async function fileId (f: string): Promise<string | undefined> {
+  return await stat(f).then(s => `${s.dev}:${s.ino}`, () => undefined)
 }
 
 /**
@@ -183,6 +191,10 @@ export class ParentIndex {
 
   invalidate (): void {
     this.valid = false
+  }
+
+  get stale (): boolean {
+    return !this.valid
   }
 }
 

@@ -416,8 +416,9 @@ function looksLikeDescriptor (head: Buffer): boolean {
  * Open the extents a descriptor file (`path`, whose stat is `self`) lists. A sparse extent must
  * be a file of its own (two lines naming one file would allocate in it independently), FLAT
  * lines may share a file (a partitioned device's descriptor) only in ranges that do not
- * overlap, and a FLAT line naming the descriptor itself or a sparse/COWD file would write raw
- * data over VMDK metadata (another disk's, or a frozen generation's).
+ * overlap, and no line may name the descriptor itself. (A FLAT extent's bytes are the guest's:
+ * they may well start like a VMDK file. Files that other descriptors use too are the store's
+ * concern: tops.ts sharedTops, jobs.ts otherUsers.)
  */
 async function openExtents (path: string, desc: Descriptor, writable: boolean, root: string | undefined, self: Stats): Promise<Extent[]> {
   const dir = dirname(path)
@@ -448,12 +449,9 @@ async function openExtents (path: string, desc: Descriptor, writable: boolean, r
       } else used.set(id, { file, flat: flat !== undefined ? [flat] : undefined })
       switch (line.type) {
         case 'FLAT':
-        case 'VMFS': {
-          const magic = await headMagic(file)
-          if (magic === KDMV_MAGIC || magic === COWD_MAGIC) throw new RedoError('EINVAL', `${path}: its ${line.type} extent ${file} is a ${magic === KDMV_MAGIC ? 'sparse' : 'COWD'} VMDK file, not raw data`, path)
+        case 'VMFS':
           out.push(await FlatExtent.open(file, line.sectors, line.offset ?? 0, w))
           break
-        }
         case 'SPARSE':
         case 'VMFSSPARSE': {
           const magic = await headMagic(file)

@@ -6,7 +6,7 @@
 import { stat } from 'node:fs/promises'
 import { dirname, relative, resolve } from 'node:path'
 import { Chain } from '../chain/chain'
-import { ParentIndex } from '../chain/peek'
+import { ParentIndex, peekStore } from '../chain/peek'
 import { checkCommit, checkDiscard, commit, type RedoFormat } from '../chain/jobs'
 import { SESSION_KEY } from '../chain/labels'
 import { RedoError, toRedoError } from '../errors'
@@ -75,13 +75,15 @@ export class Store {
 
   /** Open every disk the plan serves (tops.ts planStore holds the rules); one that fails stays out. */
   private async scan (): Promise<void> {
-    const plan = await planStore(this.root)
+    const plan = await planStore(this.root, this.opts.readOnly !== true)
     this.errors.push(...plan.errors)
     this.owned = plan.owned
     for (const v of plan.vms) this.vms.set(v.name, Object.assign(new Vm(v.name, v.dir, v.vmx), { errors: v.errors }))
-    // the plan's parent links, for every open (until one finishes an interrupted commit)
-    const parents = await ParentIndex.of(plan.peeks)
+    // the plan's parent links, for every open (read again after one finished an interrupted
+    // commit, which relinks files)
+    let parents = await ParentIndex.of(plan.peeks)
     for (const d of plan.disks) {
+      if (parents.stale) parents = await ParentIndex.of(await peekStore([], this.root))
       const vm = this.vms.get(d.vm) as Vm
       if (d.leftOut !== undefined) { vm.errors.push(d.leftOut); continue }
       try {
@@ -112,44 +114,6 @@ export class Store {
         log.store('left out %s: %s', d.top, err.message)
         vm.errors.push({ file: err.file ?? d.top, message: err.message })
       }
-    }
-    if (this.opts.readOnly !== true) await this.leaveOutSharedFiles()
-  }
-
-  /**
-   * One file, one layer: a file that two layers use through different descriptors (one naming
-   * another disk's flat file as its own extent, say) changes under one of them when the other
-   * is written or committed into. Every disk with such a layer is left out, both users named.
-   * Linked clones share a layer (one descriptor), not a file.
-   */
-  private async leaveOutSharedFiles (): Promise<void> {
-    const users = new Map<string, Array<{ file: string, layer: string, vm: Vm, disk: Disk }>>()
-    for (const vm of this.vms.values()) {
-      for (const disk of vm.disks.values()) {
-        for (const l of disk.chain.layers) {
-          const layer = await realOrResolved(l.path)
-          for (const file of new Set([l.path, ...l.extents.flatMap(e => e.path ?? [])])) {
-            const st = await stat(file).catch(() => undefined)
-            if (st === undefined) continue
-            const id = `${st.dev}:${st.ino}`
-            users.set(id, [...users.get(id) ?? [], { file, layer, vm, disk }])
-          }
-        }
-      }
-    }
-    const out = new Map<Disk, { vm: Vm, file: string, message: string }>()
-    for (const list of users.values()) {
-      const other = list.find(u => u.layer !== list[0].layer)
-      if (other === undefined) continue
-      const message = `${list[0].file}: used by ${list[0].layer} and by ${other.layer} (as ${other.file}); a write through one would change the other, so no disk using it is served`
-      for (const u of list) if (!out.has(u.disk)) out.set(u.disk, { vm: u.vm, file: u.file, message })
-    }
-    for (const [disk, { vm, file, message }] of out) {
-      log.store('left out %s/%s: %s', vm.name, disk.name, message)
-      vm.errors.push({ file, message })
-      vm.disks.delete(disk.name)
-      for (const [f, o] of this.served) if (o === `${vm.name}/${disk.name}`) this.served.delete(f)
-      await disk.chain.close().catch(() => {})
     }
   }
 

@@ -6,7 +6,7 @@ import { realOrResolved } from '../formats/extent'
 import { Vmx, type DiskMode } from '../formats/vmx'
 import { diskNameOf } from '../chain/names'
 import { readJournal } from '../chain/journal'
-import { brokenIn, peekDirs, type Peek } from '../chain/peek'
+import { brokenIn, fileId, filesOf, peekDirs, type Peek } from '../chain/peek'
 
 /** Chain tops among the descriptors in `dir` (parents found anywhere in `dirs`). */
 export async function chainTops (dir: string, allDirs: string[] = [dir]): Promise<Peek[]> {
@@ -179,11 +179,12 @@ export interface StorePlan {
  *   it (served or left out there); disks named from another directory come after every VM's
  *   own, and a file already taken is left out of the later VM.
  */
-export async function planStore (root: string): Promise<StorePlan> {
+export async function planStore (root: string, writable = true): Promise<StorePlan> {
   const dirs = (await vmDirs(root)).sort((a, b) => basename(a).localeCompare(basename(b)))
   // every descriptor of the store, read once: chains may cross VM directories (linked clones)
   const all = await peekDirs([root, ...dirs])
   const plan: StorePlan = { errors: [], vms: [], disks: [], owned: new Map(), peeks: all }
+  const shared = await sharedDescriptors(all)
   const claimed = new Map<string, string>() // diskKey → "vm/disk"
   const taken = new Map<string, string>() // real path of a planned top → "vm/disk"
   const later: Array<() => Promise<void>> = []
@@ -223,6 +224,7 @@ export async function planStore (root: string): Promise<StorePlan> {
       else if (ids.has(id)) out(`a second chain top for disk "${diskName}" (left out)`)
       else if (taken.has(real)) out(`already served as ${taken.get(real) as string}; disk "${diskName}" of ${name} left out`)
       else if (owner !== undefined && owner !== id) out(`a disk of VM directory ${owner}; disk "${diskName}" of ${name} left out`)
+      else if (writable && shared.has(real)) out(`its file ${shared.get(real) as string}; writing it would change that disk too, so disk "${diskName}" is left out (redofs addredo puts a redo log above it)`)
       else {
         ids.add(id)
         taken.set(real, id)
@@ -236,6 +238,34 @@ export async function planStore (root: string): Promise<StorePlan> {
   }
   for (const place of later) await place()
   return plan
+}
+
+/**
+ * Descriptors (by real path) whose files another descriptor uses too, through another name
+ * (a raw image imported twice: hard links; a descriptor naming another disk's flat file), each
+ * with what the other one is. Such a layer may stay frozen under redo logs (commits and
+ * discards refuse to write it: jobs.ts refuseOtherUsers), but is served as no disk's live file.
+ */
+async function sharedDescriptors (all: Peek[]): Promise<Map<string, string>> {
+  const users = new Map<string, Array<{ real: string, path: string, file: string }>>()
+  for (const p of all) {
+    const real = await realOrResolved(p.path)
+    for (const file of new Set(filesOf(p))) {
+      const id = await fileId(file)
+      if (id === undefined) continue
+      const list = users.get(id) ?? []
+      if (!list.some(u => u.real === real)) list.push({ real, path: p.path, file })
+      users.set(id, list)
+    }
+  }
+  const out = new Map<string, string>()
+  for (const list of users.values()) {
+    for (const u of list) {
+      const other = list.find(o => o.real !== u.real)
+      if (other !== undefined && !out.has(u.real)) out.set(u.real, `${u.file} is also used by ${other.path}${other.file !== u.file ? ` (as ${other.file})` : ''}`)
+    }
+  }
+  return out
 }
 
 /**
