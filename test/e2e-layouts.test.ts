@@ -70,6 +70,64 @@ if (ok) {
     t.deepEqual(Object.fromEntries(Object.entries(await snapshotTree(store)).filter(([f]) => f.startsWith('vm1/'))), vm1, 'vm1 changed')
   })
 
+  test.serial('a template outside the VM directories (hidden, nested) is checked too; a redo log whose delta another descriptor uses is never deleted by a commit or discard', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const rf = async (...args: string[]): Promise<void> => { await shOk('"$@"', [process.execPath, REDOFS_BIN, ...args]) }
+    // .golden/base: a flat template; vm2/c: a linked clone of it; vm1/x.vmdk names its flat file
+    await rf('create', path.join(store, '.golden', 'base'), '--size', '4M', '--format', 'flat')
+    await createDisk(store, 'vm1', 'other', '1M')
+    await shOk('mkdir -p "$1/vm2" && cd "$1/vm2" && qemu-img create -q -f vmdk -b ../.golden/base.vmdk -F vmdk c.vmdk 4M', [store])
+    await writeFile(path.join(store, 'vm1', 'x.vmdk'), '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\nRW 8192 FLAT "../.golden/base-flat.vmdk" 0\n')
+    // vm3/disk has a COWD redo log (a -delta.vmdk extent) under its top; vm4/y.vmdk names that delta as its own
+    await createDisk(store, 'vm3', 'disk', '4M')
+    await rf('addredo', path.join(store, 'vm3', 'disk'), '--redo-format', 'cowd')
+    await rf('addredo', path.join(store, 'vm3', 'disk'))
+    await createDisk(store, 'vm4', 'b', '4M')
+    const bcid = cidText((await layerInfo(path.join(store, 'vm4', 'b.vmdk'))).cid)
+    await writeFile(path.join(store, 'vm4', 'y.vmdk'), `# Disk DescriptorFile\nversion=1\nCID=fffffffd\nparentCID=${bcid}\ncreateType="vmfsSparse"\nparentFileNameHint="b.vmdk"\n\nRW 8192 VMFSSPARSE "../vm3/disk-000001-delta.vmdk"\n`)
+    const before = await snapshotTree(store)
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'vm1').disks.map(d => d.disk), ['other'])
+    t.regex(vm(vms, 'vm1').errors.map(e => e.message).join('\n'), /x\.vmdk: its file .*\.golden\/base-flat\.vmdk is also used by .*\.golden\/base\.vmdk/)
+    t.deepEqual(vm(vms, 'vm2').disks.map(d => d.disk), ['c'])
+    for (const to of ['1', '0']) {
+      const r = await s.command('vm3', 'disk', 'discard', `to=${to}`)
+      t.not(r.code, 0, `discard to=${to} deleted a file vm4/y.vmdk uses`)
+    }
+    t.regex(await s.errorText('vm3', 'disk'), /disk-000001\.vmdk: its file .*disk-000001-delta\.vmdk is also used by .*vm4\/y\.vmdk; the discard deletes it, which would break that disk/)
+    const c = await s.command('vm3', 'disk', 'commit', 'level=1')
+    t.not(c.code, 0, 'a commit deleted a file vm4/y.vmdk uses')
+    t.regex(await s.errorText('vm3', 'disk'), /the commit deletes it, which would break that disk/)
+    await s.stopClean(t)
+    t.deepEqual(await snapshotTree(store), before, 'a file of the store changed')
+    // offline the same, and no commit into the template through x
+    const oc = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vm3', 'disk'), 'level=1'])
+    t.is(oc.code, 1, describe(oc))
+    await rf('addredo', path.join(store, 'vm1', 'x'))
+    const ox = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vm1', 'x'), 'level=0'])
+    t.is(ox.code, 1, describe(ox))
+    t.regex(ox.stderr, /committing into it would change that disk too/)
+    t.is((await snapshotTree(store))['vm3/disk-000001-delta.vmdk'], before['vm3/disk-000001-delta.vmdk'])
+    t.is((await snapshotTree(store))['.golden/base-flat.vmdk'], before['.golden/base-flat.vmdk'])
+  })
+
+  test.serial('a -flat file that holds a VMDK image is no disk, also when its descriptor names it through a symlink', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    await createDisk(store, 'd', 'disk', '8M', 'flat')
+    await shOk('qemu-img create -q -f vmdk "$1" 1M && dd if="$1" of="$2" conv=notrunc status=none', [path.join(dir, 'inner.vmdk'), path.join(store, 'd', 'disk-flat.vmdk')])
+    await shOk('ln -s . "$1"', [path.join(store, 'd', 'here')])
+    const desc = path.join(store, 'd', 'disk.vmdk')
+    await writeFile(desc, (await readFile(desc, 'utf8')).replace('"disk-flat.vmdk"', '"here/disk-flat.vmdk"'))
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'd').disks.map(d => d.disk), ['disk'])
+    t.deepEqual(vm(vms, 'd').errors, [])
+    await s.stopClean(t)
+  })
+
   test.serial('one raw image imported into two VMs (hard links): both disks are served above their redo logs; without one they are not', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

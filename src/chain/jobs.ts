@@ -17,7 +17,7 @@ import { findLabel, labelOf, partOfOf, SESSION_KEY, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
-import { childrenAmong, otherUsers, parentCandidates, peekStore, type Peek } from './peek'
+import { childrenAmong, otherUsers, parentCandidates, peekStore, withAncestors, type Peek } from './peek'
 
 export interface Progress {
   done: number
@@ -103,9 +103,9 @@ function commitSpace (runs: Run[], parent: Layer): number {
 }
 
 /**
- * Refuse to write `layer` when another descriptor uses one of its files as its own (a second
- * import of one raw image, a descriptor naming another disk's flat file): no force, that is no
- * chain another disk is built on but the same bytes under two names.
+ * Refuse to write or delete `layer` when another descriptor uses one of its files as its own (a
+ * second import of one raw image, a descriptor naming another disk's flat file or delta): no
+ * force, that is no chain another disk is built on but the same bytes under two names.
  */
 async function refuseOtherUsers (layer: Layer, peeks: Peek[], what: string): Promise<void> {
   const alias = (await otherUsers(layer.path, [layer.path, ...layer.extents.flatMap(e => e.path ?? [])], peeks))[0]
@@ -137,9 +137,10 @@ export async function checkCommit (chain: Chain, level: number, opts: { force?: 
   if (!parent.hasCids && above !== undefined) {
     throw new RedoError('EINVAL', `${parent.path}: has no descriptor (ESX 2.x), so ${above.path} could not be re-linked to it; commit from the top down instead`, parent.path)
   }
-  const peeks = await peekStore([parent.path, child.path], chain.opts.root)
+  const peeks = await withAncestors(await peekStore([parent.path, child.path], chain.opts.root))
   const [ofParent, ofChild] = await childrenAmong(peeks, [parent.path, child.path])
   await refuseOtherUsers(parent, peeks, 'committing into it would change that disk too')
+  await refuseOtherUsers(child, peeks, 'the commit deletes it, which would break that disk')
   const others = ofParent.filter(p => resolve(p) !== resolve(child.path))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
@@ -494,9 +495,10 @@ export async function checkDiscard (chain: Chain, to?: number, opts: DiscardOpti
   if (flux !== undefined && opts.mixed !== true) throw new RedoError('EBUSY', `discard: ${flux.text}; discarding down to it would make that mix live (use force=1)`, flux.file)
   // the layer that becomes live will be written: it must not be another chain's parent
   const next = chain.layers[g + 1].path
-  const peeks = await peekStore(chain.layers.slice(g).map(l => l.path), chain.opts.root)
+  const peeks = await withAncestors(await peekStore(chain.layers.slice(g).map(l => l.path), chain.opts.root))
   const kids = await childrenAmong(peeks, chain.layers.slice(g).map(l => l.path))
   await refuseOtherUsers(chain.layers[g], peeks, 'making it live would change that disk too')
+  for (const l of chain.layers.slice(g + 1)) await refuseOtherUsers(l, peeks, 'the discard deletes it, which would break that disk')
   const others = kids[0].filter(p => resolve(p) !== resolve(next))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)

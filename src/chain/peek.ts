@@ -101,8 +101,34 @@ export async function peekDirs (dirs: string[]): Promise<Peek[]> {
       if (p !== undefined && !p.extentOnly && p.error === undefined) out.push(p)
     }
   }
-  const extents = new Set(out.flatMap(p => filesOf(p).slice(1)))
-  return out.filter(p => !(EXTENT_NAME.test(p.path) && extents.has(resolve(p.path))))
+  const named = out.filter(p => EXTENT_NAME.test(p.path))
+  if (named.length === 0) return out
+  const extents = new Set<string>()
+  for (const f of out.flatMap(p => filesOf(p).slice(1))) { const id = await fileId(f); if (id !== undefined) extents.add(id) }
+  const dropped = new Set<Peek>()
+  for (const p of named) if (extents.has(await fileId(p.path) ?? '')) dropped.add(p)
+  return out.filter(p => !dropped.has(p))
+}
+
+/**
+ * `peeks` and the descriptors their parent links lead to outside them (a template in a hidden
+ * or nested directory that no store scan reads), so that who uses which file is known for
+ * every layer of their chains.
+ */
+export async function withAncestors (peeks: Peek[]): Promise<Peek[]> {
+  const out = [...peeks]
+  const known = new Set<string>()
+  for (const p of peeks) known.add(await realpath(p.path).catch(() => resolve(p.path)))
+  for (let i = 0; i < out.length && out.length < 100_000; i++) {
+    const parent = out[i].parent
+    if (parent === undefined) continue
+    const r = await realpath(parent).catch(() => resolve(parent))
+    if (known.has(r)) continue
+    known.add(r)
+    const q = await peek(r)
+    if (q?.descriptor !== undefined) out.push(q)
+  }
+  return out
 }
 
 /** The VM directories of a store root (and the root itself). */

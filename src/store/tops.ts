@@ -6,7 +6,7 @@ import { realOrResolved } from '../formats/extent'
 import { Vmx, type DiskMode } from '../formats/vmx'
 import { diskNameOf } from '../chain/names'
 import { readJournal } from '../chain/journal'
-import { brokenIn, fileId, filesOf, peekDirs, type Peek } from '../chain/peek'
+import { brokenIn, fileId, filesOf, peekDirs, withAncestors, type Peek } from '../chain/peek'
 
 /** Chain tops among the descriptors in `dir` (parents found anywhere in `dirs`). */
 export async function chainTops (dir: string, allDirs: string[] = [dir]): Promise<Peek[]> {
@@ -184,7 +184,7 @@ export async function planStore (root: string, writable = true): Promise<StorePl
   // every descriptor of the store, read once: chains may cross VM directories (linked clones)
   const all = await peekDirs([root, ...dirs])
   const plan: StorePlan = { errors: [], vms: [], disks: [], owned: new Map(), peeks: all }
-  const shared = await sharedDescriptors(all)
+  const shared = await sharedDescriptors(await withAncestors(all))
   const claimed = new Map<string, string>() // diskKey → "vm/disk"
   const taken = new Map<string, string>() // real path of a planned top → "vm/disk"
   const later: Array<() => Promise<void>> = []
