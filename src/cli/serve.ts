@@ -9,6 +9,7 @@ import { join, resolve } from 'node:path'
 import { patchLevel } from '../fs/fuse'
 import { DEFAULT_READAHEAD, RedoMount, type MountOptions } from '../fs/mount'
 import { log } from '../log'
+import { procStat } from '../store/lock'
 import { Store, type StoreOptions } from '../store/store'
 
 /**
@@ -41,15 +42,8 @@ export interface Served {
 
 /** Start time of a process in clock ticks since boot, or undefined when there is no such process. */
 export function processStart (pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
-    // fields after the command name, which is in parentheses and may hold anything
-    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-    const v = Number(f[19]) // field 22, starttime
-    return Number.isFinite(v) ? v : undefined
-  } catch {
-    return undefined
-  }
+  const v = Number(procStat(pid)?.[19]) // field 22, starttime
+  return Number.isFinite(v) ? v : undefined
 }
 
 /**

@@ -36,12 +36,21 @@ export function alive (pid: number): boolean {
   } catch (e) {
     return (e as NodeJS.ErrnoException).code === 'EPERM'
   }
+  const state = procStat(pid)?.[0]
+  return state !== undefined && state !== 'Z' && state !== 'X'
+}
+
+/**
+ * The fields of /proc/<pid>/stat after the command name (the state first, field 22 the start
+ * time at [19]), or undefined when the process is gone. The name is in parentheses and may
+ * hold spaces and parentheses itself.
+ */
+export function procStat (pid: number): string[] | undefined {
   try {
-    // /proc/<pid>/stat: "pid (comm) S ...", comm may hold spaces and parentheses
-    const stat = readFileSync(`/proc/${pid}/stat`, 'latin1')
-    return !/^[ZX]/.test(stat.slice(stat.lastIndexOf(')') + 2))
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code !== 'ENOENT' // gone meanwhile
+    const s = readFileSync(`/proc/${pid}/stat`, 'latin1')
+    return s.slice(s.lastIndexOf(')') + 2).split(' ')
+  } catch {
+    return undefined
   }
 }
 
@@ -105,10 +114,8 @@ async function holdsHere (h: LockInfo): Promise<boolean> {
 /** Whether the process `pid` of this host started after `since` (its pid was reused). */
 async function startedAfter (pid: number, since: string): Promise<boolean> {
   try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'latin1')
     const btime = Number(/^btime (\d+)$/m.exec(await readFile('/proc/stat', 'latin1'))?.[1])
-    // field 22, counted after the command name (which may hold spaces and parentheses)
-    const start = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]) / 100 // USER_HZ
+    const start = Number(procStat(pid)?.[19]) / 100 // USER_HZ
     const t = Date.parse(since)
     return Number.isFinite(btime) && Number.isFinite(start) && Number.isFinite(t) && (btime + start) * 1000 > t + 2000
   } catch {
