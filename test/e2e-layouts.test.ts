@@ -155,6 +155,28 @@ if (ok) {
     t.is(await sha256File(path.join(store, 'golden.img')), golden)
   })
 
+  test.serial('an interrupted commit into a file that another descriptor came to share is not finished: that disk is left out, the file unchanged', async t => {
+    const dir = await env.tmp()
+    const store = path.join(dir, 'store')
+    const rf = async (...args: string[]): Promise<void> => { await shOk('"$@"', [process.execPath, REDOFS_BIN, ...args]) }
+    await rf('create', path.join(store, 'vm2', 'disk'), '--size', '4M', '--format', 'flat')
+    await rf('addredo', path.join(store, 'vm2', 'disk'))
+    await shOk('qemu-io -f vmdk -c "write -P 0x77 0 1M" "$1" > /dev/null', [path.join(store, 'vm2', 'disk-000001.vmdk')])
+    const k = await run(process.execPath, [REDOFS_BIN, 'commit', path.join(store, 'vm2', 'disk'), 'level=0'], { env: { ...process.env, REDOFS_CRASH_AFTER: '1', REDOFS_CRASH_ONLY: 'commit.journal' } })
+    t.not(k.code, 0, describe(k))
+    // then vm1 imports the same flat file (a hard link) and puts a redo log above it
+    await rf('import', path.join(store, 'vm2', 'disk-flat.vmdk'), path.join(store, 'vm1', 'disk'))
+    await rf('addredo', path.join(store, 'vm1', 'disk'))
+    const flat = await sha256File(path.join(store, 'vm1', 'disk-flat.vmdk'))
+    const s = await env.mount(store, path.join(dir, 'mnt'))
+    const vms = await vmsOf(s.mnt)
+    t.deepEqual(vm(vms, 'vm1').disks.map(d => d.disk), ['disk'])
+    t.deepEqual(vm(vms, 'vm2').disks, [])
+    t.regex(vm(vms, 'vm2').errors.map(e => e.message).join('\n'), /is also used by .*vm1\/disk\.vmdk; the interrupted commit of .*disk-000001\.vmdk into it cannot be finished/)
+    await s.stopClean(t)
+    t.is(await sha256File(path.join(store, 'vm1', 'disk-flat.vmdk')), flat, 'the shared flat file changed')
+  })
+
   test.serial('a flat disk whose guest data starts like a VMDK file is still served; its -flat file is no disk', async t => {
     const dir = await env.tmp()
     const store = path.join(dir, 'store')

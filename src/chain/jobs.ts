@@ -441,6 +441,8 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
       const runs = child.runs()
       const bad = runs.find(r => r.state === 'bad')
       if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; the interrupted commit into ${j.parent} cannot be finished (run redofs check)`, child.path)
+      // a journal from before such commits were refused: the shared file stays as it is
+      await refuseOtherUsers(parent, await withAncestors(await peekStore([parent.path], opts.root)), `the interrupted commit of ${child.path} into it cannot be finished (it would change that disk too): give each disk its own copy`)
       const below = pchain !== undefined && pchain.redoCount > 0 ? pchain.index(pchain.redoCount - 1) : undefined
       await copyInto(child, parent, j.parentCID, pchain?.layers ?? [parent], below, {}, runs)
       await reapDropped(await relinkAndDrop(j, parent, child, undefined))
