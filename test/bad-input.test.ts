@@ -3,7 +3,7 @@
  * a clear one-line error naming the file and the problem, no stack trace, and no file modified.
  */
 import test from 'ava'
-import { open, readFile } from 'node:fs/promises'
+import { mkdir, open, readFile, symlink } from 'node:fs/promises'
 import path from 'node:path'
 import { damageCases } from './helpers/damage'
 import { requireEnv } from './helpers/env'
@@ -58,6 +58,30 @@ test('hint leaving the store is accepted when --store names a root that contains
   const outDir = await tmp()
   const r = await exportGen(d.top, undefined, path.join(outDir, 'out.raw'), ['--store', d.root])
   t.is(r.code, 0, describe(r))
+})
+
+test('containment goes by where files really are: an absolute hint through a symlink to the store is inside; a relative one out of it, or a symlink out of it, is not', async t => {
+  const root = await tmp()
+  const real = path.join(root, 'real')
+  await mkdir(path.join(real, 'vm'), { recursive: true })
+  await mkdir(path.join(root, 'out'))
+  await symlink(real, path.join(root, 'link'))
+  await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', path.join(real, 'vm', 'base.vmdk'), '1M'])
+  await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', path.join(root, 'out', 'x.vmdk'), '1M'])
+  // qemu-img writes the hint as given: absolute, through the link
+  await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', path.join(root, 'link', 'vm', 'base.vmdk'), '-F', 'vmdk', path.join(real, 'vm', 'a.vmdk')])
+  await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', path.join(real, 'vm', 'base.vmdk'), '-F', 'vmdk', path.join(real, 'vm', 'b.vmdk')])
+  for (const [store, file] of [[real, 'a.vmdk'], [path.join(root, 'link'), 'b.vmdk']]) {
+    const r = await exportGen(path.join(store, 'vm', file), undefined, path.join(root, `${file}.raw`), ['--store', store])
+    t.is(r.code, 0, describe(r))
+  }
+  await symlink('../../out', path.join(real, 'vm', 'outlink'))
+  await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', '../../out/x.vmdk', '-F', 'vmdk', path.join(real, 'vm', 'c.vmdk')])
+  await mustRun('qemu-img', ['create', '-q', '-f', 'vmdk', '-b', 'outlink/x.vmdk', '-F', 'vmdk', path.join(real, 'vm', 'd.vmdk')])
+  for (const file of ['c.vmdk', 'd.vmdk']) {
+    const r = await exportGen(path.join(real, 'vm', file), undefined, path.join(root, `${file}.raw`), ['--store', path.join(root, 'link')])
+    assertOneLineError(t, r, { mustName: [file, 'out/x.vmdk'], keyword: /outside the store/ })
+  }
 })
 
 test('a damaged redo log is not skipped: commands given the disk name refuse it (naming the file) instead of serving or writing its parent', async t => {

@@ -31,13 +31,13 @@ export async function resolveContained (dir: string, name: string, root: string 
   const p = resolve(dir, name)
   if (root === undefined) return p
   const r = resolve(root)
-  const inside = (x: string): boolean => x === r || x.startsWith(r + sep)
-  let real = p
-  try { real = await realpath(p) } catch { /* missing files are reported by the caller */ }
-  let realRoot = r
-  try { realRoot = await realpath(r) } catch {}
-  if (!inside(p) || !(real === realRoot || real.startsWith(realRoot + sep) || inside(real))) {
-    throw new RedoError('EACCES', `${from}: ${what} "${shown}" resolves to ${p}, outside the store ${r}`, from)
+  // where the file really is decides, whichever way the path and the root are spelled (qemu-img
+  // writes absolute hints, a store is often mounted through a symlink); a missing file is
+  // placed by its directory (the caller reports it missing)
+  const realRoot = await realpath(r).catch(() => r)
+  const real = await realpath(p).catch(async () => join(await realpath(dirname(p)).catch(() => dirname(p)), basename(p)))
+  if (real !== realRoot && !real.startsWith(realRoot + sep)) {
+    throw new RedoError('EACCES', `${from}: ${what} "${shown}" resolves to ${real}, outside the store ${realRoot}`, from)
   }
   return p
 }
