@@ -17,7 +17,7 @@ import { findLabel, labelOf, partOfOf, SESSION_KEY, setMeta } from './labels'
 import { dropDigest, moveDigest, recordGeneration } from './digest'
 import { journalPath, readJournal, removeJournal, writeJournal, type CommitJournal } from './journal'
 import { diskNameOf, nextRedoPath } from './names'
-import { childrenAmong, otherUsers, parentCandidates, peekStore, withAncestors, type Peek } from './peek'
+import { childrenAmong, FileUsers, parentCandidates, peekStore, withAncestors } from './peek'
 
 export interface Progress {
   done: number
@@ -107,8 +107,8 @@ function commitSpace (runs: Run[], parent: Layer): number {
  * second import of one raw image, a descriptor naming another disk's flat file or delta): no
  * force, that is no chain another disk is built on but the same bytes under two names.
  */
-async function refuseOtherUsers (layer: Layer, peeks: Peek[], what: string): Promise<void> {
-  const alias = (await otherUsers(layer.path, [layer.path, ...layer.extents.flatMap(e => e.path ?? [])], peeks))[0]
+async function refuseOtherUsers (layer: Layer, users: FileUsers, what: string): Promise<void> {
+  const alias = await users.otherThan(layer.path, [layer.path, ...layer.extents.flatMap(e => e.path ?? [])])
   if (alias !== undefined) throw new RedoError('EBUSY', `${layer.path}: its file ${alias.file} is also used by ${alias.user}; ${what}`, layer.path)
 }
 
@@ -139,8 +139,9 @@ export async function checkCommit (chain: Chain, level: number, opts: { force?: 
   }
   const peeks = await withAncestors(await peekStore([parent.path, child.path], chain.opts.root))
   const [ofParent, ofChild] = await childrenAmong(peeks, [parent.path, child.path])
-  await refuseOtherUsers(parent, peeks, 'committing into it would change that disk too')
-  await refuseOtherUsers(child, peeks, 'the commit deletes it, which would break that disk')
+  const users = await FileUsers.of(peeks)
+  await refuseOtherUsers(parent, users, 'committing into it would change that disk too')
+  await refuseOtherUsers(child, users, 'the commit deletes it, which would break that disk')
   const others = ofParent.filter(p => resolve(p) !== resolve(child.path))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${parent.path}: shared by other chains (${others.join(', ')}); committing into it would change them (use force=1)`, parent.path)
@@ -442,7 +443,7 @@ export async function finishCommit (j: CommitJournal, opts: ChainOptions): Promi
       const bad = runs.find(r => r.state === 'bad')
       if (bad !== undefined) throw new RedoError('EIO', `${child.path}: damaged grains at byte ${bad.start}; the interrupted commit into ${j.parent} cannot be finished (run redofs check)`, child.path)
       // a journal from before such commits were refused: the shared file stays as it is
-      await refuseOtherUsers(parent, await withAncestors(await peekStore([parent.path], opts.root)), `the interrupted commit of ${child.path} into it cannot be finished (it would change that disk too): give each disk its own copy`)
+      await refuseOtherUsers(parent, await FileUsers.of(await withAncestors(await peekStore([parent.path], opts.root))), `the interrupted commit of ${child.path} into it cannot be finished (it would change that disk too): give each disk its own copy`)
       const below = pchain !== undefined && pchain.redoCount > 0 ? pchain.index(pchain.redoCount - 1) : undefined
       await copyInto(child, parent, j.parentCID, pchain?.layers ?? [parent], below, {}, runs)
       await reapDropped(await relinkAndDrop(j, parent, child, undefined))
@@ -499,8 +500,9 @@ export async function checkDiscard (chain: Chain, to?: number, opts: DiscardOpti
   const next = chain.layers[g + 1].path
   const peeks = await withAncestors(await peekStore(chain.layers.slice(g).map(l => l.path), chain.opts.root))
   const kids = await childrenAmong(peeks, chain.layers.slice(g).map(l => l.path))
-  await refuseOtherUsers(chain.layers[g], peeks, 'making it live would change that disk too')
-  for (const l of chain.layers.slice(g + 1)) await refuseOtherUsers(l, peeks, 'the discard deletes it, which would break that disk')
+  const users = await FileUsers.of(peeks)
+  await refuseOtherUsers(chain.layers[g], users, 'making it live would change that disk too')
+  for (const l of chain.layers.slice(g + 1)) await refuseOtherUsers(l, users, 'the discard deletes it, which would break that disk')
   const others = kids[0].filter(p => resolve(p) !== resolve(next))
   if (others.length > 0 && opts.force !== true) {
     throw new RedoError('EBUSY', `${chain.layers[g].path}: shared by other chains (${others.join(', ')}); it cannot become live (use force=1)`, chain.layers[g].path)

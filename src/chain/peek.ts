@@ -2,11 +2,11 @@
  * Cheap look at a VMDK file's descriptor without opening its extents: used to find the other
  * children of a layer (linked clones) and the chain tops of a directory.
  */
-import { readdir, realpath, stat } from 'node:fs/promises'
+import { readdir, stat } from 'node:fs/promises'
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path'
 import { COWD_MAGIC } from '../formats/cowd'
 import { Descriptor } from '../formats/descriptor'
-import { openStoreFile } from '../formats/extent'
+import { openStoreFile, realOrResolved } from '../formats/extent'
 import { DROPPED } from '../formats/layer'
 import { KDMV_MAGIC, descriptorIntent, descriptorIntentPath, parseSparseHeader } from '../formats/sparse'
 import { SECTOR } from '../units'
@@ -118,11 +118,11 @@ export async function peekDirs (dirs: string[]): Promise<Peek[]> {
 export async function withAncestors (peeks: Peek[]): Promise<Peek[]> {
   const out = [...peeks]
   const known = new Set<string>()
-  for (const p of peeks) known.add(await realpath(p.path).catch(() => resolve(p.path)))
+  for (const p of peeks) known.add(await realOrResolved(p.path))
   for (let i = 0; i < out.length && out.length < 100_000; i++) {
     const parent = out[i].parent
     if (parent === undefined) continue
-    const r = await realpath(parent).catch(() => resolve(parent))
+    const r = await realOrResolved(parent)
     if (known.has(r)) continue
     known.add(r)
     const q = await peek(r)
@@ -157,24 +157,51 @@ export async function childrenAmong (peeks: Peek[], parents: string[]): Promise<
 }
 
 /**
- * Descriptors among `peeks`, other than `layer` itself, that use one of `files` (the layer's
- * descriptor and extent files) as their own file or extent, each with the file: writing the
- * layer would change them (a descriptor naming another disk's flat file as its extent).
+ * Which descriptors use which file (device and inode: hard links are one file), from
+ * descriptors already read, one stat per file. Writing or deleting a layer whose file another
+ * descriptor uses would change that disk too (a raw image imported twice, a descriptor naming
+ * another disk's flat file or delta).
  */
-export async function otherUsers (layer: string, files: string[], peeks: Peek[]): Promise<Array<{ user: string, file: string }>> {
-  const mine = new Map<string, string>()
-  for (const f of files) { const i = await fileId(f); if (i !== undefined) mine.set(i, f) }
-  const self = await realpath(layer).catch(() => resolve(layer))
-  const out: Array<{ user: string, file: string }> = []
-  for (const p of peeks) {
-    if (await realpath(p.path).catch(() => resolve(p.path)) === self) continue
-    for (const f of filesOf(p)) {
-      const i = await fileId(f)
-      const hit = i !== undefined ? mine.get(i) : undefined
-      if (hit !== undefined) { out.push({ user: p.path, file: hit }); break }
+export class FileUsers {
+  private constructor (private readonly byId: Map<string, Array<{ real: string, path: string, file: string }>>) {}
+
+  static async of (peeks: Peek[]): Promise<FileUsers> {
+    const byId = new Map<string, Array<{ real: string, path: string, file: string }>>()
+    for (const p of peeks) {
+      const real = await realOrResolved(p.path)
+      for (const file of new Set(filesOf(p))) {
+        const id = await fileId(file)
+        if (id === undefined) continue
+        const list = byId.get(id) ?? []
+        if (!list.some(u => u.real === real)) list.push({ real, path: p.path, file })
+        byId.set(id, list)
+      }
     }
+    return new FileUsers(byId)
   }
-  return out
+
+  /** A descriptor other than `layer` that uses one of `files` (the layer's own), with the file. */
+  async otherThan (layer: string, files: string[]): Promise<{ user: string, file: string } | undefined> {
+    const self = await realOrResolved(layer)
+    for (const f of files) {
+      const id = await fileId(f)
+      const other = id !== undefined ? this.byId.get(id)?.find(u => u.real !== self) : undefined
+      if (other !== undefined) return { user: other.path, file: f }
+    }
+    return undefined
+  }
+
+  /** Every descriptor (by real path) a file of which another descriptor uses too, saying which. */
+  shared (): Map<string, string> {
+    const out = new Map<string, string>()
+    for (const list of this.byId.values()) {
+      for (const u of list) {
+        const other = list.find(o => o.real !== u.real)
+        if (other !== undefined && !out.has(u.real)) out.set(u.real, `${u.file} is also used by ${other.path}${other.file !== u.file ? ` (as ${other.file})` : ''}`)
+      }
+    }
+    return out
+  }
 }
 
 /** A descriptor's files: itself, and the extents a stand-alone one lists. */
@@ -200,7 +227,7 @@ export class ParentIndex {
     const byParent = new Map<string, string[]>()
     for (const p of peeks) {
       if (p.parent === undefined) continue
-      const r = await realpath(p.parent).catch(() => p.parent as string)
+      const r = await realOrResolved(p.parent)
       const list = byParent.get(r)
       if (list === undefined) byParent.set(r, [p.path])
       else list.push(p.path)
@@ -211,7 +238,7 @@ export class ParentIndex {
   /** The files that name `parent`; undefined once the store changed under the index. */
   async childrenOf (parent: string): Promise<string[] | undefined> {
     if (!this.valid) return undefined
-    const r = await realpath(parent).catch(() => resolve(parent))
+    const r = await realOrResolved(parent)
     return [...this.byParent.get(r) ?? []]
   }
 
@@ -290,17 +317,17 @@ export async function brokenIn (dir: string): Promise<Peek[]> {
  */
 async function inLoops (peeks: Peek[]): Promise<Peek[]> {
   const known = new Map<string, Peek | undefined>()
-  for (const p of peeks) known.set(await realpath(p.path).catch(() => resolve(p.path)), p)
+  for (const p of peeks) known.set(await realOrResolved(p.path), p)
   const out: Peek[] = []
   const ends = new Set<string>() // files whose chain ends (at a base or a missing parent)
   for (const p of peeks) {
-    const start = await realpath(p.path).catch(() => resolve(p.path))
+    const start = await realOrResolved(p.path)
     const seen = new Set([start])
     const names = [basename(p.path)]
     let cur: Peek | undefined = p
     for (;;) {
       if (cur?.parent === undefined) { for (const s of seen) ends.add(s); break }
-      const r = await realpath(cur.parent).catch(() => resolve(cur?.parent as string))
+      const r = await realOrResolved(cur.parent)
       if (r === start) { out.push({ ...p, error: `${p.path}: parent loop: ${[...names, basename(p.path)].join(' -> ')}` }); break }
       if (ends.has(r)) { for (const s of seen) ends.add(s); break }
       if (seen.has(r) || seen.size > 256) break // a loop further down, which its own files report

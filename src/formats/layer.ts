@@ -418,7 +418,7 @@ function looksLikeDescriptor (head: Buffer): boolean {
  * lines may share a file (a partitioned device's descriptor) only in ranges that do not
  * overlap, and no line may name the descriptor itself. (A FLAT extent's bytes are the guest's:
  * they may well start like a VMDK file. Files that other descriptors use too are the store's
- * concern: tops.ts sharedDescriptors, jobs.ts refuseOtherUsers.)
+ * concern: peek.ts FileUsers.)
  */
 async function openExtents (path: string, desc: Descriptor, writable: boolean, root: string | undefined, self: Stats): Promise<Extent[]> {
   const dir = dirname(path)

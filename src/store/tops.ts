@@ -6,7 +6,7 @@ import { realOrResolved } from '../formats/extent'
 import { Vmx, type DiskMode } from '../formats/vmx'
 import { diskNameOf } from '../chain/names'
 import { readJournal } from '../chain/journal'
-import { brokenIn, fileId, filesOf, peekDirs, withAncestors, type Peek } from '../chain/peek'
+import { brokenIn, FileUsers, peekDirs, withAncestors, type Peek } from '../chain/peek'
 
 /** Chain tops among the descriptors in `dir` (parents found anywhere in `dirs`). */
 export async function chainTops (dir: string, allDirs: string[] = [dir]): Promise<Peek[]> {
@@ -184,7 +184,10 @@ export async function planStore (root: string, writable = true): Promise<StorePl
   // every descriptor of the store, read once: chains may cross VM directories (linked clones)
   const all = await peekDirs([root, ...dirs])
   const plan: StorePlan = { errors: [], vms: [], disks: [], owned: new Map(), peeks: all }
-  const shared = await sharedDescriptors(await withAncestors(all))
+  // descriptors whose files another descriptor uses too: they may stay frozen under redo logs
+  // (commits and discards refuse to write or delete them: jobs.ts refuseOtherUsers), but are no
+  // disk's live file
+  const shared = (await FileUsers.of(await withAncestors(all))).shared()
   const claimed = new Map<string, string>() // diskKey → "vm/disk"
   const taken = new Map<string, string>() // real path of a planned top → "vm/disk"
   const later: Array<() => Promise<void>> = []
@@ -238,34 +241,6 @@ export async function planStore (root: string, writable = true): Promise<StorePl
   }
   for (const place of later) await place()
   return plan
-}
-
-/**
- * Descriptors (by real path) whose files another descriptor uses too, through another name
- * (a raw image imported twice: hard links; a descriptor naming another disk's flat file), each
- * with what the other one is. Such a layer may stay frozen under redo logs (commits and
- * discards refuse to write it: jobs.ts refuseOtherUsers), but is served as no disk's live file.
- */
-async function sharedDescriptors (all: Peek[]): Promise<Map<string, string>> {
-  const users = new Map<string, Array<{ real: string, path: string, file: string }>>()
-  for (const p of all) {
-    const real = await realOrResolved(p.path)
-    for (const file of new Set(filesOf(p))) {
-      const id = await fileId(file)
-      if (id === undefined) continue
-      const list = users.get(id) ?? []
-      if (!list.some(u => u.real === real)) list.push({ real, path: p.path, file })
-      users.set(id, list)
-    }
-  }
-  const out = new Map<string, string>()
-  for (const list of users.values()) {
-    for (const u of list) {
-      const other = list.find(o => o.real !== u.real)
-      if (other !== undefined && !out.has(u.real)) out.set(u.real, `${u.file} is also used by ${other.path}${other.file !== u.file ? ` (as ${other.file})` : ''}`)
-    }
-  }
-  return out
 }
 
 /**
